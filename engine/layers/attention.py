@@ -1,0 +1,71 @@
+"""The attention layer: picks a backend once and hands it the paged cache of its layer."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from tokenfleet.engine.errors import ValidationError
+from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
+
+__all__ = ["Attention", "AttentionBackend", "make_backend"]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor: ...
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` = triton on CUDA, torch on CPU. flash_attn only when installed."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from tokenfleet.engine.layers.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    if name == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValidationError(
+                "attention_backend='flash_attn' needs the flash-attn package: "
+                "pip install flash-attn (CUDA only), or use 'triton'/'auto'")
+        from tokenfleet.engine.layers.attention_flash import FlashAttentionBackend
+
+        return FlashAttentionBackend()
+    raise ValidationError(f"unknown attention backend {name!r}")
+
+
+class Attention(nn.Module):
+    """Holds no weights: the K/V caches are bound by the model runner after allocation."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+        self.backend: AttentionBackend = TorchAttentionBackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q [T, H*D] -> [T, H, D]; k, v [T, KVH*D]; returns [T, H*D]
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
+                                   self.sliding_window)
+        return out.reshape(T, self.num_heads * self.head_dim)

@@ -1,0 +1,170 @@
+"""The engine: requests in, one step at a time, token outputs out.
+
+`step()` reads as schedule -> run -> postprocess. Not thread-safe: one thread owns it (the
+worker runs it in a dedicated thread and talks to it through a queue).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence as Seq
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenfleet.engine.block_manager import BlockManager
+from tokenfleet.engine.config import EngineConfig
+from tokenfleet.engine.detokenizer import IncrementalDetokenizer
+from tokenfleet.engine.errors import ValidationError
+from tokenfleet.engine.hub import resolve_model
+from tokenfleet.engine.loader import load_model, load_model_config
+from tokenfleet.engine.model_runner import ModelRunner
+from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
+from tokenfleet.engine.postprocessor import Postprocessor
+from tokenfleet.engine.sampling_params import SamplingParams
+from tokenfleet.engine.scheduler import Scheduler
+from tokenfleet.engine.sequence import Sequence
+from tokenfleet.engine.stop_matcher import StopMatcher
+from tokenfleet.engine.tokenizer import Tokenizer
+
+__all__ = ["LLMEngine"]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model_dir = config.model_dir or resolve_model(config.model, config.cache_dir)
+        config.model_dir = Path(model_dir)
+        self.config = config
+        self.model_config = load_model_config(config.model_dir)
+        mc = self.model_config
+        config.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                   mc.max_position_embeddings)
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
+        model = load_model(config.model_dir, mc, config.torch_dtype, torch.device(config.device),
+                           config.max_model_len)
+        self.runner = ModelRunner(config, mc, model)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.postprocessor = Postprocessor(self.tokenizer, self.scheduler, config.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[StepOutput] = []  # finished outside a step (aborts)
+        self.num_prefilled_tokens = 0  # tokens run through the model as prefill, since start
+
+    @classmethod
+    def from_model(cls, model: str, **engine_args: Any) -> LLMEngine:
+        """`LLMEngine.from_model("smollm2", dtype="float32", max_num_seqs=8)`."""
+        return cls(EngineConfig(model=str(model), **engine_args))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                    *, resume_token_ids: Seq[int] = ()) -> None:
+        """Queue a request. Raises ValidationError for bad input; nothing is changed then."""
+        if request_id in self._seqs:
+            raise ValidationError(f"duplicate request id {request_id!r}")
+        params.validate()
+        prompt = self._checked_prompt(list(prompt_token_ids), params)
+        resumed = list(resume_token_ids)
+        if len(resumed) >= params.max_new_tokens:
+            raise ValidationError("resume_token_ids already reach max_new_tokens")
+        seq = Sequence(
+            request_id=request_id, prompt_token_ids=prompt, params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            eos_token_ids=frozenset(()) if params.ignore_eos else self.eos_token_ids,
+            want_prompt_logprobs=params.decoder_input_details,
+        )
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt)
+        seq.stop_matcher = StopMatcher(params.stop)
+        for token_id in resumed:  # rebuild text state; these tokens are not emitted again
+            seq.output_token_ids.append(token_id)
+            released, _ = seq.stop_matcher.push(seq.detokenizer.add(token_id))
+            seq.output_text += released
+        seq.num_resumed_tokens = len(resumed)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _checked_prompt(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        if not prompt:
+            raise ValidationError("Input validation error: `inputs` cannot be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
+            raise ValidationError(f"Input validation error: token ids must be in [0, {vocab})")
+        if params.truncate is not None and len(prompt) > params.truncate:
+            prompt = prompt[-params.truncate:]
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if len(prompt) + params.max_new_tokens > max_len:
+            raise ValidationError(
+                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= "
+                f"{max_len}. Given: {len(prompt)} `inputs` tokens and {params.max_new_tokens} "
+                f"`max_new_tokens`")
+        need = -(-(len(prompt) + params.max_new_tokens) // self.config.block_size)
+        if need > self.block_manager.num_blocks:
+            raise ValidationError(
+                f"request needs {need} KV blocks but the cache has only "
+                f"{self.block_manager.num_blocks}; lower max_new_tokens or grow the KV cache")
+        return prompt
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its `cancelled` output comes out of the next `step()`."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.remove(seq)
+        self._pending.append(self.postprocessor.finish(seq, FinishReason.CANCELLED, []))
+        del self._seqs[request_id]
+        return True
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        self.num_prefilled_tokens += sum(  # everything but the one-token decodes
+            n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
+        run = self.runner.run(batch)
+        outputs += self.postprocessor.process(batch, run)
+        for out in outputs:
+            if out.finished:
+                self._seqs.pop(out.request_id, None)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- introspection -------------------------------------------------------------------
+    def capacity(self) -> Capacity:
+        sched = self.scheduler
+        bm = self.block_manager
+        waiting_blocks = sum(s.num_blocks_needed(bm.block_size) for s in sched.waiting)
+        free_blocks = max(0, bm.num_free_blocks - waiting_blocks)
+        num_seqs = len(sched.running) + len(sched.waiting)
+        return Capacity(
+            num_free_seqs=max(0, sched.max_num_seqs - num_seqs),
+            num_free_blocks=free_blocks,
+            num_admissible_tokens=free_blocks * bm.block_size,
+            num_waiting=len(sched.waiting),
+            num_running=len(sched.running),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "kv_usage": bm.usage(),
+            "num_prefix_hit_blocks": bm.num_prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_prefilled_tokens": self.num_prefilled_tokens,
+            "config": {k: str(v) for k, v in asdict(self.config).items()},
+        }

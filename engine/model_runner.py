@@ -1,0 +1,168 @@
+"""Owns the device: the model, the KV cache, and turning a scheduled batch into tensors.
+
+For each step it builds the flat token batch (ids, positions), the slot mapping and block
+tables, runs the model, computes logits only for rows that are sampled (the last row of a
+sequence whose prefill is complete, or its decode row), and samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenfleet.engine.config import EngineConfig, ModelConfig
+from tokenfleet.engine.layers.attention import Attention, make_backend
+from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from tokenfleet.engine.scheduler import ScheduledBatch
+from tokenfleet.engine.sequence import Sequence
+
+__all__ = ["ModelRunner", "RunOutput"]
+
+_DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class RunOutput:
+    sampled_seqs: list[Sequence]  # sequences that got a new token this step
+    sampler_output: SamplerOutput | None
+    # Prompt log-probs for sequences that asked (decoder_input_details): seq -> {pos: logprob}
+    prompt_logprobs: dict[int, list[tuple[int, float]]]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: nn.Module):
+        self.config = config
+        self.model_config = model_config
+        self.model = model
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.sampler = Sampler()
+        self.num_kv_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _kv_bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.empty(0, dtype=self.config.torch_dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_bytes
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = int(free - total * (1 - self.config.gpu_memory_utilization))
+        if budget is None:
+            budget = _DEFAULT_CPU_KV_BYTES
+        return max(1, budget // self._kv_bytes_per_block())
+
+    def _allocate_kv_cache(self) -> None:
+        mc = self.model_config
+        shape = (self.num_kv_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        backend = make_backend(self.config.attention_backend, self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            # Zeros, not empty: padded reads of unused slots must stay finite (0 * NaN = NaN).
+            layer.k_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+            layer.backend = backend
+
+    # ---- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> RunOutput:
+        input_ids, positions, meta, sample_rows, sampled = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        if not sampled:
+            return RunOutput([], None, prompt_logprobs)
+        logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab]
+        sbatch = SamplingBatch.build(
+            params=[s.params for s in sampled],
+            seeds=[s.seed for s in sampled],
+            indices=[s.num_output_tokens for s in sampled],
+            token_histories=[s.token_ids for s in sampled] if _needs_history(sampled) else None,
+            prompt_lens=[s.num_prompt_tokens for s in sampled],
+            banned_token_ids=[_banned(s) for s in sampled],
+            vocab_size=self.model_config.vocab_size,
+            device=self.device,
+        )
+        return RunOutput(sampled, self.sampler(logits, sbatch), prompt_logprobs)
+
+    def _prepare(self, batch: ScheduledBatch
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
+                            list[Sequence]]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if n == 1 and end == seq.num_tokens:  # decode: avoid copying the whole history
+                ids.append(seq.output_token_ids[-1] if seq.output_token_ids
+                           else seq.prompt_token_ids[-1])
+            else:
+                ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(qsl[-1] - 1)
+                sampled.append(seq)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        return (torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(pos, dtype=torch.int64, device=dev), meta,
+                torch.tensor(sample_rows, dtype=torch.int64, device=dev), sampled)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor
+                         ) -> dict[int, list[tuple[int, float]]]:
+        """log p(token[p+1] | tokens[:p+1]) for prompt positions computed this step."""
+        result: dict[int, list[tuple[int, float]]] = {}
+        row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            targets = [(p, p + 1) for p in range(start, start + n) if p + 1 < seq.num_prompt_tokens]
+            if seq.want_prompt_logprobs and targets:
+                rows = torch.tensor([row + p - start for p, _ in targets], device=self.device)
+                next_ids = torch.tensor([seq.prompt_token_ids[t] for _, t in targets],
+                                        device=self.device)
+                logp = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), -1)
+                picked = logp.gather(1, next_ids[:, None])[:, 0].tolist()
+                result[id(seq)] = [(t, lp) for (_, t), lp in zip(targets, picked, strict=True)]
+            row += n
+        return result
+
+
+def _needs_history(seqs: list[Sequence]) -> bool:
+    return any(s.params.repetition_penalty not in (None, 1.0) or s.params.frequency_penalty
+               or s.params.presence_penalty for s in seqs)
+
+
+def _banned(seq: Sequence) -> list[int]:
+    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish)."""
+    if seq.num_output_tokens < seq.params.min_new_tokens:
+        return list(seq.eos_token_ids)
+    return []

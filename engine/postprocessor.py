@@ -1,0 +1,94 @@
+"""After the model ran: append sampled tokens, detokenize, match stops, decide who finished."""
+
+from __future__ import annotations
+
+from tokenfleet.engine.model_runner import RunOutput
+from tokenfleet.engine.outputs import FinishReason, StepOutput, TokenOutput, TopToken
+from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
+from tokenfleet.engine.sequence import Sequence, SequenceStatus
+from tokenfleet.engine.tokenizer import Tokenizer
+
+__all__ = ["Postprocessor"]
+
+
+class Postprocessor:
+    def __init__(self, tokenizer: Tokenizer, scheduler: Scheduler, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.max_model_len = max_model_len
+
+    def process(self, batch: ScheduledBatch, run: RunOutput) -> list[StepOutput]:
+        bm = self.scheduler.block_manager
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            bm.register_computed(seq)
+            for pos, logprob in run.prompt_logprobs.get(id(seq), []):
+                seq.prompt_logprob_by_pos[pos] = logprob
+        out = run.sampler_output
+        if out is None:
+            return []
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        outputs = []
+        for i, seq in enumerate(run.sampled_seqs):
+            tops = self._top_tokens(seq, top_ids[i] if top_ids else [], top_lps[i] if top_lps else [])
+            outputs.append(self._append(seq, token_ids[i], logprobs[i], tops))
+        return outputs
+
+    def _append(self, seq: Sequence, token_id: int, logprob: float,
+                tops: tuple[TopToken, ...]) -> StepOutput:
+        seq.output_token_ids.append(token_id)
+        seq.output_logprobs.append(logprob)
+        index = seq.num_output_tokens - 1
+        text, stopped = seq.stop_matcher.push(seq.detokenizer.add(token_id))
+        reason = self._finish_reason(seq, token_id, stopped)
+        if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
+            text += seq.stop_matcher.flush()
+        seq.output_text += text
+        token = TokenOutput(index=index, id=token_id, text=text, logprob=logprob,
+                            special=self.tokenizer.is_special(token_id), top_tokens=tops)
+        if reason is None:
+            return StepOutput(request_id=seq.request_id, tokens=[token])
+        self.scheduler.remove(seq)
+        return self.finish(seq, reason, [token])
+
+    def _finish_reason(self, seq: Sequence, token_id: int, stopped: bool) -> FinishReason | None:
+        if token_id in seq.eos_token_ids:
+            return FinishReason.EOS_TOKEN
+        if stopped or token_id in seq.params.stop_token_ids:
+            return FinishReason.STOP_SEQUENCE
+        if seq.num_output_tokens >= seq.params.max_new_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason, tokens: list[TokenOutput]
+               ) -> StepOutput:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        prefill: list[TokenOutput] = []
+        if seq.want_prompt_logprobs:
+            pieces = self.tokenizer.convert_ids_to_tokens(seq.prompt_token_ids)
+            prefill = [
+                TokenOutput(index=p, id=t, text=pieces[p],
+                            logprob=seq.prompt_logprob_by_pos.get(p, float("nan")),
+                            special=self.tokenizer.is_special(t))
+                for p, t in enumerate(seq.prompt_token_ids)
+            ]
+        return StepOutput(
+            request_id=seq.request_id, tokens=tokens, finished=True, finish_reason=reason,
+            generated_text=seq.output_text, num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=seq.num_output_tokens, seed=seq.seed, prefill=prefill,
+        )
+
+    def _top_tokens(self, seq: Sequence, ids: list[int], logprobs: list[float]
+                    ) -> tuple[TopToken, ...]:
+        n = seq.params.top_n_tokens or 0
+        return tuple(
+            TopToken(id=t, text=self.tokenizer.decode([t], skip_special_tokens=False),
+                     logprob=lp, special=self.tokenizer.is_special(t))
+            for t, lp in zip(ids[:n], logprobs[:n], strict=True)
+        )
