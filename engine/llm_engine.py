@@ -140,6 +140,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def score(self, prompt_token_ids: Seq[int]) -> torch.Tensor:
+        """Next-token logits [vocab] (float32) after `prompt_token_ids`; for verification."""
+        seq = Sequence(request_id="<score>", prompt_token_ids=list(prompt_token_ids),
+                       params=SamplingParams(), seed=0)
+        if not self.block_manager.allocate(seq):
+            raise ValidationError("not enough free KV blocks to score this prompt now")
+        try:
+            return self.runner.last_logits(seq)
+        finally:
+            self.block_manager.free(seq)
+
     # ---- introspection -------------------------------------------------------------------
     def capacity(self) -> Capacity:
         sched = self.scheduler

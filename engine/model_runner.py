@@ -15,7 +15,8 @@ from torch import nn
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
-from tokenfleet.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from tokenfleet.engine.sampler import Sampler, SamplerOutput
+from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
 from tokenfleet.engine.sequence import Sequence
 
@@ -92,6 +93,15 @@ class ModelRunner:
             device=self.device,
         )
         return RunOutput(sampled, self.sampler(logits, sbatch), prompt_logprobs)
+
+    @torch.inference_mode()
+    def last_logits(self, seq: Sequence) -> torch.Tensor:
+        """Logits [vocab] after all of `seq`'s tokens, in one prefill (a verification aid:
+        the caller allocated `seq`'s blocks and frees them afterwards)."""
+        batch = ScheduledBatch([seq], [seq.num_uncomputed_tokens])
+        input_ids, positions, meta, sample_rows, _ = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[sample_rows])[0].float()
 
     def _prepare(self, batch: ScheduledBatch
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,

@@ -46,6 +46,8 @@ class Postprocessor:
         reason = self._finish_reason(seq, token_id, stopped)
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += seq.stop_matcher.flush()
+            if seq.stop_matcher.stopped:  # the held tail turned out to contain a stop
+                reason = FinishReason.STOP_SEQUENCE
         seq.output_text += text
         token = TokenOutput(index=index, id=token_id, text=text, logprob=logprob,
                             special=self.tokenizer.is_special(token_id), top_tokens=tops)

@@ -1,0 +1,155 @@
+"""Turn one step's logits into next tokens, each row with its own parameters.
+
+Order (TGI's, with HF's semantics for each step):
+  1. banned tokens → -inf (the engine bans EOS before `min_new_tokens`);
+  2. repetition penalty over prompt + generated tokens (HF: positive logits divided by the
+     penalty, negative ones multiplied);
+  3. frequency and presence penalties over generated tokens (OpenAI: logit -= freq * count +
+     presence * (count > 0));
+  -- greedy rows stop here and take the argmax --
+  4. temperature, top_k, top_p, typical_p, min_p (HF's warpers, `min_tokens_to_keep=1`);
+  5. a draw by the Gumbel-max trick (equivalently, an exponential race) with noise from
+     `seeded_random.uniform(seed, index)`: a row's token depends only on its seed, the token's
+     index and its own logits — never on the rest of the batch, the device or earlier steps.
+
+Logprobs are those of the distribution the token was chosen from: log_softmax of the warped
+logits for sampled rows, of the penalised logits (temperature 1) for greedy rows; the top
+tokens are the top entries of that same distribution. No Python loop over rows and no
+device-to-host synchronisation happen here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenfleet.engine.sampling_batch import Penalties, SamplingBatch, Warping
+from tokenfleet.engine.seeded_random import uniform
+
+__all__ = ["Sampler", "SamplerOutput", "apply_penalties", "gumbel_noise", "warp"]
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [n] int64
+    logprobs: torch.Tensor  # [n] float32, logprob of the chosen token
+    top_ids: torch.Tensor | None  # [n, k] int64, k = batch.max_top_n, best first; None if k = 0
+    top_logprobs: torch.Tensor | None  # [n, k] float32
+
+
+class Sampler:
+    """Stateless: `Sampler()(logits, batch)` picks one token per row."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [num_rows, vocab] in any float dtype (computed in float32)."""
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {batch.num_rows} rows")
+        if logits.shape[1] != batch.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns, vocab is {batch.vocab_size}")
+        scores = logits.float()  # [n, vocab]; the steps below never write into it in place
+        if batch.banned is not None:
+            scores = scores.index_put(batch.banned, torch.tensor(_NEG_INF, device=scores.device))
+        if batch.penalties is not None:
+            scores = apply_penalties(scores, batch.penalties)
+        warping = batch.warping
+        if warping is None:
+            token_ids = scores.argmax(dim=-1)  # [n]
+            return _output(scores, token_ids, batch.max_top_n)
+        if warping.rows is None:
+            return _sample(scores, warping, batch.max_top_n)
+        # Mixed batch: greedy picks for all rows, then the sampled rows overwritten.
+        out = _output(scores, scores.argmax(dim=-1), batch.max_top_n)
+        sampled = _sample(scores.index_select(0, warping.rows), warping, batch.max_top_n)
+        out.token_ids.index_copy_(0, warping.rows, sampled.token_ids)
+        out.logprobs.index_copy_(0, warping.rows, sampled.logprobs)
+        if out.top_ids is not None and out.top_logprobs is not None:
+            assert sampled.top_ids is not None and sampled.top_logprobs is not None
+            out.top_ids.index_copy_(0, warping.rows, sampled.top_ids)
+            out.top_logprobs.index_copy_(0, warping.rows, sampled.top_logprobs)
+        return out
+
+
+def apply_penalties(scores: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """Repetition, then frequency/presence penalties. scores: [n, vocab] float32."""
+    if penalties.repetition is not None and penalties.seen_mask is not None:
+        penalty = penalties.repetition  # [n, 1]
+        penalised = torch.where(scores < 0, scores * penalty, scores / penalty)  # [n, vocab]
+        scores = torch.where(penalties.seen_mask, penalised, scores)
+    if penalties.additive is not None:
+        scores = scores - penalties.additive
+    return scores
+
+
+def warp(scores: torch.Tensor, warping: Warping) -> torch.Tensor:
+    """Temperature, top_k, top_p, typical_p, min_p (HF semantics). scores: [m, vocab]."""
+    if warping.temperatures is not None:
+        scores = scores / warping.temperatures
+    if warping.top_k_index is not None and warping.top_k_on is not None:
+        top_values = scores.topk(warping.max_top_k, dim=-1).values  # [m, max_top_k]
+        kth = top_values.gather(1, warping.top_k_index)  # [m, 1]
+        kth = kth.masked_fill(~warping.top_k_on, _NEG_INF)
+        scores = scores.masked_fill(scores < kth, _NEG_INF)
+    if warping.top_p_thresholds is not None:
+        scores = _top_p(scores, warping.top_p_thresholds)
+    if warping.typical_masses is not None:
+        scores = _typical_p(scores, warping.typical_masses)
+    if warping.min_p is not None:
+        probs = scores.softmax(dim=-1)  # [m, vocab]
+        too_unlikely = probs < warping.min_p * probs.amax(dim=-1, keepdim=True)
+        # The most likely token is never removed (min_p < 1), as HF's min_tokens_to_keep=1.
+        scores = scores.masked_fill(too_unlikely, _NEG_INF)
+    return scores
+
+
+def _top_p(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Drop the least likely tokens whose total probability is <= 1 - top_p (HF's rule)."""
+    sorted_scores, sorted_ids = scores.sort(dim=-1)  # ascending, [m, vocab]
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [m, vocab]
+    remove = cumulative <= thresholds
+    remove[:, -1] = False  # keep at least the most likely token
+    remove = remove.scatter(1, sorted_ids, remove)
+    return scores.masked_fill(remove, _NEG_INF)
+
+
+def _typical_p(scores: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+    """Keep the tokens whose surprisal is closest to the entropy, up to `mass` (HF's rule)."""
+    log_probs = scores.log_softmax(dim=-1)  # [m, vocab]
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # [m, 1]
+    shifted = (-log_probs - entropy).abs()  # [m, vocab]
+    sorted_shifted, sorted_ids = shifted.sort(dim=-1)  # ascending
+    cumulative = scores.gather(1, sorted_ids).softmax(dim=-1).cumsum(dim=-1)  # [m, vocab]
+    last = (cumulative < masses).sum(dim=1, keepdim=True).clamp_(max=scores.shape[1] - 1)
+    remove = sorted_shifted > sorted_shifted.gather(1, last)  # [m, vocab]
+    remove[:, 0] = False  # keep at least the most typical token
+    remove = remove.scatter(1, sorted_ids, remove)
+    return scores.masked_fill(remove, _NEG_INF)
+
+
+def gumbel_noise(seeds: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[m, vocab] Gumbel(0, 1) noise: argmax(logits + noise) samples softmax(logits)."""
+    u = uniform(seeds, indices, vocab_size)  # [m, vocab] in (0, 1)
+    # -log(-log(u)), in place: the [m, vocab] tensor is ours and the op is memory-bound.
+    return u.log_().neg_().log_().neg_()
+
+
+def _sample(scores: torch.Tensor, warping: Warping, max_top_n: int) -> SamplerOutput:
+    warped = warp(scores, warping)  # [m, vocab]
+    noise = gumbel_noise(warping.seeds, warping.indices, warped.shape[1])
+    token_ids = (warped + noise).argmax(dim=-1)  # [m]
+    return _output(warped, token_ids, max_top_n)
+
+
+def _output(scores: torch.Tensor, token_ids: torch.Tensor, max_top_n: int) -> SamplerOutput:
+    """Logprobs of `token_ids` (and the top tokens) under softmax(scores).
+
+    One formula, score - logsumexp, for every row whatever the batch asks for, so a row's
+    logprob is bit-identical alone or in any batch.
+    """
+    log_norm = scores.logsumexp(dim=-1, keepdim=True)  # [n, 1]
+    logprobs = (scores.gather(1, token_ids[:, None]) - log_norm).squeeze(1)  # [n]
+    if max_top_n == 0:
+        return SamplerOutput(token_ids, logprobs, None, None)
+    top_scores, top_ids = scores.topk(max_top_n, dim=-1)  # [n, k], best first
+    return SamplerOutput(token_ids, logprobs, top_ids, top_scores - log_norm)

@@ -1,0 +1,105 @@
+"""The engine computes the same function as HF transformers (float32, greedy).
+
+Tiny random models cover each architecture variant; the pulled SmolLM2 covers a real model,
+chat and raw prompts, short and 500+ tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tokenfleet.engine import LLM, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+NUM_NEW_TOKENS = 48
+RTOL = 1e-4
+
+
+def _hf_model(model_dir: Path) -> Any:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None  # generate exactly N tokens, like ignore_eos
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@torch.inference_mode()
+def _hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def _hf_last_logits(model: Any, prompt: list[int]) -> torch.Tensor:
+    return model(torch.tensor([prompt])).logits[0, -1].float()
+
+
+def _assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    rel = (ours - ref).abs().max() / ref.abs().max()
+    assert rel < RTOL, f"last-position logits differ: max rel error {rel:.2e}"
+
+
+def _check(llm: LLM, hf: Any, prompts: list[list[int]]) -> None:
+    params = SamplingParams(max_new_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    batched = llm.generate(prompts, params)
+    for prompt, got in zip(prompts, batched, strict=True):
+        _assert_logits_close(llm.engine.score(prompt), _hf_last_logits(hf, prompt))
+        expected = _hf_greedy(hf, prompt, NUM_NEW_TOKENS)
+        assert got.token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
+        alone = llm.generate([prompt], params)[0]
+        assert alone.token_ids == got.token_ids, "batched output differs from alone"
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "gqa": {"num_attention_heads": 4, "num_key_value_heads": 2},
+    "mha": {"num_attention_heads": 4, "num_key_value_heads": 4},
+    "qkv_bias": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},
+    "sliding_window": {"arch": "mistral", "sliding_window": 24, "num_attention_heads": 4,
+                       "num_key_value_heads": 1},
+    "untied": {"tie_word_embeddings": False},
+    "llama3_rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tiny_model_matches_transformers(variant: str, make_tiny_llama: Any, tmp_path: Path
+                                         ) -> None:
+    model_dir = make_tiny_llama(tmp_path, **VARIANTS[variant])
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (5, 37, 90)]
+    llm = LLM(str(model_dir), dtype="float32", block_size=4, max_num_batched_tokens=64,
+              num_kv_blocks=256)
+    _check(llm, _hf_model(model_dir), prompts)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_dir: Path) -> None:
+    llm = LLM(str(smollm2_dir), dtype="float32", max_num_batched_tokens=512)
+    tok = llm.tokenizer
+    long_text = " ".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, and "
+                         f"counts {i * 7} sheep before sleeping." for i in range(30))
+    chats = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain recursion to a five year old."]
+    raws = ["The meaning of life is", "def fibonacci(n):", "1, 2, 3, 4, 5,",
+            "Once upon a time, in a land far away,", long_text]
+    prompts = [llm.encode(c, chat=True) for c in chats] + [tok.encode(r) for r in raws]
+    assert max(len(p) for p in prompts) >= 500
+    _check(llm, _hf_model(smollm2_dir), prompts)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smollm2_dir: Path) -> None:
+    llm = LLM(str(smollm2_dir), dtype="float32")
+    out = llm.generate("What is the capital of France?", SamplingParams(max_new_tokens=20),
+                       chat=True)[0]
+    assert "Paris" in out.text
+    assert out.finish_reason in ("eos_token", "length")
