@@ -37,9 +37,7 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  chat: bool = False) -> list[Completion]:
         """Run every prompt to completion (continuous batching inside); keep input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompt_list = list(prompts)  # type: ignore[arg-type]
+        prompt_list = _as_prompt_list(prompts)
         if params is None:
             params = SamplingParams()
         param_list = ([params] * len(prompt_list) if isinstance(params, SamplingParams)
@@ -63,8 +61,9 @@ class LLM:
                     results[order[out.request_id]] = _completion(
                         out.request_id, collected.pop(out.request_id),
                         token_ids[order[out.request_id]])
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results), "the engine stopped with unfinished requests"
+        return done
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[StepOutput]:
@@ -75,6 +74,21 @@ class LLM:
             for out in self.engine.step():
                 if out.request_id == rid:
                     yield out
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (a string or a list of token ids) or a list of prompts -> list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    items: list[object] = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [[int(t) for t in items if isinstance(t, int)]]
+    out: list[Prompt] = []
+    for p in items:
+        if not isinstance(p, str | list | tuple):
+            raise TypeError(f"a prompt is a string or a list of token ids, not {type(p).__name__}")
+        out.append(p)
+    return out
 
 
 def _completion(rid: str, outs: list[StepOutput], prompt_ids: list[int]) -> Completion:

@@ -13,7 +13,7 @@ from torch import nn
 
 from tokenfleet.engine.config import ModelConfig
 from tokenfleet.engine.errors import ModelLoadError
-from tokenfleet.engine.models.registry import model_class
+from tokenfleet.engine.models.registry import CausalLM, model_class
 from tokenfleet.engine.weights import iter_safetensors, load_hf_config
 
 __all__ = ["load_model", "load_model_config"]
@@ -24,14 +24,14 @@ def load_model_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> nn.Module:
+               max_positions: int) -> CausalLM:
     cls = model_class(cfg.architecture)
     with torch.device(device):
-        model = cls(cfg, max_positions)  # type: ignore[call-arg]
+        model = cls(cfg, max_positions)
     model.to(dtype=dtype)
     # RoPE tables stay float32: positions index them, precision matters more than bytes.
     for name, buf in model.named_buffers():
-        if name.endswith(("cos", "sin")):
+        if name.endswith("cos_sin"):
             buf.data = buf.data.float()
     _load_weights(model, model_dir, cfg)
     return model.eval()

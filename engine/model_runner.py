@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.engine.models.registry import CausalLM
 from tokenfleet.engine.sampler import Sampler, SamplerOutput
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
@@ -34,7 +34,7 @@ class RunOutput:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: nn.Module):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: CausalLM):
         self.config = config
         self.model_config = model_config
         self.model = model

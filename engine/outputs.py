@@ -9,12 +9,12 @@ reported in a later step (or at finish, with its text cut before the stop).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["Capacity", "Completion", "FinishReason", "StepOutput", "TokenOutput", "TopToken"]
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     LENGTH = "length"
     EOS_TOKEN = "eos_token"
     STOP_SEQUENCE = "stop_sequence"

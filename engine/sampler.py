@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from tokenfleet.engine.sampling_batch import Penalties, SamplingBatch, Warping
 from tokenfleet.engine.seeded_random import uniform
 

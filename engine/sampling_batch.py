@@ -12,6 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.seeded_random import to_int64_seed
 

@@ -64,7 +64,7 @@ class SamplingParams:
         """Raise ValidationError with TGI-like messages for out-of-range values."""
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
                "`max_new_tokens` must be strictly positive")
-        _check(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens,
+        _check(isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0,
                "`min_new_tokens` must be >= 0")
         _check(self.min_new_tokens <= self.max_new_tokens,
                "`min_new_tokens` must be <= `max_new_tokens`")
@@ -82,7 +82,8 @@ class SamplingParams:
         _check(self.presence_penalty is None or -2.0 <= self.presence_penalty <= 2.0,
                "`presence_penalty` must be >= -2.0 and <= 2.0")
         _check(len(self.stop) <= MAX_STOP_SEQUENCES,
-               f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(self.stop)}")
+               f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. "
+               f"Given: {len(self.stop)}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "`stop` sequences must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

@@ -41,7 +41,8 @@ class Linear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self._load  # type: ignore[attr-defined]
 
-    def _load_into(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | int | None) -> None:
+    def _load_into(self, param: torch.Tensor, loaded: torch.Tensor,
+                   shard: str | int | None) -> None:
         _copy_checked(param, loaded, "linear")
 
     def _load(self, loaded: torch.Tensor, shard: str | int | None = None) -> None:
@@ -64,7 +65,8 @@ class PackedLinear(Linear):
         self.shards = {name: (off, size) for name, off, size in zip(
             shard_names, offsets, out_sizes, strict=True)}
 
-    def _load_into(self, param: torch.Tensor, loaded: torch.Tensor, shard: str | int | None) -> None:
+    def _load_into(self, param: torch.Tensor, loaded: torch.Tensor,
+                   shard: str | int | None) -> None:
         if shard not in self.shards:
             raise ModelLoadError(f"unknown shard {shard!r} for packed linear")
         offset, size = self.shards[shard]

@@ -18,6 +18,10 @@ class RMSNorm(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normed, new_residual) where new_residual = x (+ residual)."""
         # x, residual: [T, hidden]
+        if x.is_cuda:
+            from tokenfleet.kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
         residual = x

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Protocol
+
+import torch
 
 from tokenfleet.engine.errors import UnsupportedModelError
 from tokenfleet.engine.models.llama import LlamaForCausalLM
 
-__all__ = ["MODEL_REGISTRY", "model_class"]
+__all__ = ["MODEL_REGISTRY", "CausalLM", "model_class"]
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+
+class CausalLM(Protocol):
+    """What the model runner needs from a model."""
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: object
+                 ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def modules(self) -> object: ...
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
 }
 
 
-def model_class(architecture: str) -> type[nn.Module]:
+def model_class(architecture: str) -> type[LlamaForCausalLM]:
     try:
         return MODEL_REGISTRY[architecture]
     except KeyError:

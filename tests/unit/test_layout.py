@@ -71,7 +71,8 @@ def test_env_vars_read_only_in_settings() -> None:
 def test_producer_imports_without_torch() -> None:
     code = (
         "import sys\n"
-        "import tokenfleet.producer.protocol, tokenfleet.producer.keys, tokenfleet.producer.client\n"
+        "import tokenfleet.producer.protocol, tokenfleet.producer.keys\n"
+        "import tokenfleet.producer.client\n"
         "assert 'torch' not in sys.modules, 'producer pulled in torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

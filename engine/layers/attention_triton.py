@@ -1,0 +1,60 @@
+"""Attention backend on our Triton kernels (`tokenfleet.kernels`): the GPU path.
+
+Same `forward` signature as the torch backend (attention_torch.py); the engine picks one by
+name. Each call first writes this step's K/V into the layer's paged cache through
+`meta.slot_mapping`, then runs paged attention over the cache for the new query rows, so a
+prefill chunk sees its cached context and its own keys causally. On a CPU-only machine the
+kernels run only under `TRITON_INTERPRET=1` (tests); use the torch backend there otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.kernels.kv_store import store_kv
+from tokenfleet.kernels.paged_attention import paged_attention
+
+__all__ = ["TritonAttentionBackend"]
+
+
+class TritonAttentionBackend:
+    """Paged attention for mixed prefill/decode batches on Triton kernels.
+
+    `num_kv_splits` fixes the flash-decoding split count for decode-only steps (None: chosen
+    per step from the batch size and `meta.max_seq_len`). When decode steps are captured in CUDA
+    graphs, fix it, so that a replay with longer contexts runs the same launch configuration
+    (the split arithmetic itself is done on the device and stays correct for any length).
+    """
+
+    name = "triton"
+
+    def __init__(self, num_kv_splits: int | None = None) -> None:
+        self.num_kv_splits = num_kv_splits
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store this step's K/V into the cache, then attend; returns a new tensor."""
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            sliding_window,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+            num_kv_splits=self.num_kv_splits if meta.is_decode_only else None,
+        )

@@ -1,0 +1,92 @@
+"""Time paged attention against torch SDPA on the same data (GPU check, kernel tuning).
+
+    python -m tokenfleet.kernels.attention_bench     (on a GPU)
+
+SDPA runs on the same values in a contiguous [batch, heads, seq, head_dim] layout, so it
+reads no block table: it is the bar a paged kernel should get close to. Decode cases report
+achieved KV bandwidth (every K and V byte read once), prefill cases TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tokenfleet.kernels.paged_attention import paged_attention
+from tokenfleet.kernels.paged_batch import make_paged_batch
+from tokenfleet.kernels.reference import store_kv_ref
+
+__all__ = ["GPU_CASES", "bench_paged_attention", "time_ms"]
+
+# (name, batch, cached context per sequence, new tokens per sequence)
+GPU_CASES = (("decode b1 ctx8192", 1, 8192, 1), ("decode b128 ctx1024", 128, 1024, 1),
+             ("prefill 4096", 1, 0, 4096))
+CPU_CASES = (("decode b2 ctx40", 2, 40, 1),)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """Median ms of `fn` (CUDA events via triton's do_bench); one timed call on the CPU."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def bench_paged_attention(
+    device: torch.device | str,
+    heads: tuple[int, int, int] = (32, 8, 128),  # num_heads, num_kv_heads, head_dim
+    cases: tuple[tuple[str, int, int, int], ...] = GPU_CASES,
+) -> list[dict[str, Any]]:
+    """One row per case: ours (auto split), ours without split, SDPA; ms and rates."""
+    num_heads, num_kv_heads, head_dim = heads
+    rows = []
+    for name, batch, ctx, q_len in cases:
+        b = make_paged_batch(context_lens=(ctx,) * batch, query_lens=(q_len,) * batch,
+                             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                             block_size=16, dtype=torch.bfloat16, device=device)
+        store_kv_ref(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+        seq = ctx + q_len
+        k = torch.randn(batch, num_kv_heads, seq, head_dim, device=device).bfloat16()
+        v = torch.randn_like(k)
+        q = torch.randn(batch, num_heads, q_len, head_dim, device=device).bfloat16()
+
+        def ours(splits: int | None = None, b: Any = b) -> torch.Tensor:
+            return paged_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.query_start_loc,
+                                   b.seq_lens, head_dim**-0.5, max_query_len=b.max_query_len,
+                                   max_seq_len=b.max_seq_len, num_kv_splits=splits)
+
+        def sdpa(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v,
+                 causal: bool = q_len > 1) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+        kv_bytes = 2 * batch * seq * num_kv_heads * head_dim * 2
+        flops = 4 * batch * num_heads * head_dim * (q_len * ctx + q_len * (q_len + 1) / 2)
+        row: dict[str, Any] = {"case": name, "ours_ms": time_ms(ours, device),
+                               "ours_no_split_ms": time_ms(lambda: ours(1), device),
+                               "sdpa_ms": time_ms(sdpa, device)}
+        row["ours_GB_s"] = kv_bytes / row["ours_ms"] / 1e6
+        row["ours_TFLOP_s"] = flops / row["ours_ms"] / 1e9
+        row["sdpa_over_ours"] = row["sdpa_ms"] / row["ours_ms"]
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a GPU (or run the CPU smoke case through benchmarks/gpu_check.py --dry-run)")
+        return 2
+    for row in bench_paged_attention("cuda"):
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Compile every kernel for Hopper (sm_90) without a GPU, and report what the compiler made.
+
+    python -m tokenfleet.kernels.sm90_compile      (with TRITON_INTERPRET unset)
+
+Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) runs on the CPU, so a
+variant that does not compile for the H100 fails here instead of on a short GPU lease. For
+each launch variant the launchers pick at Llama-3-8B shapes it prints shared memory, registers
+and spill stack (cuobjdump) and the instructions that matter: tensor-core ops (wgmma vs
+mma.sync) and 16-byte / async global loads. Pointers and strides are compiled as multiples of
+16, as Triton specialises them at run time for our contiguous caches. Exit status 1 when a
+variant fails to compile or spills registers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Variant", "compile_variant", "main", "variants"]
+
+_INSTRUCTIONS = re.compile(
+    r"(wgmma\.mma_async\.[a-z0-9.]*?\.f32|mma\.sync\.[a-z0-9.]*?\.f32|ld\.global\.v4|"
+    r"cp\.async\.cg\.shared\.global|cp\.async\.bulk)"
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kernel: Any  # a triton JITFunction
+    types: dict[str, str]  # non-constexpr args; others default to i32
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int = 3
+
+
+def variants() -> list[Variant]:
+    """The launch variants used at Llama-3-8B shapes (bf16), plus fp32 and SmolLM2 heads."""
+    from tokenfleet.kernels.kv_store import _store_kv_kernel
+    from tokenfleet.kernels.paged_attention import choose_tiles
+    from tokenfleet.kernels.paged_attention_kernels import (
+        paged_attention_kernel,
+        reduce_splits_kernel,
+    )
+    from tokenfleet.kernels.rms_norm import _rms_norm_kernel
+    from tokenfleet.kernels.rotary import _rotary_kernel
+
+    def attention(name: str, dtype: str, group: int, head_dim: int, max_query_len: int,
+                  splits: int, window: bool) -> Variant:
+        t = choose_tiles(group, head_dim, max_query_len)
+        ptr = f"*{dtype}"
+        types = {"out_ptr": ptr, "q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr,
+                 "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                 "block_tables_ptr": "*i32", "query_start_loc_ptr": "*i32",
+                 "seq_lens_ptr": "*i32", "scale_log2": "fp32"}
+        consts = dict(NUM_QUERIES_PER_KV=group, GROUP_PADDED=t.group_padded, HEAD_DIM=head_dim,
+                      HEAD_DIM_PADDED=head_dim, PAGE_SIZE=16, BLOCK_Q=t.block_q,
+                      BLOCK_M=t.block_m, BLOCK_N=t.block_n, NUM_SPLITS=splits,
+                      USE_WINDOW=window, UPCAST=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        return Variant(name, paged_attention_kernel, types, consts, t.num_warps, t.num_stages)
+
+    return [
+        attention("attention decode", "bf16", 4, 128, 1, 1, False),
+        attention("attention decode split8", "bf16", 4, 128, 1, 8, False),
+        attention("attention prefill", "bf16", 4, 128, 512, 1, False),
+        attention("attention mixed window", "bf16", 4, 128, 16, 1, True),
+        attention("attention decode fp32", "fp32", 4, 128, 1, 1, False),
+        attention("attention prefill smollm2", "bf16", 3, 64, 512, 1, False),
+        Variant("reduce splits", reduce_splits_kernel,
+                {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
+                 "part_sum_ptr": "*fp32"},
+                dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PADDED=128, NUM_SPLITS=8,
+                     SPLITS_PADDED=8), num_warps=4),
+        Variant("store_kv", _store_kv_kernel,
+                {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_cache_ptr": "*bf16",
+                 "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
+                dict(NUM_KV_HEADS=8, HEADS_PADDED=8, HEAD_DIM=128, HEAD_DIM_PADDED=128,
+                     PAGE_SIZE=16), num_warps=4),
+        Variant("rms_norm + residual", _rms_norm_kernel,
+                {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16",
+                 "residual_ptr": "*bf16", "weight_ptr": "*bf16", "eps": "fp32"},
+                dict(HIDDEN=4096, BLOCK=4096, HAS_RESIDUAL=True), num_warps=8),
+        Variant("rotary", _rotary_kernel,
+                {"q_ptr": "*bf16", "k_ptr": "*bf16", "positions_ptr": "*i64",
+                 "cos_sin_ptr": "*fp32"},
+                dict(NUM_HEADS=32, HEADS_PADDED=32, NUM_KV_HEADS=8, KV_HEADS_PADDED=8,
+                     HALF=64, HALF_PADDED=64), num_warps=4),
+    ]
+
+
+def compile_variant(v: Variant, work_dir: Path) -> dict[str, Any]:
+    """Compile one variant for sm_90; returns shared bytes, registers, stack, instructions."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = v.kernel.arg_names
+    signature = {n: "constexpr" if n in v.constexprs else v.types.get(n, "i32") for n in names}
+    aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n != "stride_bt_seq"}
+    src = ASTSource(fn=v.kernel, signature=signature, constexprs=v.constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    cubin = work_dir / f"{re.sub(r'[^a-z0-9]+', '_', v.name)}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = _resource_usage(cubin)
+    found = Counter(_INSTRUCTIONS.findall(compiled.asm["ptx"]))
+    return {"shared": compiled.metadata.shared, **usage, "instructions": dict(found)}
+
+
+def _resource_usage(cubin: Path) -> dict[str, int | None]:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {"registers": None, "stack": None}
+    text = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
+                          text=True, check=False).stdout
+    match = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    if match is None:
+        return {"registers": None, "stack": None}
+    return {"registers": int(match.group(1)), "stack": int(match.group(2))}
+
+
+def main() -> int:
+    from tokenfleet.kernels.launch_checks import is_interpreted
+
+    if is_interpreted():
+        print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
+        return 2
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants():
+            try:
+                r = compile_variant(v, Path(tmp))
+            except Exception as exc:  # report every variant, then fail
+                failures += 1
+                print(f"FAIL {v.name}: {exc!r}")
+                continue
+            spills = bool(r["stack"])
+            failures += spills
+            print(f"{'FAIL' if spills else 'ok  '} {v.name:28s} warps={v.num_warps} "
+                  f"stages={v.num_stages} shared={r['shared']:6d} regs={r['registers']} "
+                  f"stack={r['stack']} {r['instructions']}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
