@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenfleet.engine.detokenizer import IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tokenfleet.engine.detokenizer import IncrementalDetokenizer
 
 SMOLLM2_TOKENIZER = Path(__file__).resolve().parents[2] / (
     ".cache/tokenfleet-test/models/smollm2/tokenizer.json"

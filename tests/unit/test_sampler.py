@@ -7,10 +7,6 @@ from typing import Any, cast
 
 import pytest
 import torch
-from tokenfleet.engine.sampler import Sampler, apply_penalties, warp
-from tokenfleet.engine.sampling_batch import SamplingBatch
-from tokenfleet.engine.sampling_params import SamplingParams
-from tokenfleet.engine.seeded_random import to_int64_seed, uniform
 from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -21,6 +17,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+
+from tokenfleet.engine.sampler import Sampler, apply_penalties, warp
+from tokenfleet.engine.sampling_batch import SamplingBatch
+from tokenfleet.engine.sampling_params import SamplingParams
+from tokenfleet.engine.seeded_random import to_int64_seed, uniform
 
 VOCAB = 64
 
