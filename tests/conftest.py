@@ -107,3 +107,10 @@ def make_tiny_llama(smollm2_dir: Path) -> Callable[..., Path]:
         return build_tiny_llama(tmp_path, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """One tiny random Llama (GQA, 1024 positions) shared by the whole session."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-shared"), tokenizer_dir=smollm2_dir,
+                            max_position_embeddings=1024)
