@@ -1,0 +1,93 @@
+"""A snapshot of the fleet for `tokenfleet status`: live workers and each queue's backlog."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.protocol import WorkerInfo, decode_worker_info
+
+__all__ = ["FleetStatus", "QueueStatus", "fleet_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """One queue: `backlog` = not yet delivered (lag), `pending` = delivered, not acked."""
+
+    queue: str
+    length: int
+    backlog: int | None
+    pending: int
+    num_consumers: int
+    num_dead: int
+    max_queue_len: int
+
+
+@dataclass(slots=True)
+class FleetStatus:
+    workers: list[WorkerInfo] = field(default_factory=list)
+    queues: list[QueueStatus] = field(default_factory=list)
+
+
+async def fleet_status(redis: Redis, keys: Keys, queues: Iterable[str] = ()) -> FleetStatus:
+    """Read every live worker's heartbeat and the status of their queues (plus `queues`)."""
+    status = FleetStatus()
+    async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
+        data = await redis.get(key)
+        if data is None:
+            continue  # expired between SCAN and GET
+        try:
+            status.workers.append(decode_worker_info(data))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+    status.workers.sort(key=lambda w: w.worker_id)
+    names = set(queues) | {w.queue for w in status.workers if w.queue}
+    names |= await _queues_with_streams(redis, keys)
+    for queue in sorted(names):
+        status.queues.append(await _queue_status(redis, keys, queue))
+    return status
+
+
+async def _queues_with_streams(redis: Redis, keys: Keys) -> set[str]:
+    found = set()
+    prefix = f"{keys.prefix}:{{"
+    async for raw in redis.scan_iter(match=f"{prefix}*}}:jobs", count=500):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        found.add(key[len(prefix): -len("}:jobs")])
+    return found
+
+
+async def _queue_status(redis: Redis, keys: Keys, queue: str) -> QueueStatus:
+    jobs = keys.jobs(queue)
+    length = await redis.xlen(jobs)
+    backlog: int | None = length
+    pending = num_consumers = 0
+    try:
+        groups = await redis.xinfo_groups(jobs)
+    except ResponseError:  # no stream yet
+        groups = []
+    for group in groups:
+        if _text(group["name"]) == keys.group(queue):
+            pending = int(group["pending"])
+            num_consumers = int(group["consumers"])
+            lag = group.get("lag")
+            backlog = int(lag) if lag is not None else length - pending
+    limit = await redis.hget(keys.limits(queue), "max_queue_len")
+    return QueueStatus(
+        queue=queue,
+        length=length,
+        backlog=backlog,
+        pending=pending,
+        num_consumers=num_consumers,
+        num_dead=await redis.xlen(keys.dead(queue)),
+        max_queue_len=int(limit or 0),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,91 @@
+"""One pub/sub connection shared by every stream a `Client` follows.
+
+A web backend may follow thousands of requests at once; one connection per stream would
+exhaust the server's connection limit. The `Subscriber` multiplexes: `channel(name)`
+subscribes (waiting for the server's confirmation, so anything published afterwards
+reaches us), and a single reader task dispatches each message to the queues of that
+channel. Messages lost while reconnecting are recovered by the event stream's replay reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+__all__ = ["Subscriber"]
+
+_READ_TIMEOUT_S: Final = 1.0
+_CONFIRM_TIMEOUT_S: Final = 5.0
+_RETRY_DELAY_S: Final = 0.5
+
+
+class Subscriber:
+    """Multiplexes channel subscriptions over one pub/sub connection."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._pubsub = redis.pubsub(ignore_subscribe_messages=False)
+        self._queues: dict[bytes, set[asyncio.Queue[bytes]]] = {}
+        self._confirmed: dict[bytes, asyncio.Event] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def channel(self, name: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+        """Subscribe to `name`; yields a queue receiving each message's payload."""
+        key = name.encode()
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        listeners = self._queues.setdefault(key, set())
+        listeners.add(queue)
+        try:
+            if len(listeners) == 1:
+                self._confirmed[key] = asyncio.Event()
+                await self._pubsub.subscribe(key)
+                self._ensure_reader()
+            # A missing confirmation is not fatal: the replay stream covers what we miss.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._confirmed[key].wait(), _CONFIRM_TIMEOUT_S)
+            yield queue
+        finally:
+            listeners.discard(queue)
+            if not listeners:
+                del self._queues[key]
+                self._confirmed.pop(key, None)
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(key)
+
+    async def close(self) -> None:
+        """Stop the reader and close the connection."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def _read_forever(self) -> None:
+        while self._queues:
+            try:
+                message = await self._pubsub.get_message(timeout=_READ_TIMEOUT_S)
+            except (RedisError, OSError):
+                # The connection dropped; redis-py reconnects and resubscribes on the next read.
+                await asyncio.sleep(_RETRY_DELAY_S)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message["channel"]
+        if message["type"] == "message":
+            for queue in self._queues.get(channel, ()):
+                queue.put_nowait(message["data"])
+        elif message["type"] == "subscribe" and channel in self._confirmed:
+            self._confirmed[channel].set()

@@ -1,0 +1,99 @@
+"""Client-side validation, so a bad request fails at submit instead of in a worker.
+
+The parameter rules are a copy of `tokenfleet.engine.sampling_params.SamplingParams.validate`
+(the producer must not import the engine: a web backend installs no torch);
+`tests/unit/test_protocol.py` checks both agree on a table of good and bad values.
+Workers validate again with the engine's own rules: the stream is never trusted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from tokenfleet.producer.errors import ValidationError
+from tokenfleet.producer.protocol import Job, Parameters
+
+__all__ = [
+    "MAX_REQUEST_ID_LEN",
+    "MAX_STOP_SEQUENCES",
+    "MAX_TOP_N_TOKENS",
+    "validate_job",
+    "validate_parameters",
+    "validate_request_id",
+]
+
+MAX_STOP_SEQUENCES: Final = 16  # same as the engine's
+MAX_TOP_N_TOKENS: Final = 5  # same as the engine's
+MAX_REQUEST_ID_LEN: Final = 200
+# Ids become part of Redis key names inside a hash tag: no braces, no whitespace.
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@/+=-]+")
+
+
+def validate_request_id(request_id: object) -> str:
+    """Return the id if it is usable in key names, else raise ValidationError."""
+    ok = (
+        isinstance(request_id, str)
+        and 0 < len(request_id) <= MAX_REQUEST_ID_LEN
+        and _REQUEST_ID_RE.fullmatch(request_id) is not None
+    )
+    if not ok:
+        raise ValidationError(
+            f"Input validation error: request id must be 1-{MAX_REQUEST_ID_LEN} characters "
+            f"of [A-Za-z0-9._:@/+=-], got {request_id!r}"
+        )
+    assert isinstance(request_id, str)
+    return request_id
+
+
+def validate_job(job: Job) -> None:
+    """Raise ValidationError unless the job is well-formed and its parameters are in range."""
+    validate_request_id(job.id)
+    _check((job.inputs is None) != (job.messages is None),
+           "exactly one of `inputs` or `messages` must be given")
+    _check(job.inputs is None or len(job.inputs) > 0, "`inputs` cannot be empty")
+    _check(job.messages is None or len(job.messages) > 0, "`messages` cannot be empty")
+    _check(job.deadline_ms is None or job.deadline_ms > 0, "`deadline_ms` must be positive")
+    validate_parameters(job.parameters)
+
+
+def validate_parameters(p: Parameters) -> None:
+    """Raise ValidationError with TGI-like messages for out-of-range values."""
+    _check(_is_int(p.max_new_tokens) and p.max_new_tokens > 0,
+           "`max_new_tokens` must be strictly positive")
+    _check(_is_int(p.min_new_tokens) and p.min_new_tokens >= 0,
+           "`min_new_tokens` must be >= 0")
+    _check(p.min_new_tokens <= p.max_new_tokens,
+           "`min_new_tokens` must be <= `max_new_tokens`")
+    _check(p.temperature is None or p.temperature >= 0, "`temperature` must be >= 0")
+    _check(p.top_k is None or p.top_k > 0, "`top_k` must be strictly positive")
+    _check(p.top_p is None or 0.0 < p.top_p <= 1.0, "`top_p` must be > 0.0 and <= 1.0")
+    _check(p.typical_p is None or 0.0 < p.typical_p <= 1.0,
+           "`typical_p` must be > 0.0 and <= 1.0")
+    _check(p.min_p is None or 0.0 <= p.min_p < 1.0, "`min_p` must be >= 0.0 and < 1.0")
+    _check(p.repetition_penalty is None or p.repetition_penalty > 0,
+           "`repetition_penalty` must be strictly positive")
+    _check(p.frequency_penalty is None or -2.0 <= p.frequency_penalty <= 2.0,
+           "`frequency_penalty` must be >= -2.0 and <= 2.0")
+    _check(p.presence_penalty is None or -2.0 <= p.presence_penalty <= 2.0,
+           "`presence_penalty` must be >= -2.0 and <= 2.0")
+    _check(len(p.stop) <= MAX_STOP_SEQUENCES,
+           f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(p.stop)}")
+    _check(all(isinstance(s, str) and s for s in p.stop),
+           "`stop` sequences must be non-empty strings")
+    _check(all(_is_int(t) and t >= 0 for t in p.stop_token_ids),
+           "`stop_token_ids` must be non-negative integers")
+    _check(p.seed is None or (_is_int(p.seed) and 0 <= p.seed < 2**64),
+           "`seed` must be an integer in [0, 2**64)")
+    _check(p.truncate is None or p.truncate > 0, "`truncate` must be strictly positive")
+    _check(p.top_n_tokens is None or 0 <= p.top_n_tokens <= MAX_TOP_N_TOKENS,
+           f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValidationError(f"Input validation error: {message}")

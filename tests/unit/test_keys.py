@@ -1,0 +1,75 @@
+"""Every Redis name comes from `Keys`: DESIGN §2 names, configurable prefix, and hash tags
+that keep what one script or one request touches in one Redis Cluster slot."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from tokenfleet.producer.admission import ADMIT_LUA
+from tokenfleet.producer.keys import CONSUMER_GROUP, Keys
+
+
+def test_names_follow_the_design():
+    k = Keys()
+    assert k.jobs("smollm2") == "tf:{smollm2}:jobs"
+    assert k.dead("smollm2") == "tf:{smollm2}:dead"
+    assert k.events("abc") == "tf:{r:abc}:events"
+    assert k.result("abc") == "tf:{r:abc}:result"
+    assert k.cancel("abc") == "tf:{r:abc}:cancel"
+    assert k.tokens("abc") == "tf:{r:abc}:tokens"
+    assert k.control() == "tf:control"
+    assert k.worker("w1") == "tf:workers:w1"
+    assert k.workers_pattern() == "tf:workers:*"
+    assert k.group("smollm2") == CONSUMER_GROUP
+
+
+def test_prefix_is_configurable_and_isolates_fleets():
+    a, b = Keys("fleet-a"), Keys("fleet-b")
+    assert a.jobs("q") == "fleet-a:{q}:jobs"
+    names = {a.jobs("q"), a.events("r"), a.control(), a.worker("w"), a.limits("q")}
+    assert names.isdisjoint({b.jobs("q"), b.events("r"), b.control(), b.worker("w"),
+                             b.limits("q")})
+
+
+def test_admission_keys_share_one_cluster_slot():
+    k = Keys()
+    slots = {key_slot(name.encode()) for name in
+             (k.jobs("q1"), k.dead("q1"), k.limits("q1"), k.submitted("q1", "some-request"))}
+    assert len(slots) == 1
+    assert key_slot(k.jobs("q1").encode()) != key_slot(k.jobs("q2").encode())
+
+
+def test_request_keys_share_one_cluster_slot():
+    k = Keys()
+    for rid in ("a", "0f3c9b2e", "tenant/42:req-7"):
+        slots = {key_slot(n.encode()) for n in (k.events(rid), k.result(rid), k.cancel(rid),
+                                                k.tokens(rid))}
+        assert len(slots) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x{y", "x}y", "q*", "new\nline"])
+def test_names_that_would_break_hash_tags_or_patterns_are_refused(bad):
+    with pytest.raises(ValueError):
+        Keys().jobs(bad)
+    with pytest.raises(ValueError):
+        Keys().events(bad)
+    with pytest.raises(ValueError):
+        Keys(prefix=bad)
+
+
+def test_admission_script_touches_only_its_declared_keys():
+    # Redis Cluster requires scripts to name every key they touch in KEYS.
+    assert "KEYS[1]" in ADMIT_LUA and "KEYS[3]" in ADMIT_LUA
+    assert "KEYS[4]" not in ADMIT_LUA
+
+
+def test_the_keda_trigger_watches_the_default_queue_of_the_default_prefix():
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "keda-scaledobject.yaml"
+    (trigger,) = yaml.safe_load(manifest.read_text())["spec"]["triggers"]
+    assert trigger["type"] == "redis-streams"
+    assert trigger["metadata"]["stream"] == Keys().jobs("default")
+    assert trigger["metadata"]["consumerGroup"] == CONSUMER_GROUP

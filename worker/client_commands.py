@@ -1,0 +1,141 @@
+"""The client-side CLI commands: `generate` (through the fleet, or `--local`) and `status`.
+
+Nothing here imports torch unless `generate --local` runs a real engine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Any, TextIO
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tokenfleet.producer.client import Client
+from tokenfleet.producer.errors import TokenfleetError
+from tokenfleet.producer.fleet_status import fleet_status
+from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.protocol import FinalEvent
+from tokenfleet.worker.embedded import discover_embedded_url
+from tokenfleet.worker.settings import WorkerSettings
+
+__all__ = ["generate_local", "generate_remote", "resolve_redis_url", "show_status"]
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def resolve_redis_url(settings: WorkerSettings) -> str:
+    """--redis-url / TOKENFLEET_REDIS_URL, else a running `tokenfleet up`, else localhost."""
+    if settings.redis_url:
+        return settings.redis_url
+    found = discover_embedded_url(settings.resolved_cache_dir / "valkey")
+    return found or DEFAULT_REDIS_URL
+
+
+async def generate_remote(settings: WorkerSettings, prompt: str, *, chat: bool, stream: bool,
+                          model: str | None, parameters: dict[str, Any],
+                          timeout_s: float | None, out: TextIO = sys.stdout) -> int:
+    """Submit through the fleet and print the answer (token by token with `stream`)."""
+    url = resolve_redis_url(settings)
+    request: dict[str, Any] = ({"messages": [{"role": "user", "content": prompt}]} if chat
+                               else {"inputs": prompt})
+    try:
+        async with Client(url, keys=Keys(settings.key_prefix),
+                          default_queue=settings.queue) as client:
+            if stream:
+                final = None
+                async for event in client.generate_stream(model=model, timeout_s=timeout_s,
+                                                          **request, **parameters):
+                    if event.token is not None:
+                        out.write(event.token.text)
+                        out.flush()
+                    if isinstance(event, FinalEvent):
+                        final = event
+                out.write("\n")
+            else:
+                final = await client.generate(model=model, timeout_s=timeout_s, **request,
+                                              **parameters)
+                out.write(final.generated_text + "\n")
+    except TokenfleetError as e:
+        print(f"error ({e.error_type}): {e}", file=sys.stderr)
+        return 1
+    except (RedisConnectionError, OSError) as e:
+        print(f"cannot reach Redis at {url}: {e}\nstart one with `tokenfleet up`, or pass "
+              "--redis-url", file=sys.stderr)
+        return 2
+    if final is not None:
+        print(_summary(final), file=sys.stderr)
+    return 0
+
+
+def generate_local(settings: WorkerSettings, prompt: str, *, chat: bool, stream: bool,
+                   parameters: dict[str, Any], out: TextIO = sys.stdout) -> int:
+    """Run the engine in this process (no Redis) and print the answer."""
+    from tokenfleet.engine.errors import EngineError
+    from tokenfleet.engine.sampling_params import SamplingParams
+    from tokenfleet.worker.engine_factory import build_engine
+
+    try:
+        engine = build_engine(settings)
+        tokenizer = engine.tokenizer
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 add_generation_prompt=True)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(prompt)
+        engine.add_request("local", ids, SamplingParams(**parameters))
+    except (EngineError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    generated = ""
+    while engine.has_unfinished():
+        for output in engine.step():
+            if stream:
+                for token in output.tokens:
+                    out.write(token.text)
+                    out.flush()
+            if output.finished:
+                generated = output.generated_text
+    out.write(("" if stream else generated) + "\n")
+    return 0
+
+
+async def show_status(settings: WorkerSettings, queues: list[str], *, as_json: bool,
+                      out: TextIO = sys.stdout) -> int:
+    """Print live workers and each queue's backlog, pending entries and dead letters."""
+    url = resolve_redis_url(settings)
+    redis = Redis.from_url(url)
+    try:
+        status = await fleet_status(redis, Keys(settings.key_prefix), queues)
+    except (RedisConnectionError, OSError) as e:
+        print(f"cannot reach Redis at {url}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        await redis.aclose()
+    if as_json:
+        data = {"workers": [msgspec.to_builtins(w) for w in status.workers],
+                "queues": [asdict(q) for q in status.queues]}
+        out.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    out.write(f"redis: {url}\n\nworkers ({len(status.workers)}):\n")
+    for w in status.workers:
+        state = "draining" if w.draining else "serving"
+        out.write(f"  {w.worker_id:<32} {state:<8} queue={w.queue} model={w.model} "
+                  f"running={w.num_running}/{w.max_num_seqs} waiting={w.num_waiting} "
+                  f"kv={w.kv_usage:.0%} tok/s={w.tokens_per_s:.1f} done={w.num_finished}\n")
+    out.write(f"\nqueues ({len(status.queues)}):\n")
+    for q in status.queues:
+        limit = q.max_queue_len or "none"
+        out.write(f"  {q.queue:<20} backlog={q.backlog} pending={q.pending} "
+                  f"consumers={q.num_consumers} dead={q.num_dead} limit={limit}\n")
+    return 0
+
+
+def _summary(final: FinalEvent) -> str:
+    ttft = "-" if final.ttft_ms is None else f"{final.ttft_ms:.0f} ms"
+    return (f"[{final.details.generated_tokens} tokens, {final.details.finish_reason}, "
+            f"queue {final.queue_ms:.0f} ms, ttft {ttft}, total {final.total_ms:.0f} ms]")

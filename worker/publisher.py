@@ -1,0 +1,142 @@
+"""Write events to Redis: one pipeline per engine step, shielded from cancellation.
+
+For each request in a step: XADD every event to the request's capped, TTL'd replay stream,
+then PUBLISH it on the request's channel (XADD first, so whatever a client hears on the
+channel is already replayable). A finished request's final bookkeeping rides in the same
+pipeline: SET the result (TTL), then XACK + XDEL the job — ack last, so a crash before it
+means the job is redelivered (at-least-once). Clients dedupe by index, so a retried
+pipeline that repeats events is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenfleet.engine.outputs import StepOutput
+from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.protocol import ErrorEvent, FinalEvent, encode
+from tokenfleet.worker.inflight import InFlightRequest
+
+__all__ = ["DEAD_LETTERS_MAXLEN", "Publisher"]
+
+DEAD_LETTERS_MAXLEN: Final = 100_000
+_RETRY_DELAYS_S: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+
+_Command = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+class Publisher:
+    """Publishes events and finishes jobs of one queue."""
+
+    def __init__(self, redis: Redis, keys: Keys, queue: str, *, worker_id: str,
+                 result_ttl_s: int, events_ttl_s: int, events_maxlen: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._jobs = keys.jobs(queue)
+        self._dead = keys.dead(queue)
+        self._group = keys.group(queue)
+        self._worker_id = worker_id
+        self._result_ttl_s = result_ttl_s
+        self._events_ttl_s = events_ttl_s
+        self._events_maxlen = events_maxlen
+        self._log = structlog.get_logger("tokenfleet.publisher")
+
+    async def publish(self, outputs: list[StepOutput],
+                      inflight: Mapping[str, InFlightRequest]) -> list[tuple[InFlightRequest,
+                                                                             FinalEvent]]:
+        """Publish one or more steps' outputs; returns the requests that finished."""
+        now_ms = time.time() * 1000
+        batch: list[_Command] = []
+        finished: list[tuple[InFlightRequest, FinalEvent]] = []
+        for out in outputs:
+            req = inflight.get(out.request_id)
+            if req is None:
+                continue  # already failed or finished (e.g. aborted after an engine failure)
+            last = out.tokens[-1] if out.finished and out.tokens else None
+            body = out.tokens[:-1] if last is not None else out.tokens
+            payloads = [encode(e) for e in req.token_events(body, now_ms)]
+            if out.finished:
+                final = req.final_event(out, last, now_ms)
+                payloads.append(encode(final))
+                finished.append((req, final))
+            self._emit(batch, req.request_id, payloads)
+            if out.finished:
+                batch.append(_cmd("set", self._keys.result(req.request_id), payloads[-1],
+                                  ex=self._result_ttl_s))
+                self._ack(batch, req.entry_id)
+        await self._run(batch)
+        return finished
+
+    async def fail(self, entry_id: bytes, request_id: str | None, error: str, error_type: str,
+                   *, raw: Mapping[bytes, bytes] | None = None) -> None:
+        """Finish a job with an error event (when its id is known); dead-letter the raw entry
+        when `raw` is given; then ack and delete the job."""
+        batch: list[_Command] = []
+        if request_id is not None:
+            payload = encode(ErrorEvent(id=request_id, error=error, error_type=error_type))
+            self._emit(batch, request_id, [payload])
+            batch.append(_cmd("set", self._keys.result(request_id), payload,
+                              ex=self._result_ttl_s))
+        if raw is not None:
+            fields = dict(raw)
+            fields.update({
+                b"dead_error": error.encode(),
+                b"dead_error_type": error_type.encode(),
+                b"dead_entry_id": entry_id,
+                b"dead_worker": self._worker_id.encode(),
+                b"dead_ms": str(int(time.time() * 1000)).encode(),
+            })
+            batch.append(_cmd("xadd", self._dead, fields, maxlen=DEAD_LETTERS_MAXLEN,
+                              approximate=True))
+        self._ack(batch, entry_id)
+        await self._run(batch)
+
+    def _emit(self, batch: list[_Command], request_id: str, payloads: list[bytes]) -> None:
+        if not payloads:
+            return
+        events_key = self._keys.events(request_id)
+        channel = self._keys.tokens(request_id)
+        for payload in payloads:
+            batch.append(_cmd("xadd", events_key, {b"e": payload}, maxlen=self._events_maxlen,
+                              approximate=True))
+            batch.append(_cmd("publish", channel, payload))
+        batch.append(_cmd("expire", events_key, self._events_ttl_s))
+
+    def _ack(self, batch: list[_Command], entry_id: bytes) -> None:
+        batch.append(_cmd("xack", self._jobs, self._group, entry_id))
+        batch.append(_cmd("xdel", self._jobs, entry_id))
+
+    async def _run(self, batch: list[_Command]) -> None:
+        """Execute the batch as one pipeline; retry on connection loss; never half-cancel."""
+        if batch:
+            await asyncio.shield(self._run_with_retries(batch))
+
+    async def _run_with_retries(self, batch: list[_Command]) -> None:
+        for attempt, delay_s in enumerate((0.0, *_RETRY_DELAYS_S)):
+            await asyncio.sleep(delay_s)
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for name, args, kwargs in batch:
+                        getattr(pipe, name)(*args, **kwargs)
+                    replies = await pipe.execute(raise_on_error=False)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                self._log.warning("publish_retry", attempt=attempt, error=str(e))
+                continue
+            for (name, args, _), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    self._log.error("publish_command_failed", command=name, key=str(args[0]),
+                                    error=str(reply))
+            return
+        self._log.error("publish_dropped", num_commands=len(batch))
+
+
+def _cmd(name: str, *args: Any, **kwargs: Any) -> _Command:
+    return name, args, kwargs

@@ -1,0 +1,190 @@
+"""Worker settings: the ONLY module of tokenfleet that reads environment variables.
+
+Each setting has a default, an environment variable `TOKENFLEET_<NAME>` and a help text;
+precedence is command line > environment > default. `deploy/ENV.md` is generated from this
+table (`tokenfleet settings --markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["ENV_PREFIX", "SettingsError", "WorkerSettings", "default_cache_dir"]
+
+ENV_PREFIX: Final = "TOKENFLEET_"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value (names the setting and its env var)."""
+
+
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """~/.cache/tokenfleet (or $XDG_CACHE_HOME/tokenfleet)."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tokenfleet"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker (and the CLI) can be configured with."""
+
+    engine: str = _setting("llm", "engine implementation: the real LLM engine or a simulated "
+                           "one (fixed step time, deterministic tokens; tests/benchmarks)",
+                           choices=("llm", "simulated"))
+    model: str = _setting("smollm2", "model alias, HF directory or .gguf file to serve")
+    redis_url: str | None = _setting(None, "Redis/Valkey URL; unset = start an embedded Valkey "
+                                     "(AOF on) under cache_dir")
+    cache_dir: Path | None = _setting(  # noqa: RUF009 (a field() carrying help metadata)
+        None, "models and embedded Valkey data (default ~/.cache/tokenfleet)")
+    queue: str = _setting("default", "queue (stream) this worker serves")
+    key_prefix: str = _setting("tf", "namespace prefix of every Redis key")
+    worker_id: str | None = _setting(None, "consumer name in the group (default host-pid-random)")
+    device: str = _setting("auto", "torch device: auto, cpu, cuda, cuda:N")
+    dtype: str = _setting("bfloat16", "weights/activations dtype",
+                          choices=("bfloat16", "float16", "float32"))
+    max_num_seqs: int = _setting(32, "most sequences in the running batch")
+    max_num_batched_tokens: int = _setting(2048, "token budget of one engine step")
+    kv_cache_bytes: int | None = _setting(None, "KV cache size in bytes (default: engine picks)")
+    num_kv_blocks: int | None = _setting(None, "KV cache size in blocks (overrides bytes)")
+    block_size: int = _setting(16, "tokens per KV cache block")
+    num_threads: int | None = _setting(None, "CPU intra-op threads (default: torch's choice)")
+    lease_ms: int = _setting(30_000, "a job whose worker is silent this long is reclaimed; "
+                             "leases are renewed every lease_ms/3")
+    max_deliveries: int = _setting(3, "deliveries of one job before it is dead-lettered")
+    drain_timeout_s: float = _setting(30.0, "on SIGTERM, time to finish in-flight requests")
+    result_ttl_s: int = _setting(3_600, "lifetime of a request's result key")
+    events_ttl_s: int = _setting(3_600, "lifetime of a request's replay stream")
+    events_maxlen: int = _setting(10_000, "approximate cap of a replay stream's length")
+    max_queue_len: int = _setting(0, "admission limit on the queue backlog published for "
+                                  "producers; 0 = unlimited")
+    read_block_ms: int = _setting(1_000, "XREADGROUP BLOCK time; bounds shutdown latency")
+    metrics_port: int = _setting(0, "Prometheus /metrics port; 0 = off")
+    metrics_host: str = _setting("0.0.0.0", "address the metrics endpoint binds")
+    log_format: str = _setting("auto", "log output: JSON when not a TTY, pretty on a TTY",
+                               choices=("auto", "json", "console"))
+    log_level: str = _setting("info", "log level",
+                              choices=("debug", "info", "warning", "error"))
+    sim_step_ms: float = _setting(20.0, "simulated engine: duration of one step")
+    sim_vocab_size: int = _setting(32_000, "simulated engine: vocabulary size")
+    sim_max_model_len: int = _setting(4_096, "simulated engine: context length")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata["choices"]
+            if choices and value not in choices:
+                raise SettingsError(f"{_describe(f.name)} must be one of {choices}, got {value!r}")
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "lease_ms",
+                    "max_deliveries", "result_ttl_s", "events_ttl_s", "events_maxlen",
+                    "read_block_ms", "sim_vocab_size", "sim_max_model_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_describe(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port < 65536:
+            raise SettingsError(f"{_describe('metrics_port')} must be a port number")
+
+    # -- derived --------------------------------------------------------------------------
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir()
+
+    @property
+    def resolved_worker_id(self) -> str:
+        if self.worker_id:
+            return self.worker_id
+        return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.lease_ms / 3 / 1000
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Defaults, then `TOKENFLEET_*` variables, then `overrides` (None values ignored)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_var(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> WorkerSettings:
+        """Merge parsed command-line options (added by `add_arguments`) over the environment."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        overrides = {k: v for k, v in vars(args).items() if k in names}
+        return cls.from_env(environ, **overrides)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser,
+                      names: Iterable[str] | None = None) -> None:
+        """Add `--<name>` options (default None = not given) documenting env var and default."""
+        wanted = None if names is None else set(names)
+        for f in dataclasses.fields(cls):
+            if wanted is not None and f.name not in wanted:
+                continue
+            help_text = (f"{f.metadata['help']} [env {env_var(f.name)}; "
+                         f"default {f.default!r}]").replace("%", "%%")
+            kwargs: dict[str, Any] = {"default": None, "help": help_text,
+                                      "type": lambda raw, n=f.name, t=f.type: _parse(n, t, raw)}
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The env reference: one row per setting."""
+        rows = ["| env var | default | description |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = "unset" if f.default is None else f"`{f.default}`"
+            choices = f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
+            rows.append(f"| `{env_var(f.name)}` | {default} | {f.metadata['help']}{choices} |")
+        return "\n".join(rows) + "\n"
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a setting."""
+    return ENV_PREFIX + name.upper()
+
+
+def _describe(name: str) -> str:
+    return f"{name} ({env_var(name)})"
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    """Parse a string for a field whose annotation is `type_name` (a string: PEP 563)."""
+    base = str(type_name).replace(" | None", "")
+    try:
+        if base == "int":
+            return int(raw)
+        if base == "float":
+            return float(raw)
+        if base == "Path":
+            return Path(raw).expanduser()
+        if base == "bool":
+            if raw.lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes", "on"}
+    except ValueError:
+        raise SettingsError(f"{_describe(name)}: cannot parse {raw!r} as {base}") from None
+    return raw
