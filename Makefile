@@ -36,7 +36,9 @@ lint: setup
 	$(BIN)/ruff check .
 
 typecheck: setup
-	$(BIN)/mypy engine worker producer kernels
+	@# mypy cannot follow the editable install's package-dir mapping: give it a symlink tree.
+	@mkdir -p .typecheck/tokenfleet && for d in engine worker producer kernels; do ln -sfn ../../$$d .typecheck/tokenfleet/$$d; done
+	MYPYPATH=.typecheck $(BIN)/mypy -p tokenfleet
 
 check: lint typecheck
 

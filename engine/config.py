@@ -94,6 +94,7 @@ class EngineConfig:
     cache_dir: Path | None = None
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     use_cuda_graphs: bool = True
+    cpu_prepack: bool = True  # oneDNN-packed bf16 weights on CPU (see layers/cpu_prepack.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

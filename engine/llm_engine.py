@@ -19,6 +19,7 @@ from tokenfleet.engine.config import EngineConfig
 from tokenfleet.engine.detokenizer import IncrementalDetokenizer
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.hub import resolve_model
+from tokenfleet.engine.layers.cpu_prepack import cpu_prepack_supported, prepack_cpu_linears
 from tokenfleet.engine.loader import load_model, load_model_config
 from tokenfleet.engine.model_runner import ModelRunner
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
@@ -47,6 +48,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
         model = load_model(config.model_dir, mc, config.torch_dtype, torch.device(config.device),
                            config.max_model_len)
+        if config.cpu_prepack and cpu_prepack_supported(torch.device(config.device),
+                                                        config.torch_dtype):
+            prepack_cpu_linears(model)
         self.runner = ModelRunner(config, mc, model)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)

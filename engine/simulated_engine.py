@@ -121,8 +121,13 @@ class SimulatedEngine:
                 f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limit}. "
                 f"Given: {len(prompt_token_ids)} `inputs` tokens and {params.max_new_tokens} "
                 f"`max_new_tokens`")
+        resumed = list(resume_token_ids)
+        if len(resumed) >= params.max_new_tokens:
+            raise ValidationError("resume_token_ids already reach max_new_tokens")
+        # Like LLMEngine: the resumed tokens' text is part of generated_text, not re-emitted.
+        text = "".join(self.tokenizer.token_text(t) for t in resumed)
         self._waiting.append(_Sequence(request_id, list(prompt_token_ids), params,
-                                       token_ids=list(resume_token_ids)))
+                                       token_ids=resumed, text=text))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its `cancelled` StepOutput comes out of the next step()."""

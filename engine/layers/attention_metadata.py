@@ -16,6 +16,7 @@ KV cache of one layer: `k_cache`, `v_cache` each [num_blocks, block_size, num_kv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ class AttentionMetadata:
     # Host copies for backends that loop on the CPU (the torch backend); never read on GPU paths.
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # Per-step precomputation a backend shares across all layers (built by the first layer).
+    backend_plan: Any = None
 
     @property
     def num_seqs(self) -> int:

@@ -1,14 +1,19 @@
 """Paged attention in plain torch ops: the CPU backend (and the fallback anywhere).
 
-KV is read straight from the paged cache and processed `kv_chunk` keys at a time with an
-online softmax (running max and sum, flash-attention style), so the full score matrix of a
-long prompt is never built. Decodes (one query row each) are batched across sequences;
-prefill chunks are handled per sequence.
+KV is read straight from the paged cache through per-step slot indices and processed
+`kv_chunk` keys at a time with an online softmax (running max and sum, flash-attention style),
+so the full score matrix of a long prompt is never built. Decodes (one query row each) are
+batched across sequences; prefill chunks are handled per sequence. Everything that depends
+only on the batch layout (slot indices, masks) is computed once per step, in a plan shared by
+every layer: on a CPU the number of small ops, not FLOPs, sets the decode speed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 
@@ -28,10 +33,35 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
 
+@dataclass(slots=True)
+class _Chunk:
+    slots: torch.Tensor  # [S, C] or [C] flat cache slots of keys start..end (0 where padded)
+    mask: torch.Tensor  # broadcastable to the scores: True = attend
+
+
+@dataclass(slots=True)
+class _DecodePlan:
+    q_idx: torch.Tensor  # [S] rows of the decode queries in the flat batch
+    chunks: list[_Chunk]
+
+
+@dataclass(slots=True)
+class _PrefillPlan:
+    start: int  # query rows start:end of the flat batch
+    end: int
+    chunks: list[_Chunk]
+
+
+@dataclass(slots=True)
+class _Plan:
+    decode: _DecodePlan | None
+    prefills: list[_PrefillPlan]
+
+
 class TorchAttentionBackend:
     name = "torch"
 
-    def __init__(self, kv_chunk: int = 512):
+    def __init__(self, kv_chunk: int = 1024):
         self.kv_chunk = kv_chunk
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -39,101 +69,121 @@ class TorchAttentionBackend:
                 sliding_window: int | None) -> torch.Tensor:
         # q [T, H, D]; k, v [T, KVH, D] -> out [T, H, D]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        plan = meta.backend_plan
+        if not isinstance(plan, _Plan):  # first layer of this step builds it
+            plan = meta.backend_plan = self._plan(meta, k_cache.shape[1], sliding_window, q.device)
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, KVH, D]
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
+        num_kv_heads = k_cache.shape[2]
+        if plan.decode is not None and len(plan.prefills) == 0:
+            return self._attend(q, flat_k, flat_v, plan.decode.chunks, scale, num_kv_heads,
+                                decode=True)
         out = torch.empty_like(q)
-        qsl = meta.query_start_loc_cpu
-        lens = meta.seq_lens_cpu
-        assert qsl is not None and lens is not None, "torch backend needs host metadata"
-        decode_rows = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-        if decode_rows:
-            self._decode(q, k_cache, v_cache, meta, decode_rows, scale, sliding_window, out)
-        for i in range(len(lens)):
-            start, end = qsl[i], qsl[i + 1]
-            if end - start > 1:
-                out[start:end] = self._prefill_one(
-                    q[start:end], k_cache, v_cache, meta.block_tables[i], lens[i], scale,
-                    sliding_window)
+        if plan.decode is not None:
+            out[plan.decode.q_idx] = self._attend(q[plan.decode.q_idx], flat_k, flat_v,
+                                                  plan.decode.chunks, scale, num_kv_heads,
+                                                  decode=True)
+        for pre in plan.prefills:
+            out[pre.start:pre.end] = self._attend(q[pre.start:pre.end], flat_k, flat_v,
+                                                  pre.chunks, scale, num_kv_heads, decode=False)
         return out
 
-    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int
+    # ---- the math ----------------------------------------------------------------------
+    def _attend(self, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
+                chunks: list[_Chunk], scale: float, num_kv_heads: int, decode: bool
                 ) -> torch.Tensor:
-        """Keys/values at positions [start, end) of sequences, from their blocks."""
-        # block_table [S, max_blocks] -> [S, end - start, KVH, D]
-        bs = cache.shape[1]
-        first, last = start // bs, (end + bs - 1) // bs
-        blocks = cache[block_table[:, first:last].long()]  # [S, nb, bs, KVH, D]
-        blocks = blocks.flatten(1, 2)
-        return blocks[:, start - first * bs : end - first * bs]
+        """decode: q [S, H, D], one row per sequence; prefill: q [Q, H, D] of one sequence."""
+        n, H, D = q.shape
+        if len(chunks) == 1:  # the common case: one fused flash-attention call
+            return _sdpa(q, flat_k[chunks[0].slots], flat_v[chunks[0].slots], chunks[0].mask,
+                         scale, num_kv_heads, decode)
+        qg = q.view(n, num_kv_heads, H // num_kv_heads, D).float() * scale  # [n, KVH, G, D]
+        s_eq, pv_eq = ("skgd,sckd->skgc", "skgc,sckd->skgd") if decode else \
+                      ("qkgd,ckd->qkgc", "qkgc,ckd->qkgd")
+        acc = torch.zeros_like(qg)  # [n, KVH, G, D]
+        m = torch.full(qg.shape[:-1], float("-inf"), device=q.device)  # running max
+        l_sum = torch.zeros(qg.shape[:-1], device=q.device)  # running sum of exp
+        for chunk in chunks:
+            kc, vc = flat_k[chunk.slots].float(), flat_v[chunk.slots].float()
+            scores = torch.einsum(s_eq, qg, kc).masked_fill_(~chunk.mask, float("-inf"))
+            m_new = torch.maximum(m, scores.amax(-1))
+            # Rows with every key so far masked keep m = -inf; use 0 there to avoid NaN.
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(scores - m_safe.unsqueeze(-1))
+            correction = torch.exp(m - m_safe)
+            l_sum = l_sum * correction + p.sum(-1)
+            acc = acc * correction.unsqueeze(-1) + torch.einsum(pv_eq, p, vc)
+            m = m_new
+        return (acc / l_sum.unsqueeze(-1)).reshape(n, H, D).to(q.dtype)
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, rows: list[int], scale: float,
-                window: int | None, out: torch.Tensor) -> None:
+    # ---- the per-step plan ---------------------------------------------------------------
+    def _plan(self, meta: AttentionMetadata, block_size: int, window: int | None,
+              device: torch.device) -> _Plan:
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        assert qsl is not None and lens is not None, "torch backend needs host metadata"
+        rows = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
+        decode = self._decode_plan(meta, rows, block_size, window, device) if rows else None
+        prefills = [self._prefill_plan(meta, i, block_size, window, device)
+                    for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1]
+        return _Plan(decode, prefills)
+
+    def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
+                     window: int | None, device: torch.device) -> _DecodePlan:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
-        q_idx = torch.tensor([meta.query_start_loc_cpu[i] for i in rows], device=q.device)
         lens = [meta.seq_lens_cpu[i] for i in rows]
-        seq_lens = torch.tensor(lens, device=q.device)  # [S]
-        tables = meta.block_tables[rows] if len(rows) != meta.num_seqs else meta.block_tables
-        num_kv_heads = k_cache.shape[2]
-        qs = q[q_idx]  # [S, H, D]
-        S, H, D = qs.shape
-        qg = qs.view(S, num_kv_heads, H // num_kv_heads, D).float() * scale  # [S, KVH, G, D]
+        tables = meta.block_tables if len(rows) == meta.num_seqs else meta.block_tables[rows]
+        seq_lens = torch.tensor(lens, device=device)[:, None]  # [S, 1]
         lo = 0 if window is None else max(0, min(lens) - window)
-        pos_q = seq_lens - 1  # [S]
-        acc, m, l_sum = _online_init(qg)
+        chunks = []
         for start in range(lo, max(lens), self.kv_chunk):
-            end = min(start + self.kv_chunk, max(lens))
-            kc = self._gather(k_cache, tables, start, end).float()  # [S, C, KVH, D]
-            vc = self._gather(v_cache, tables, start, end).float()
-            scores = torch.einsum("skgd,sckd->skgc", qg, kc)  # [S, KVH, G, C]
-            pos_k = torch.arange(start, end, device=q.device)  # [C]
-            mask = pos_k[None, :] <= pos_q[:, None]  # [S, C]
+            pos = torch.arange(start, min(start + self.kv_chunk, max(lens)), device=device)
+            mask = pos[None, :] < seq_lens  # [S, C]: key exists (causal for the last row)
             if window is not None:
-                mask &= pos_q[:, None] - pos_k[None, :] < window
-            scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
-            acc, m, l_sum = _online_update(acc, m, l_sum, scores, vc, "skgc,sckd->skgd")
-        out[q_idx] = (acc / l_sum.unsqueeze(-1)).reshape(S, H, D).to(out.dtype)
+                mask &= seq_lens - 1 - pos[None, :] < window
+            slots = _slots(tables, pos, block_size) * mask  # padded keys read slot 0
+            chunks.append(_Chunk(slots, mask[:, None, None, :]))  # mask [S, 1, 1, C]
+        q_idx = torch.tensor([meta.query_start_loc_cpu[i] for i in rows], device=device)
+        return _DecodePlan(q_idx, chunks)
 
-    def _prefill_one(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_table: torch.Tensor, seq_len: int, scale: float,
-                     window: int | None) -> torch.Tensor:
-        # q [Q, H, D]: the last Q positions of a context of seq_len tokens
-        Q, H, D = q.shape
-        num_kv_heads = k_cache.shape[2]
-        qg = q.view(Q, num_kv_heads, H // num_kv_heads, D).transpose(0, 1).float() * scale
-        # qg [KVH, Q, G, D] -> treat KVH as the batch dim
-        pos_q = torch.arange(seq_len - Q, seq_len, device=q.device)  # [Q]
-        lo = 0 if window is None else max(0, seq_len - Q - window + 1)
-        acc, m, l_sum = _online_init(qg)
-        table = block_table.unsqueeze(0)
-        for start in range(lo, seq_len, self.kv_chunk):
-            end = min(start + self.kv_chunk, seq_len)
-            kc = self._gather(k_cache, table, start, end)[0].float()  # [C, KVH, D]
-            vc = self._gather(v_cache, table, start, end)[0].float()
-            scores = torch.einsum("kqgd,ckd->kqgc", qg, kc)  # [KVH, Q, G, C]
-            pos_k = torch.arange(start, end, device=q.device)
+    def _prefill_plan(self, meta: AttentionMetadata, i: int, block_size: int,
+                      window: int | None, device: torch.device) -> _PrefillPlan:
+        assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
+        start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
+        seq_len = meta.seq_lens_cpu[i]
+        pos_q = torch.arange(seq_len - (end - start), seq_len, device=device)  # [Q]
+        lo = 0 if window is None else max(0, seq_len - (end - start) - window + 1)
+        chunks = []
+        for k_start in range(lo, seq_len, self.kv_chunk):
+            pos_k = torch.arange(k_start, min(k_start + self.kv_chunk, seq_len), device=device)
             mask = pos_k[None, :] <= pos_q[:, None]  # [Q, C]
             if window is not None:
                 mask &= pos_q[:, None] - pos_k[None, :] < window
-            scores.masked_fill_(~mask[None, :, None, :], float("-inf"))
-            acc, m, l_sum = _online_update(acc, m, l_sum, scores, vc, "kqgc,ckd->kqgd")
-        out = acc / l_sum.unsqueeze(-1)  # [KVH, Q, G, D]
-        return out.transpose(0, 1).reshape(Q, H, D).to(q.dtype)
+            slots = _slots(meta.block_tables[i : i + 1], pos_k, block_size)[0]  # [C]
+            chunks.append(_Chunk(slots, mask[:, None, None, :]))  # mask [Q, 1, 1, C]
+        return _PrefillPlan(start, end, chunks)
 
 
-def _online_init(qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = torch.zeros_like(qg)  # [..., D]
-    m = torch.full(qg.shape[:-1], float("-inf"), device=qg.device)  # running max
-    l_sum = torch.zeros(qg.shape[:-1], device=qg.device)  # running sum of exp
-    return acc, m, l_sum
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+          num_kv_heads: int, decode: bool) -> torch.Tensor:
+    """torch's fused CPU flash attention (blocked, online softmax, fp32 accumulation) on one
+    gathered chunk. The G query heads sharing a KV head become G query rows of that head."""
+    n, H, D = q.shape
+    G = H // num_kv_heads
+    if decode:
+        # q [S, H, D] -> [S, KVH, G, D]; k, v [S, C, KVH, D] -> [S, KVH, C, D]; mask [S,1,1,C]
+        out = F.scaled_dot_product_attention(
+            q.view(n, num_kv_heads, G, D), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, scale=scale)
+        return out.reshape(n, H, D)
+    # prefill of one sequence: q [Q, H, D] -> [KVH, Q*G, D]; k, v [C, KVH, D] -> [KVH, C, D]
+    qh = q.view(n, num_kv_heads, G, D).permute(1, 0, 2, 3).reshape(num_kv_heads, n * G, D)
+    m = mask.view(n, 1, -1).expand(n, G, mask.shape[-1]).reshape(1, n * G, -1)  # [1, Q*G, C]
+    out = F.scaled_dot_product_attention(qh, k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=m, scale=scale)  # [KVH, Q*G, D]
+    return out.view(num_kv_heads, n, G, D).permute(1, 0, 2, 3).reshape(n, H, D)
 
 
-def _online_update(acc: torch.Tensor, m: torch.Tensor, l_sum: torch.Tensor, scores: torch.Tensor,
-                   vc: torch.Tensor, pv_eq: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold one chunk of scores [..., C] into the running (acc, max, sum)."""
-    m_new = torch.maximum(m, scores.amax(-1))
-    # A row whose keys so far are all masked has m_new = -inf; keep it finite to avoid NaN.
-    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-    p = torch.exp(scores - m_safe.unsqueeze(-1))
-    correction = torch.exp(m - m_safe)
-    l_sum = l_sum * correction + p.sum(-1)
-    acc = acc * correction.unsqueeze(-1) + torch.einsum(pv_eq, p, vc)
-    return acc, m_new, l_sum
+def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache slots [S, C] of key positions `pos` [C] for each block table row."""
+    blocks = tables[:, torch.clamp(pos // block_size, max=tables.shape[1] - 1)].long()
+    return blocks * block_size + (pos % block_size)[None, :]

@@ -31,6 +31,9 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 
 
 class Linear(nn.Module):
+    # oneDNN-packed copy of `weight` set by `prepack_cpu_linears` (CPU bf16 fast path)
+    mkldnn_weight: torch.Tensor | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features = in_features
@@ -51,6 +54,10 @@ class Linear(nn.Module):
         self._load_into(param, loaded, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, in_features] -> [T, out_features]
+        if self.mkldnn_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.mkldnn_weight, self.bias, "none",
+                                                      [], "")
         return F.linear(x, self.weight, self.bias)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm"]
@@ -25,6 +26,5 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
         residual = x
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype), residual
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # float32, like HF
+        return self.weight * normed.to(x.dtype), residual

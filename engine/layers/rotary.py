@@ -2,12 +2,12 @@
 
 The cos/sin table comes from `tokenfleet.kernels.rope_cache` (one definition of the
 frequencies, checked against transformers there). On CUDA the fused Triton kernel rotates q
-and k in place; elsewhere plain torch ops do, in float32 like transformers.
+and k in place; elsewhere plain torch ops do, in the activation dtype as transformers does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from tokenfleet.engine.errors import UnsupportedModelError
 from tokenfleet.kernels.errors import KernelArgumentError
 from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 
-__all__ = ["RotaryEmbedding"]
+__all__ = ["RopeTable", "RotaryEmbedding"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -35,22 +35,34 @@ class RotaryEmbedding(nn.Module):
             raise UnsupportedModelError(str(e)) from None
         self.register_buffer("cos_sin", cache, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, num_heads, head_dim]; k [T, num_kv_heads, head_dim]
-        if q.is_cuda:
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
+        """The step's cos/sin rows, gathered once and shared by every layer."""
+        if positions.is_cuda:
+            return RopeTable(positions, self.cos_sin, None, None)
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
+        # Cast like transformers does (cos/sin in the activation dtype), then full width.
+        cos = torch.cat((cos, cos), dim=-1).to(dtype)  # [T, 1, head_dim]
+        sin = torch.cat((sin, sin), dim=-1).to(dtype)
+        return RopeTable(positions, self.cos_sin, cos, sin)
+
+
+class RopeTable(NamedTuple):
+    positions: torch.Tensor  # [T]
+    cos_sin: torch.Tensor  # [max_positions, head_dim]
+    cos: torch.Tensor | None  # [T, 1, head_dim] (CPU path)
+    sin: torch.Tensor | None
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q [T, num_heads, head_dim]; k [T, num_kv_heads, head_dim]
+        if self.cos is None or self.sin is None:
             from tokenfleet.kernels.rotary import rotary
 
-            rotary(q, k, positions, self.cos_sin)  # in place
+            rotary(q, k, self.positions, self.cos_sin)  # fused Triton kernel, in place
             return q, k
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
-        cos = torch.cat((cos, cos), dim=-1)  # [T, 1, head_dim]
-        sin = torch.cat((sin, sin), dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

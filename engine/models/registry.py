@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from tokenfleet.engine.errors import UnsupportedModelError
 from tokenfleet.engine.models.llama import LlamaForCausalLM
@@ -20,7 +22,7 @@ class CausalLM(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
-    def modules(self) -> object: ...
+    def modules(self) -> Iterator[nn.Module]: ...
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
