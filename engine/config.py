@@ -95,6 +95,7 @@ class EngineConfig:
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     use_cuda_graphs: bool = True
     cpu_prepack: bool = True  # oneDNN-packed bf16 weights on CPU (see layers/cpu_prepack.py)
+    quantize: str | None = None  # None or "int8" (weight-only, CPU bf16)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +109,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValidationError(f"{name} must be positive")
+        if self.quantize not in (None, "int8"):
+            raise ValidationError(f"quantize must be None or 'int8', got {self.quantize!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValidationError("num_kv_blocks must be positive")
 

@@ -24,6 +24,7 @@ from tokenfleet.engine.loader import load_model, load_model_config
 from tokenfleet.engine.model_runner import ModelRunner
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
+from tokenfleet.engine.quant.int8_weight_only import quantize_int8_weight_only
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.scheduler import Scheduler
 from tokenfleet.engine.sequence import Sequence
@@ -48,8 +49,10 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
         model = load_model(config.model_dir, mc, config.torch_dtype, torch.device(config.device),
                            config.max_model_len)
-        if config.cpu_prepack and cpu_prepack_supported(torch.device(config.device),
-                                                        config.torch_dtype):
+        device = torch.device(config.device)
+        if config.quantize == "int8":
+            quantize_int8_weight_only(model, device, config.torch_dtype)
+        elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype):
             prepack_cpu_linears(model)
         self.runner = ModelRunner(config, mc, model)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,

@@ -95,8 +95,8 @@ class TorchAttentionBackend:
         """decode: q [S, H, D], one row per sequence; prefill: q [Q, H, D] of one sequence."""
         n, H, D = q.shape
         if len(chunks) == 1:  # the common case: one fused flash-attention call
-            return _sdpa(q, flat_k[chunks[0].slots], flat_v[chunks[0].slots], chunks[0].mask,
-                         scale, num_kv_heads, decode)
+            return _sdpa(q, _gather(flat_k, chunks[0].slots), _gather(flat_v, chunks[0].slots),
+                         chunks[0].mask, scale, num_kv_heads, decode)
         qg = q.view(n, num_kv_heads, H // num_kv_heads, D).float() * scale  # [n, KVH, G, D]
         s_eq, pv_eq = ("skgd,sckd->skgc", "skgc,sckd->skgd") if decode else \
                       ("qkgd,ckd->qkgc", "qkgc,ckd->qkgd")
@@ -104,7 +104,7 @@ class TorchAttentionBackend:
         m = torch.full(qg.shape[:-1], float("-inf"), device=q.device)  # running max
         l_sum = torch.zeros(qg.shape[:-1], device=q.device)  # running sum of exp
         for chunk in chunks:
-            kc, vc = flat_k[chunk.slots].float(), flat_v[chunk.slots].float()
+            kc, vc = _gather(flat_k, chunk.slots).float(), _gather(flat_v, chunk.slots).float()
             scores = torch.einsum(s_eq, qg, kc).masked_fill_(~chunk.mask, float("-inf"))
             m_new = torch.maximum(m, scores.amax(-1))
             # Rows with every key so far masked keep m = -inf; use 0 there to avoid NaN.
@@ -161,6 +161,12 @@ class TorchAttentionBackend:
             slots = _slots(meta.block_tables[i : i + 1], pos_k, block_size)[0]  # [C]
             chunks.append(_Chunk(slots, mask[:, None, None, :]))  # mask [Q, 1, 1, C]
         return _PrefillPlan(start, end, chunks)
+
+
+def _gather(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows `slots` ([S, C] or [C]) of a flat cache [num_slots, KVH, D] -> [*slots.shape, KVH, D]
+    (index_select on a 1-D index is several times faster than advanced indexing on CPU)."""
+    return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,

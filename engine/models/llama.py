@@ -18,6 +18,7 @@ from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.linear import Linear, PackedLinear
 from tokenfleet.engine.layers.norm import RMSNorm
 from tokenfleet.engine.layers.rotary import RopeTable, RotaryEmbedding
+from tokenfleet.engine.models.causal_lm import CausalLM
 
 __all__ = ["LlamaForCausalLM"]
 
@@ -34,7 +35,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: RopeTable, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, hidden] -> qkv [T, q_size + 2 * kv_size]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         T = x.shape[0]
         q, k = rope.apply(q.view(T, -1, self.attn.head_dim), k.view(T, -1, self.attn.head_dim))
         out = self.attn(q.reshape(T, self.q_size), k.reshape(T, self.kv_size), v, meta)
@@ -48,7 +49,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))  # each [T, intermediate]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each [T, intermediate]
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -90,7 +91,7 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     # checkpoint name -> (our packed parameter, shard id)
     packed_modules: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),

@@ -1,0 +1,1 @@
+"""Quantization transforms applied to a finished model (the model file never branches on them)."""
