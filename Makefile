@@ -29,7 +29,6 @@ demo: setup
 	$(BIN)/tokenfleet demo
 
 test: setup
-	$(BIN)/tokenfleet models pull smollm2
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: setup

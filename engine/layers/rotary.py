@@ -59,6 +59,13 @@ class RopeTable(NamedTuple):
 
             rotary(q, k, self.positions, self.cos_sin)  # fused Triton kernel, in place
             return q, k
+        if q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size() == k.data_ptr() \
+                and q.stride() == k.stride():
+            # q and k are adjacent slices of one fused qkv row: rotate both in one pass.
+            T, H, D = q.shape
+            qk = q.as_strided((T, H + k.shape[1], D), q.stride())
+            q_rot, k_rot = _rotate(qk, self.cos, self.sin).split([H, k.shape[1]], dim=1)
+            return q_rot, k_rot
         return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
 
 
