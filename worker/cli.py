@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenfleet.worker.bench_cli import add_bench_parser
 from tokenfleet.worker.settings import WorkerSettings
 
 __all__ = ["build_parser", "main"]
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("settings", help="list every setting with its env var and default")
     p.add_argument("--markdown", action="store_true", help="as the deploy/ENV.md table")
+    add_bench_parser(sub)
     return parser
 
 
@@ -192,6 +194,12 @@ def _cmd_settings(args: argparse.Namespace, settings: WorkerSettings) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    from tokenfleet.worker.bench_cli import cmd_bench
+
+    return cmd_bench(args, settings)
+
+
 _COMMANDS = {
     "worker": _cmd_worker,
     "up": _cmd_up,
@@ -200,6 +208,7 @@ _COMMANDS = {
     "status": _cmd_status,
     "models": _cmd_models,
     "settings": _cmd_settings,
+    "bench": _cmd_bench,
 }
 
 if __name__ == "__main__":
