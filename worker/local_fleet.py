@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import signal
 import subprocess
@@ -64,7 +63,6 @@ class LocalFleet:
 
             self._server = EmbeddedValkey(self.log_dir / "valkey")
             self.url = self._server.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFLEET_")}
         for worker_id in self.worker_ids:
             args = [sys.executable, "-m", "tokenfleet.worker.cli", "worker",
                     *_worker_flags(self.settings, redis_url=self.url, worker_id=worker_id,
@@ -73,7 +71,7 @@ class LocalFleet:
                                    if self.num_workers == 1 else 0)]
             with (self.log_dir / f"{worker_id}.log").open("wb") as log:  # the child keeps it
                 self.processes.append(subprocess.Popen(args, stdout=log,
-                                                       stderr=subprocess.STDOUT, env=env))
+                                                       stderr=subprocess.STDOUT))
         self._wait_registered()
         return self.url
 
