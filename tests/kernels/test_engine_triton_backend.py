@@ -18,7 +18,8 @@ def test_triton_backend_matches_torch_backend(tiny_llama_dir: Path) -> None:
     for backend in ("torch", "triton"):
         llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_kv_blocks=64,
                   attention_backend=backend, max_num_batched_tokens=16)  # chunked prefill
-        used = {m.backend.name for m in llm.engine.runner.model.modules() if isinstance(m, Attention)}
+        layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]
+        used = {m.backend.name for m in layers}
         assert used == {backend}
         outputs[backend] = [c.token_ids for c in llm.generate(prompts, params)]
         assert llm.engine.block_manager.num_free_blocks == 64
