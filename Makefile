@@ -29,6 +29,8 @@ demo: setup
 	$(BIN)/tokenfleet demo
 
 test: setup
+	@# Pull before collection so that tests parametrized over the real tokenizer see it.
+	$(BIN)/tokenfleet models pull smollm2 --cache-dir .cache/tokenfleet-test
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: setup

@@ -183,13 +183,11 @@ def test_resume_by_replaying_generated_ids() -> None:
         assert [detok.add(i) for i in ids[cut:]] == whole[cut:]
 
 
-@pytest.mark.skipif(not SMOLLM2_TOKENIZER.exists(),
-                    reason=f"SmolLM2 tokenizer not pulled yet ({SMOLLM2_TOKENIZER})")
-def test_smollm2_chat_reply_streams_like_full_decode() -> None:
+def test_smollm2_chat_reply_streams_like_full_decode(smollm2_dir: Path) -> None:
     """With the engine's own Tokenizer over the pulled SmolLM2 directory."""
     from tokenfleet.engine.tokenizer import Tokenizer as EngineTokenizer
 
-    tok = EngineTokenizer.from_dir(SMOLLM2_TOKENIZER.parent)
+    tok = EngineTokenizer.from_dir(smollm2_dir)
     prompt = tok.encode(tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}]))
     reply_text = "The capital of France is Paris. Voilà — très bien! 🇫🇷 巴黎"
