@@ -208,3 +208,28 @@ def test_model_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError):
         LLMEngine.from_model(str(tmp_path))
+
+
+def test_prompt_logprobs_and_top_tokens_match_transformers(tiny_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    engine = _engine(tiny_dir, max_num_batched_tokens=16)  # prompt spans several chunks
+    prompt = _prompts([40])[0]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, decoder_input_details=True,
+                            top_n_tokens=5)
+    engine.add_request("p", prompt, params)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    final = outs[-1]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32)
+    with torch.inference_mode():
+        logp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)  # [L, V]
+    expected = [logp[p - 1, prompt[p]].item() for p in range(1, len(prompt))]
+    assert [t.id for t in final.prefill] == prompt
+    got = [t.logprob for t in final.prefill[1:]]
+    assert got == pytest.approx(expected, abs=1e-4)
+    first = outs[0].tokens[0]
+    assert first.top_tokens[0].id == first.id  # greedy: the top token is chosen
+    lps = [t.logprob for t in first.top_tokens]
+    assert len(lps) == 5 and lps == sorted(lps, reverse=True)
+    assert lps[0] == pytest.approx(logp[-1].max().item(), abs=1e-4)
