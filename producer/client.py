@@ -21,7 +21,8 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from tokenfleet.producer.admission import Admission
 from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
@@ -52,6 +53,9 @@ class Client:
 
     `max_queue_len`: None = the limit the queue's workers publish; 0 = no limit.
     `idempotency_ttl_s`: how long a request id is remembered to drop duplicate submits.
+    `max_connections`: size of the connection pool; callers beyond it wait for a free
+    connection (up to `pool_timeout_s`) instead of failing, so thousands of concurrent
+    streams share a bounded number of connections.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class Client:
         idempotency_ttl_s: int = 86_400,
         cancel_ttl_s: int = 3_600,
         poll_interval_s: float = 1.0,
+        max_connections: int = 64,
+        pool_timeout_s: float = 30.0,
         redis: Redis | None = None,
     ) -> None:
         self.keys = keys if keys is not None else Keys()
@@ -74,7 +80,9 @@ class Client:
         self.cancel_ttl_s = cancel_ttl_s
         self.poll_interval_s = poll_interval_s
         self._owns_redis = redis is None
-        self.redis: Redis = redis if redis is not None else Redis.from_url(redis_url)
+        self.redis: Redis = redis if redis is not None else Redis.from_pool(
+            BlockingConnectionPool.from_url(redis_url, max_connections=max_connections,
+                                            timeout=pool_timeout_s))
         self._admission = Admission(self.redis, self.keys, idempotency_ttl_s=idempotency_ttl_s)
         self._subscriber = Subscriber(self.redis)
 
@@ -107,7 +115,8 @@ class Client:
         """Build and validate a Job (raises ValidationError).
 
         `deadline_s` (seconds from now) or `deadline_ms` (epoch ms): a job not started by
-        then is dropped with `deadline_exceeded`.
+        then is dropped, and one still running then is stopped, both with an `error` event
+        of type `deadline_exceeded` (docs/RELIABILITY.md).
         """
         unknown = sorted(set(parameters) - _PARAMETER_NAMES)
         if unknown:
@@ -140,7 +149,8 @@ class Client:
         Keyword arguments are those of `build_job` (messages, model, request_id, priority,
         deadline_ms, deadline_s, tenant) plus TGI parameters (max_new_tokens, temperature …).
         Raises ValidationError, or OverloadedError when the queue's backlog is full.
-        Submitting an id that is already queued is a no-op.
+        Submitting an id that was already submitted is a no-op, so a submit that failed on a
+        connection error can be retried with the same `request_id` safely.
         """
         job = self.build_job(inputs, **kwargs)
         await self.enqueue(job, queue=queue)
@@ -198,7 +208,10 @@ class Client:
 
     async def result(self, request_id: str, timeout_s: float | None = None) -> FinalEvent:
         """Wait for the request's final event (raises its typed error, or ResultTimeoutError)."""
-        data = await self.redis.get(self.keys.result(request_id))
+        try:
+            data = await self.redis.get(self.keys.result(request_id))
+        except (RedisError, OSError):
+            data = None  # Redis is restarting: the stream below waits for it
         event = decode_event(data) if data is not None else None
         if event is None:
             events = self.stream(request_id, timeout_s=timeout_s)

@@ -42,19 +42,21 @@ class OverloadedError(TokenfleetError):
 
 
 class GenerationError(TokenfleetError):
-    """Generation failed inside a worker."""
+    """Generation failed inside a worker, or the job was dead-lettered after it was
+    delivered more than `max_deliveries` times (its workers kept dying on it)."""
 
     error_type = "generation"
 
 
 class IncompleteGenerationError(GenerationError):
-    """The request stopped before finishing (e.g. it was dead-lettered after retries)."""
+    """The request stopped before finishing and cannot be completed: its replay stream lost
+    tokens (trimmed or expired), so it can neither be streamed in full nor resumed."""
 
     error_type = "incomplete_generation"
 
 
 class DeadlineExceededError(TokenfleetError):
-    """The job's `deadline_ms` passed before a worker could start it."""
+    """The job's `deadline_ms` passed: before a worker could start it, or while it ran."""
 
     error_type = "deadline_exceeded"
 

@@ -5,6 +5,10 @@ index is yielded exactly once and in order: duplicates are dropped, and a gap (a
 beyond the next expected one, or a quiet channel) triggers a re-read of the replay stream
 from the last entry read. Workers XADD before they PUBLISH, so whatever arrives on the
 channel is already in the replay stream.
+
+A Redis outage or restart does not end the stream: a failed replay read is retried at the next
+poll (the pub/sub connection reconnects and resubscribes by itself), and the events published
+meanwhile are read back from the replay stream once the server answers again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from tokenfleet.producer.errors import IncompleteGenerationError, ResultTimeoutError
 from tokenfleet.producer.keys import Keys
@@ -78,7 +83,7 @@ class EventStream:
         assert self._queue is not None, "use `async with EventStream(...)` before iterating"
         loop = asyncio.get_running_loop()
         deadline = None if self._timeout_s is None else loop.time() + self._timeout_s
-        for event in await self._catch_up():
+        for event in (await self._try_catch_up())[0]:
             yield event
         while not self._done:
             wait_s = self._poll_interval_s
@@ -90,7 +95,8 @@ class EventStream:
                         request_id=self.request_id,
                     )
             try:
-                data = await asyncio.wait_for(self._queue.get(), wait_s)
+                async with asyncio.timeout(wait_s):  # wait_for can swallow a cancel (3.11)
+                    data = await self._queue.get()
             except TimeoutError:
                 data = None  # quiet channel: a message may have been lost; read the replay
             for event in await self._on_message(data):
@@ -100,15 +106,25 @@ class EventStream:
         event = _decode(data) if data is not None else None
         if event is None or isinstance(event, ErrorEvent):
             # Errors carry no index: read the replay first so no earlier token is skipped.
-            events = await self._catch_up()
-            if event is not None and not self._done:
+            # If that read fails, drop the error: the replay holds it too, after the tokens.
+            events, complete = await self._try_catch_up()
+            if event is not None and complete and not self._done:
                 events.append(event)
                 self._done = True
             return events
         take, gap = self._accept(event)
         if gap:
-            return await self._catch_up()
+            return (await self._try_catch_up())[0]
         return [event] if take else []
+
+    async def _try_catch_up(self) -> tuple[list[Event], bool]:
+        """`_catch_up`, surviving a Redis outage: (events read so far, whether it finished)."""
+        out: list[Event] = []
+        try:
+            await self._catch_up(out)
+        except (RedisError, OSError):
+            return out, False  # the next poll retries from the last entry read
+        return out, True
 
     def _accept(self, event: Event) -> tuple[bool, bool]:
         """(yield it?, gap before it?) for the next event; updates the expected index."""
@@ -125,17 +141,17 @@ class EventStream:
         self._done = True
         return True, False
 
-    async def _catch_up(self) -> list[Event]:
-        """Read the replay stream from the last entry read; accept what comes next in order."""
-        out: list[Event] = []
+    async def _catch_up(self, out: list[Event]) -> None:
+        """Read the replay stream from the last entry read; append what comes next in order."""
         key = self._keys.events(self.request_id)
         while not self._done:
-            start = b"-" if self._last_replay_id == b"-" else b"(" + self._last_replay_id
+            # The id right after the last one read; "(" exclusive ranges need Redis >= 6.2.
+            start = b"-" if self._last_replay_id == b"-" else _next_id(self._last_replay_id)
             entries: Any = await self._redis.xrange(key, start, b"+", count=_REPLAY_PAGE)
             if not entries:
                 if self._last_replay_id == b"-":
                     out.extend(await self._read_result())
-                return out
+                return
             for entry_id, fields in entries:
                 self._last_replay_id = entry_id
                 event = _decode(fields.get(b"e", b""))
@@ -151,8 +167,7 @@ class EventStream:
                 if take:
                     out.append(event)
                 if self._done:
-                    return out
-        return out
+                    return
 
     async def _read_result(self) -> list[Event]:
         # The replay stream expires before the result does: fall back to the final event.
@@ -169,6 +184,12 @@ def _decode(data: bytes | str) -> Event | None:
         return decode_event(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None  # a malformed event must not break the stream; the replay has the rest
+
+
+def _next_id(entry_id: bytes) -> bytes:
+    """The smallest stream id greater than `entry_id` ("<ms>-<seq>")."""
+    ms, _, seq = entry_id.partition(b"-")
+    return b"%s-%d" % (ms, int(seq or b"0") + 1)
 
 
 def _index(event: Event) -> int | None:

@@ -12,6 +12,8 @@ flag and token channel.
     tf:{r:<id>}:events           stream   replay of every event of a request (capped, TTL)
     tf:{r:<id>}:result           string   the final (or error) event JSON (TTL)
     tf:{r:<id>}:cancel           string   set by Client.cancel (TTL)
+    tf:{r:<id>}:seed             string   the seed a worker picked for an unseeded sampled
+                                          request, so a resumed run draws the same tokens (TTL)
     tf:{r:<id>}:tokens           channel  live events of a request
     tf:control                   channel  cancel commands to all workers
     tf:workers:<worker_id>       string   worker heartbeat JSON (TTL)
@@ -72,6 +74,10 @@ class Keys:
     def cancel(self, request_id: str) -> str:
         """Set when the request was cancelled."""
         return f"{self._request(request_id)}:cancel"
+
+    def seed(self, request_id: str) -> str:
+        """The sampling seed chosen for a request that came without one (SET NX: first wins)."""
+        return f"{self._request(request_id)}:seed"
 
     def tokens(self, request_id: str) -> str:
         """The request's pub/sub channel."""

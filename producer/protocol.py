@@ -206,6 +206,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     num_waiting: int = 0
     max_num_seqs: int = 0
     kv_usage: float = 0.0
+    num_free_kv_blocks: int = 0
+    num_total_kv_blocks: int = 0
     tokens_per_s: float = 0.0
     num_finished: int = 0
     draining: bool = False
@@ -235,7 +237,10 @@ def encode(message: Any) -> bytes:
 
 def decode_job(data: bytes | str) -> Job:
     """Decode a job; raises msgspec.DecodeError / msgspec.ValidationError when malformed."""
-    return _JOB_DECODER.decode(data)
+    try:
+        return _JOB_DECODER.decode(data)
+    except UnicodeDecodeError as e:  # msgspec raises it for invalid UTF-8 inside a string
+        raise msgspec.DecodeError(f"invalid UTF-8: {e}") from e
 
 
 def decode_event(data: bytes | str) -> Event | None:
@@ -249,16 +254,21 @@ def decode_event(data: bytes | str) -> Event | None:
         if _KIND_DECODER.decode(data).kind in _KNOWN_EVENT_KINDS:
             raise
         return None
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"invalid UTF-8: {e}") from e
 
 
 def decode_control(data: bytes | str) -> ControlMessage | None:
     """Decode a control-channel message; None for anything this reader does not know."""
     try:
         return _CONTROL_DECODER.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         return None
 
 
 def decode_worker_info(data: bytes | str) -> WorkerInfo:
-    """Decode a worker heartbeat."""
-    return _WORKER_DECODER.decode(data)
+    """Decode a worker heartbeat (raises msgspec.DecodeError / ValidationError)."""
+    try:
+        return _WORKER_DECODER.decode(data)
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"invalid UTF-8: {e}") from e

@@ -17,11 +17,14 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from tokenfleet.producer.backoff import Backoff
+
 __all__ = ["Subscriber"]
 
 _READ_TIMEOUT_S: Final = 1.0
 _CONFIRM_TIMEOUT_S: Final = 5.0
-_RETRY_DELAY_S: Final = 0.5
+_RETRY_BASE_S: Final = 0.1
+_RETRY_CAP_S: Final = 2.0
 
 
 class Subscriber:
@@ -32,6 +35,7 @@ class Subscriber:
         self._queues: dict[bytes, set[asyncio.Queue[bytes]]] = {}
         self._confirmed: dict[bytes, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def channel(self, name: str) -> AsyncIterator[asyncio.Queue[bytes]]:
@@ -47,7 +51,8 @@ class Subscriber:
                 self._ensure_reader()
             # A missing confirmation is not fatal: the replay stream covers what we miss.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._confirmed[key].wait(), _CONFIRM_TIMEOUT_S)
+                async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+                    await self._confirmed[key].wait()
             yield queue
         finally:
             listeners.discard(queue)
@@ -59,6 +64,7 @@ class Subscriber:
 
     async def close(self) -> None:
         """Stop the reader and close the connection."""
+        self._closed = True  # ends the reader even if a cancel is lost inside redis-py
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -72,13 +78,15 @@ class Subscriber:
             self._reader = asyncio.get_running_loop().create_task(self._read_forever())
 
     async def _read_forever(self) -> None:
-        while self._queues:
+        backoff = Backoff(base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S)
+        while self._queues and not self._closed:
             try:
                 message = await self._pubsub.get_message(timeout=_READ_TIMEOUT_S)
             except (RedisError, OSError):
                 # The connection dropped; redis-py reconnects and resubscribes on the next read.
-                await asyncio.sleep(_RETRY_DELAY_S)
+                await asyncio.sleep(backoff.next_delay_s())
                 continue
+            backoff.reset()
             if message is not None:
                 self._dispatch(message)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from tokenfleet.engine.outputs import StepOutput, TokenOutput, TopToken
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.producer.protocol import (
+    ErrorEvent,
     FinalDetails,
     FinalEvent,
     InputToken,
@@ -35,10 +36,30 @@ class InFlightRequest:
     first_token_ms: float | None = None
     num_tokens: int = 0  # tokens emitted so far = next index
     tokens: list[Token] = field(default_factory=list)  # kept only when details=True
+    num_resumed: int = 0  # tokens an earlier run emitted (read back from the replay stream)
+    resumed_text: str = ""  # their text
+    delivery_reset: bool = False  # progress made here: its delivery count was set back to 1
+    aborting: bool = False  # an abort (cancel, deadline, lost lease) was sent to the engine
+    expired: bool = False  # aborted at its deadline: finishes with a deadline_exceeded error
 
     @property
     def queue_ms(self) -> float:
         return max(0.0, self.intake_ms - self.job.submitted_ms)
+
+    def resume(self, tokens: list[Token], first_token_ms: float | None) -> None:
+        """Continue after `tokens` (indices 0..len-1), which an earlier run already emitted."""
+        self.num_resumed = self.num_tokens = len(tokens)
+        self.resumed_text = "".join(t.text for t in tokens)
+        if tokens:
+            self.first_token_ms = first_token_ms
+        if self.job.parameters.details:
+            self.tokens = list(tokens)
+
+    def deadline_error(self) -> ErrorEvent:
+        """The error a request stopped at its deadline ends with."""
+        return ErrorEvent(id=self.request_id, error_type="deadline_exceeded",
+                          error=f"deadline exceeded after {self.num_tokens} generated tokens; "
+                                "generation was stopped")
 
     def token_events(self, tokens: list[TokenOutput], now_ms: float) -> list[TokenEvent]:
         """Events for tokens that are not the request's last one."""

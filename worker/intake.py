@@ -5,14 +5,16 @@ the backlog stays in Redis where any idle worker can take it. Nothing from the s
 trusted (§3.3): a malformed entry, an unknown model, bad parameters or a prompt the tokenizer
 or engine refuses become an `error` event (when the id is readable), the raw entry is copied
 to the dead-letter stream, and the job is acked. Expired deadlines and cancelled jobs are
-dropped here too (§3.9).
+dropped here too (§3.9), and so is a job delivered more than `max_deliveries` times (§3.8).
+
+The reclaimer hands its entries to `take` as well: every job starts through the same checks,
+and one that an earlier run had begun resumes after the tokens in its replay stream (§3.7).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import Mapping
@@ -29,17 +31,19 @@ from tokenfleet.producer.errors import ValidationError as ProducerValidationErro
 from tokenfleet.producer.keys import Keys
 from tokenfleet.producer.protocol import PROTOCOL_VERSION, Job, decode_job
 from tokenfleet.producer.validation import validate_job, validate_request_id
+from tokenfleet.worker.connectivity import Connectivity, is_transient
 from tokenfleet.worker.engine_protocol import TokenizerLike
 from tokenfleet.worker.engine_thread import EngineThread
 from tokenfleet.worker.inflight import InFlightRequest
+from tokenfleet.worker.job_state import fetch_job_state
 from tokenfleet.worker.metrics import WorkerMetrics
 from tokenfleet.worker.publisher import Publisher
+from tokenfleet.worker.test_hooks import TestHooks
 
 __all__ = ["MAX_JOB_BYTES", "Intake"]
 
 MAX_JOB_BYTES: Final = 8 << 20  # far beyond any context window; refuse before decoding
 _IDLE_RECHECK_S: Final = 1.0
-_ERROR_BACKOFF_S: Final = 1.0
 
 
 class Intake:
@@ -49,7 +53,9 @@ class Intake:
                  engine_thread: EngineThread, tokenizer: TokenizerLike,
                  model_names: frozenset[str], inflight: dict[str, InFlightRequest],
                  publisher: Publisher, metrics: WorkerMetrics, read_block_ms: int,
-                 max_deliveries: int) -> None:
+                 max_deliveries: int, seed_ttl_s: int = 86_400,
+                 connectivity: Connectivity | None = None,
+                 hooks: TestHooks | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._queue = queue
@@ -64,7 +70,10 @@ class Intake:
         self._metrics = metrics
         self._read_block_ms = read_block_ms
         self._max_deliveries = max_deliveries
-        self._log = structlog.get_logger("tokenfleet.intake")
+        self._seed_ttl_s = seed_ttl_s
+        self._connectivity = connectivity if connectivity is not None else Connectivity()
+        self._hooks = hooks if hooks is not None else TestHooks(enabled=False)
+        self._log = structlog.get_logger("tokenfleet.intake").bind(worker_id=consumer)
         self.wakeup = asyncio.Event()  # set whenever engine capacity may have grown
 
     async def ensure_group(self) -> None:
@@ -78,56 +87,75 @@ class Intake:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull and admit jobs until `stop` is set (the drain stops intake first)."""
+        backoff = self._connectivity.backoff()
         while not stop.is_set():
             num_free = self._engine.num_free_seqs()
             if num_free <= 0:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), _IDLE_RECHECK_S)
+                    async with asyncio.timeout(_IDLE_RECHECK_S):
+                        await self.wakeup.wait()
                 continue
             try:
                 reply: Any = await self._redis.xreadgroup(
                     self._group, self._consumer, {self._jobs: ">"},
                     count=num_free, block=self._read_block_ms)
-            except ResponseError as e:
-                if "NOGROUP" in str(e):  # the stream was deleted under us
+                self._connectivity.succeeded(backoff)
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        await self.take(entry_id, fields)
+            except (RedisError, OSError) as e:
+                if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost it)
                     await self.ensure_group()
                     continue
-                raise
-            except (RedisError, OSError) as e:
-                self._log.warning("intake_redis_error", error=str(e))
-                await asyncio.sleep(_ERROR_BACKOFF_S)
-                continue
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    await self.take(entry_id, fields)
+                if not is_transient(e):
+                    raise
+                # Entries read but not started stay pending for us: they are reclaimed
+                # after the lease, and resumed.
+                await self._connectivity.failed(e, "intake", backoff)
 
     async def take(self, entry_id: bytes, fields: Mapping[bytes, bytes],
                    num_delivered: int = 1) -> None:
-        """Check one stream entry and start it, or finish it with an error."""
-        raw = fields.get(b"job")
-        if raw is not None and len(raw) > MAX_JOB_BYTES:
-            await self._reject(entry_id, None, f"job is {len(raw)} bytes, more than "
-                               f"{MAX_JOB_BYTES}", fields)
-            return
+        """Check one stream entry and start (or resume) it, or finish it with an error.
+
+        Raises only transient Redis errors (an outage); the entry then stays pending and is
+        reclaimed later.
+        """
         try:
-            job = decode_job(raw if raw is not None else b"")
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            await self._reject(entry_id, _salvage_id(raw), f"malformed job: {e}", fields)
+            await self._take(entry_id, fields, num_delivered)
+        except Exception as e:  # a bug must not kill the worker: fail the job, keep serving
+            if is_transient(e):
+                raise
+            self._log.exception("intake_failed", entry_id=entry_id.decode())
+            request_id = _salvage_id(fields.get(b"job"))
+            if request_id is not None and (req := self._inflight.get(request_id)) is not None \
+                    and req.entry_id == entry_id:
+                del self._inflight[request_id]
+            await self._fail(entry_id, request_id, f"internal error while starting the job: "
+                             f"{type(e).__name__}: {e}", "generation", fields)
+
+    async def _take(self, entry_id: bytes, fields: Mapping[bytes, bytes],
+                    num_delivered: int) -> None:
+        job = await self._decode(entry_id, fields)
+        if job is None:
             return
-        if job.id in self._inflight:  # a duplicate entry: no event, it would end the live one
-            await self._fail(entry_id, None, f"request id {job.id!r} is already running",
-                             "validation", fields)
-            return
+        running = self._inflight.get(job.id)
+        if running is not None:
+            if running.entry_id != entry_id:  # a duplicate entry: no event, it would end ours
+                await self._fail(entry_id, None, f"request id {job.id!r} is already running",
+                                 "validation", fields)
+            return  # our own job, claimed back after late renewals: it runs on
         if num_delivered > self._max_deliveries:
-            await self._fail(entry_id, job.id, f"job was delivered {num_delivered} times "
-                             f"(max_deliveries={self._max_deliveries})",
-                             "incomplete_generation", fields)
+            await self._fail(entry_id, _safe_id(job.id),
+                             f"job {job.id!r} was delivered {num_delivered} times without "
+                             f"finishing (max_deliveries={self._max_deliveries}): the workers "
+                             "that started it may have crashed on it; it was moved to the "
+                             "dead-letter stream", "generation", fields)
             return
         try:
             params = self._check(job)
         except ValueError as e:
-            await self._reject(entry_id, _salvage_id(raw), str(e), fields)
+            await self._reject(entry_id, _safe_id(job.id), str(e), fields)
             return
         now_ms = time.time() * 1000
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
@@ -139,16 +167,55 @@ class Intake:
         except Exception as e:  # a chat template may raise anything on odd messages
             await self._reject(entry_id, job.id, f"Input validation error: {e}", fields)
             return
+        self._hooks.on_start(job)
         req = InFlightRequest(request_id=job.id, entry_id=entry_id, job=job, params=params,
                               num_prompt_tokens=len(prompt_ids), intake_ms=now_ms,
                               prompt_text=prompt_text if job.parameters.return_full_text else "",
                               num_delivered=num_delivered)
-        self._inflight[job.id] = req  # before the cancel check: a cancel racing us finds it
-        if await self._redis.exists(self._keys.cancel(job.id)):
+        await self._start(req, prompt_ids)
+
+    async def _decode(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Job | None:
+        raw = fields.get(b"job")
+        if raw is not None and len(raw) > MAX_JOB_BYTES:
+            await self._reject(entry_id, None, f"job is {len(raw)} bytes, more than "
+                               f"{MAX_JOB_BYTES}", fields)
+            return None
+        try:
+            return decode_job(raw if raw is not None else b"")
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            await self._reject(entry_id, _salvage_id(raw), f"malformed job: {e}", fields)
+            return None
+
+    async def _start(self, req: InFlightRequest, prompt_ids: list[int]) -> None:
+        """Read what Redis knows about the request, then start or resume it (or finish it)."""
+        params = req.params
+        new_seed = random.getrandbits(63) if not params.greedy and params.seed is None else None
+        self._inflight[req.request_id] = req  # before the reads: a cancel racing us finds it
+        try:
+            state = await fetch_job_state(self._redis, self._keys, req.request_id,
+                                          new_seed=new_seed, seed_ttl_s=self._seed_ttl_s)
+        except BaseException:
+            self._inflight.pop(req.request_id, None)
+            raise
+        finished = state.finished_payload
+        if finished is not None:  # an earlier run finished it; only its ack was missing
+            self._inflight.pop(req.request_id, None)
+            self._log.info("job_already_finished", request_id=req.request_id)
+            await self._publisher.finish_again(req.entry_id, req.request_id, finished)
+            return
+        if new_seed is not None:
+            params.seed = state.seed  # the first run's seed: a resumed run draws the same
+        req.resume(state.replay.tokens, state.replay.first_token_ms)
+        if state.cancelled:
             await self._finish_cancelled(req)
             return
-        self._metrics.queue_wait_s.observe(req.queue_ms / 1000)
-        self._engine.add(job.id, prompt_ids, params)
+        if req.num_delivered == 1:
+            self._metrics.queue_wait_s.observe(req.queue_ms / 1000)
+        if req.num_resumed:
+            self._log.info("job_resumed", request_id=req.request_id,
+                           num_resumed=req.num_resumed, num_delivered=req.num_delivered)
+        self._engine.add(req.request_id, prompt_ids, params,
+                         resume_token_ids=state.replay.token_ids)
 
     def _check(self, job: Job) -> SamplingParams:
         """The producer's rules, then the engine's own; returns the engine's parameters."""
@@ -162,11 +229,7 @@ class Intake:
             raise ProducerValidationError(
                 f"Input validation error: model {job.model!r} is not served on queue "
                 f"{self._queue!r} (serves {served})")
-        params = SamplingParams(**msgspec.structs.asdict(job.parameters))
-        if not params.greedy and params.seed is None:
-            # Pick the seed here so details report it and a resumed request reuses it.
-            params.seed = random.getrandbits(63)
-        return params
+        return SamplingParams(**msgspec.structs.asdict(job.parameters))
 
     def _tokenize(self, job: Job) -> tuple[list[int], str]:
         if job.messages is not None:
@@ -184,7 +247,8 @@ class Intake:
 
     async def _finish_cancelled(self, req: InFlightRequest) -> None:
         out = StepOutput(req.request_id, [], finished=True, finish_reason=FinishReason.CANCELLED,
-                         num_prompt_tokens=req.num_prompt_tokens)
+                         generated_text=req.resumed_text, num_prompt_tokens=req.num_prompt_tokens,
+                         num_generated_tokens=req.num_resumed)
         await self._publisher.publish([out], self._inflight)
         self._inflight.pop(req.request_id, None)
         self._metrics.requests.labels(outcome="cancelled").inc()
@@ -205,12 +269,20 @@ class Intake:
             self._metrics.dead_letters.inc()
 
 
+def _safe_id(request_id: str) -> str | None:
+    """The id if it can name Redis keys (so the request can be sent an error), else None."""
+    try:
+        return validate_request_id(request_id)
+    except ValueError:
+        return None
+
+
 def _salvage_id(raw: bytes | None) -> str | None:
     """The request id of a malformed job, if one can be read safely (to send it an error)."""
     if raw is None:
         return None
-    try:
-        value = json.loads(raw)
+    try:  # msgspec, not json: accept exactly what decode_job accepts (e.g. raw tabs)
+        value = msgspec.json.decode(raw)
         return validate_request_id(value.get("id")) if isinstance(value, dict) else None
-    except (ValueError, UnicodeDecodeError):
+    except (msgspec.DecodeError, ValueError):
         return None

@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tokenfleet.producer.protocol import FinalEvent
+
 __all__ = ["WorkerMetrics"]
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -53,6 +55,17 @@ class WorkerMetrics:
         self.kv_usage = Gauge("tokenfleet_kv_cache_usage_ratio", "Fraction of KV blocks in use",
                               registry=r)
         self._server: Any = None
+
+    def observe_final(self, final: FinalEvent) -> None:
+        """Count one request that ended with a final event."""
+        self.requests.labels(outcome=final.details.finish_reason).inc()
+        self.prompt_tokens.inc(final.usage.prompt_tokens)
+        self.e2e_s.observe(final.total_ms / 1000)
+        if final.ttft_ms is not None:
+            self.ttft_s.observe(final.ttft_ms / 1000)
+            n = final.details.generated_tokens
+            if n > 1:
+                self.tpot_s.observe((final.total_ms - final.ttft_ms) / 1000 / (n - 1))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Serve /metrics on `port` in a daemon thread (0 = off)."""

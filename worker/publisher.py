@@ -6,6 +6,10 @@ channel is already replayable). A finished request's final bookkeeping rides in 
 pipeline: SET the result (TTL), then XACK + XDEL the job — ack last, so a crash before it
 means the job is redelivered (at-least-once). Clients dedupe by index, so a retried
 pipeline that repeats events is harmless.
+
+A pipeline that fails on a lost connection is retried until Redis answers again (backoff via
+`Connectivity`); nothing is dropped, so the replay stream stays complete. A request aborted at
+its deadline ends with a `deadline_exceeded` error event instead of its final event.
 """
 
 from __future__ import annotations
@@ -20,25 +24,28 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tokenfleet.engine.outputs import StepOutput
+from tokenfleet.engine.outputs import FinishReason, StepOutput
 from tokenfleet.producer.keys import Keys
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent, encode
+from tokenfleet.worker.connectivity import Connectivity, is_transient
 from tokenfleet.worker.inflight import InFlightRequest
 
-__all__ = ["DEAD_LETTERS_MAXLEN", "Publisher"]
+__all__ = ["DEAD_LETTERS_MAXLEN", "Finished", "Publisher"]
 
 DEAD_LETTERS_MAXLEN: Final = 100_000
-_RETRY_DELAYS_S: Final = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
 
 _Command = tuple[str, tuple[Any, ...], dict[str, Any]]
+Finished = tuple[InFlightRequest, FinalEvent | ErrorEvent]
 
 
 class Publisher:
     """Publishes events and finishes jobs of one queue."""
 
     def __init__(self, redis: Redis, keys: Keys, queue: str, *, worker_id: str,
-                 result_ttl_s: int, events_ttl_s: int, events_maxlen: int) -> None:
+                 result_ttl_s: int, events_ttl_s: int, events_maxlen: int,
+                 connectivity: Connectivity | None = None) -> None:
         self._redis = redis
+        self._connectivity = connectivity if connectivity is not None else Connectivity()
         self._keys = keys
         self._jobs = keys.jobs(queue)
         self._dead = keys.dead(queue)
@@ -50,23 +57,25 @@ class Publisher:
         self._log = structlog.get_logger("tokenfleet.publisher")
 
     async def publish(self, outputs: list[StepOutput],
-                      inflight: Mapping[str, InFlightRequest]) -> list[tuple[InFlightRequest,
-                                                                             FinalEvent]]:
+                      inflight: Mapping[str, InFlightRequest]) -> list[Finished]:
         """Publish one or more steps' outputs; returns the requests that finished."""
         now_ms = time.time() * 1000
         batch: list[_Command] = []
-        finished: list[tuple[InFlightRequest, FinalEvent]] = []
+        finished: list[Finished] = []
         for out in outputs:
             req = inflight.get(out.request_id)
             if req is None:
                 continue  # already failed or finished (e.g. aborted after an engine failure)
-            last = out.tokens[-1] if out.finished and out.tokens else None
+            # Aborted at its deadline (a natural finish in the same step stays a final).
+            expired = req.expired and out.finish_reason is FinishReason.CANCELLED
+            last = out.tokens[-1] if out.finished and out.tokens and not expired else None
             body = out.tokens[:-1] if last is not None else out.tokens
             payloads = [encode(e) for e in req.token_events(body, now_ms)]
             if out.finished:
-                final = req.final_event(out, last, now_ms)
-                payloads.append(encode(final))
-                finished.append((req, final))
+                end: FinalEvent | ErrorEvent = (req.deadline_error() if expired
+                                                else req.final_event(out, last, now_ms))
+                payloads.append(encode(end))
+                finished.append((req, end))
             self._emit(batch, req.request_id, payloads)
             if out.finished:
                 batch.append(_cmd("set", self._keys.result(req.request_id), payloads[-1],
@@ -99,6 +108,14 @@ class Publisher:
         self._ack(batch, entry_id)
         await self._run(batch)
 
+    async def finish_again(self, entry_id: bytes, request_id: str, payload: bytes) -> None:
+        """A job that an earlier run finished (its terminal event is `payload`) was delivered
+        again: make sure the result is stored, then ack and delete the entry."""
+        batch = [_cmd("set", self._keys.result(request_id), payload, ex=self._result_ttl_s,
+                      nx=True)]
+        self._ack(batch, entry_id)
+        await self._run(batch)
+
     def _emit(self, batch: list[_Command], request_id: str, payloads: list[bytes]) -> None:
         if not payloads:
             return
@@ -120,22 +137,29 @@ class Publisher:
             await asyncio.shield(self._run_with_retries(batch))
 
     async def _run_with_retries(self, batch: list[_Command]) -> None:
-        for attempt, delay_s in enumerate((0.0, *_RETRY_DELAYS_S)):
-            await asyncio.sleep(delay_s)
+        backoff = self._connectivity.backoff()
+        while True:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for name, args, kwargs in batch:
                         getattr(pipe, name)(*args, **kwargs)
                     replies = await pipe.execute(raise_on_error=False)
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-                self._log.warning("publish_retry", attempt=attempt, error=str(e))
+                # Commands that did run before the failure run again: replay readers dedupe
+                # by index, SET and XACK are idempotent.
+                await self._connectivity.failed(e, "publish", backoff)
                 continue
+            refused = next((r for r in replies if isinstance(r, Exception) and is_transient(r)),
+                           None)
+            if refused is not None:  # e.g. READONLY during a failover: retry it all
+                await self._connectivity.failed(refused, "publish", backoff)
+                continue
+            self._connectivity.succeeded(backoff)
             for (name, args, _), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
                     self._log.error("publish_command_failed", command=name, key=str(args[0]),
                                     error=str(reply))
             return
-        self._log.error("publish_dropped", num_commands=len(batch))
 
 
 def _cmd(name: str, *args: Any, **kwargs: Any) -> _Command:

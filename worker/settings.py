@@ -80,6 +80,9 @@ class WorkerSettings:
     sim_step_ms: float = _setting(20.0, "simulated engine: duration of one step")
     sim_vocab_size: int = _setting(32_000, "simulated engine: vocabulary size")
     sim_max_model_len: int = _setting(4_096, "simulated engine: context length")
+    test_hooks: bool = _setting(False, "TESTS ONLY: honour the fault-injection markers of "
+                                "worker/test_hooks.py (a job carrying the kill marker SIGKILLs "
+                                "the worker that starts it); never in production")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

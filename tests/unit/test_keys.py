@@ -44,8 +44,9 @@ def test_request_keys_share_one_cluster_slot():
     k = Keys()
     for rid in ("a", "0f3c9b2e", "tenant/42:req-7"):
         slots = {key_slot(n.encode()) for n in (k.events(rid), k.result(rid), k.cancel(rid),
-                                                k.tokens(rid))}
+                                                k.tokens(rid), k.seed(rid))}
         assert len(slots) == 1
+    assert k.seed("abc") == "tf:{r:abc}:seed"
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x{y", "x}y", "q*", "new\nline"])

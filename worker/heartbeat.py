@@ -1,0 +1,94 @@
+"""The worker's pulse, every `lease_ms/3` (DESIGN §3.6): renew the leases of the jobs it
+runs (resetting the delivery count of resumed jobs that progress), drop the ones another
+worker took over, catch cancels it missed, refresh its registry key.
+
+A renewal that finds one of our entries pending for another consumer means we were cut off
+longer than the lease (a Redis stall, a long GC pause) and the job was reclaimed: we abort our
+copy instead of racing the new owner. Cancel flags of running jobs are polled too, so a cancel
+published while our control subscription was reconnecting still stops the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.protocol import WorkerInfo
+from tokenfleet.worker.connectivity import Connectivity
+from tokenfleet.worker.inflight import InFlightRequest
+from tokenfleet.worker.lease import Lease
+from tokenfleet.worker.registry import Registry
+
+__all__ = ["Heartbeat"]
+
+
+class Heartbeat:
+    """Runs the periodic lease/cancel/registry round of one worker."""
+
+    def __init__(self, *, redis: Redis, keys: Keys, lease: Lease, registry: Registry,
+                 interval_s: float, connectivity: Connectivity,
+                 inflight: Mapping[str, InFlightRequest], info: Callable[[], WorkerInfo],
+                 on_stolen: Callable[[InFlightRequest], None],
+                 on_cancel: Callable[[str], None]) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._lease = lease
+        self._registry = registry
+        self._interval_s = interval_s
+        self._connectivity = connectivity
+        self._inflight = inflight
+        self._info = info
+        self._on_stolen = on_stolen
+        self._on_cancel = on_cancel
+        self._log = structlog.get_logger("tokenfleet.heartbeat")
+
+    async def run(self, closing: asyncio.Event) -> None:
+        """Beat until `closing` is set; after a failure, retry as soon as Redis answers.
+
+        The loop ends on `closing` rather than on cancellation alone: a cancel that lands
+        inside a Redis call can be lost on Python 3.11, and shutdown must not hang on it.
+        """
+        backoff = self._connectivity.backoff()
+        while not closing.is_set():
+            try:
+                await self.beat()
+            except (RedisError, OSError) as e:
+                await self._connectivity.failed(e, "heartbeat", backoff)
+                continue
+            self._connectivity.succeeded(backoff)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await closing.wait()
+
+    async def beat(self) -> None:
+        """One round: leases, missed cancels, registry."""
+        running = list(self._inflight.values())
+        # A resumed job that generated new tokens here is not what killed its workers.
+        progressed = [r for r in running if r.num_delivered > 1 and not r.delivery_reset
+                      and r.num_tokens > r.num_resumed]
+        renewal = await self._lease.renew([r.entry_id for r in running if r not in progressed])
+        reset = await self._lease.reset([r.entry_id for r in progressed])
+        for req in progressed:
+            req.delivery_reset = True
+        stolen = {*renewal.stolen, *reset.stolen}
+        for req in running:
+            if req.entry_id in stolen and self._inflight.get(req.request_id) is req:
+                self._log.warning("lease_lost", request_id=req.request_id,
+                                  entry_id=req.entry_id.decode())
+                self._on_stolen(req)
+        if running:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for req in running:
+                    pipe.exists(self._keys.cancel(req.request_id))
+                flags: list[Any] = await pipe.execute()
+            for req, flag in zip(running, flags, strict=True):
+                if flag:
+                    self._on_cancel(req.request_id)
+        await self._registry.beat(self._info())
