@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
 async def _fleet_run(fleet: LocalFleet, requests: list[PreparedRequest],
                      warmup: list[PreparedRequest], concurrency: int | None) -> BenchRun:
     assert fleet.url is not None
-    async with Client(fleet.url, keys=fleet.keys) as client:
+    async with Client(fleet.url, keys=fleet.keys, max_connections=1024) as client:
         if warmup:
             await run_fleet(client, warmup, concurrency=concurrency)
         return await run_fleet(client, requests, concurrency=concurrency, timeout_s=3600)

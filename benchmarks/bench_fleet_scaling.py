@@ -154,7 +154,7 @@ async def measure(url: str, num_workers: int, args: argparse.Namespace) -> dict[
     warmup, _ = prepare(tokenizer, settings.sim_max_model_len, num_requests=slots,
                         input_len=args.input_len, output_len=5, seed=1)
     with LocalFleet(settings, num_workers, redis_url=url) as fleet:
-        async with Client(url, keys=fleet.keys) as client:
+        async with Client(url, keys=fleet.keys, max_connections=1024) as client:
             await run_fleet(client, warmup, concurrency=slots, timeout_s=600)
             before = await snapshot(client.redis, fleet.pids)
             run = await run_fleet(client, requests, concurrency=slots, timeout_s=600)

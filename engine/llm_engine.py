@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence as Seq
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -184,5 +183,4 @@ class LLMEngine:
             "num_prefix_hit_blocks": bm.num_prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_prefilled_tokens": self.num_prefilled_tokens,
-            "config": {k: str(v) for k, v in asdict(self.config).items()},
         }

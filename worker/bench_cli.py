@@ -178,7 +178,8 @@ async def _bench_fleet(args: argparse.Namespace, settings: WorkerSettings,
     fleet = LocalFleet(settings, num_workers, redis_url=settings.redis_url)
     try:
         url = await asyncio.to_thread(fleet.start)
-        async with Client(url, keys=fleet.keys, default_queue=settings.queue) as client:
+        async with Client(url, keys=fleet.keys, default_queue=settings.queue,
+                          max_connections=1024) as client:
             if num_workers == 0 and not [k async for k in client.redis.scan_iter(
                     match=fleet.keys.workers_pattern())]:
                 print(f"warning: no worker is registered at {url} (prefix "
