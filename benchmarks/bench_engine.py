@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py [--model smollm2] [--dtype bfloat16]
         [--prompt-len 128] [--new-tokens 128] [--hf-batches 1,8,32] [--batches 1,8,32,64]
+        [--quantize int8]
 
 Prints output tokens/s for each batch size and the ratios engine/HF. Prompts are random
 token ids (no EOS stops: both sides generate exactly --new-tokens tokens per request).
@@ -63,17 +64,19 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-batches", default="1,8,32")
     ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--quantize", choices=["int8"], default=None,
+                    help="weight-only quantization of our engine (HF stays in --dtype)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=64)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=64, quantize=args.quantize)
     model_dir = str(llm.engine.config.model_dir)
     hf = {b: bench_hf(model_dir, dtype, b, args.prompt_len, args.new_tokens)
           for b in map(int, args.hf_batches.split(","))}
     ours = {b: bench_engine(llm, b, args.prompt_len, args.new_tokens)["tok_s"]
             for b in map(int, args.batches.split(","))}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, {args.dtype}, quantize={args.quantize}, "
           f"{args.prompt_len} prompt / {args.new_tokens} new tokens")
     print(f"{'batch':>6} {'HF tok/s':>10} {'ours tok/s':>11} {'ratio':>7}")
     for b in sorted(set(hf) | set(ours)):
