@@ -24,7 +24,7 @@ class AttentionBackend(Protocol):
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto` = triton on CUDA, torch on CPU. flash_attn only when installed."""
+    """`auto` = triton on CUDA, torch on CPU."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -38,9 +38,9 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
             raise ValidationError(
                 "attention_backend='flash_attn' needs the flash-attn package: "
                 "pip install flash-attn (CUDA only), or use 'triton'/'auto'")
-        from tokenfleet.engine.layers.attention_flash import FlashAttentionBackend
-
-        return FlashAttentionBackend()
+        # Not written yet: it needs a GPU with flash-attn to be verified against `triton`.
+        raise ValidationError("attention_backend='flash_attn' is not implemented yet; "
+                              "use 'triton' (CUDA) or 'auto'")
     raise ValidationError(f"unknown attention backend {name!r}")
 
 

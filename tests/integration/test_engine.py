@@ -233,3 +233,10 @@ def test_prompt_logprobs_and_top_tokens_match_transformers(tiny_dir: Path) -> No
     lps = [t.logprob for t in first.top_tokens]
     assert len(lps) == 5 and lps == sorted(lps, reverse=True)
     assert lps[0] == pytest.approx(logp[-1].max().item(), abs=1e-4)
+
+
+def test_unavailable_attention_backend_is_a_clear_error(tiny_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="flash"):
+        _engine(tiny_dir, attention_backend="flash_attn")
+    with pytest.raises(ValidationError, match="attention_backend"):
+        _engine(tiny_dir, attention_backend="cudnn")
