@@ -35,6 +35,7 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         kv_cache_bytes=settings.kv_cache_bytes,
         block_size=settings.block_size,
         num_threads=settings.num_threads,
+        quantize=None if settings.quantize == "none" else settings.quantize,
     )
     return engine
 

@@ -61,6 +61,8 @@ class WorkerSettings:
     num_kv_blocks: int | None = _setting(None, "KV cache size in blocks (overrides bytes)")
     block_size: int = _setting(16, "tokens per KV cache block")
     num_threads: int | None = _setting(None, "CPU intra-op threads (default: torch's choice)")
+    quantize: str = _setting("none", "weight quantization: none, or int8 (weight-only; CPU with "
+                             "dtype bfloat16)", choices=("none", "int8"))
     lease_ms: int = _setting(30_000, "a job whose worker is silent this long is reclaimed; "
                              "leases are renewed every lease_ms/3")
     max_deliveries: int = _setting(3, "deliveries of one job before it is dead-lettered")

@@ -30,3 +30,14 @@ def test_int8_needs_cpu_bf16(tiny_llama_dir: Path) -> None:
         LLMEngine.from_model(str(tiny_llama_dir), dtype="float32", quantize="int8")
     with pytest.raises(ValidationError, match="quantize"):
         LLMEngine.from_model(str(tiny_llama_dir), quantize="int4")
+
+
+def test_worker_settings_reach_the_engine(tiny_llama_dir: Path) -> None:
+    from tokenfleet.worker.engine_factory import build_engine
+    from tokenfleet.worker.settings import WorkerSettings
+
+    settings = WorkerSettings(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16",
+                              quantize="int8")
+    engine = build_engine(settings)
+    assert isinstance(engine, LLMEngine) and engine.config.quantize == "int8"
+    assert any(isinstance(m, Int8WeightOnlyLinear) for m in engine.runner.model.modules())
