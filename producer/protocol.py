@@ -133,6 +133,8 @@ class TokenEvent(msgspec.Struct, kw_only=True, tag_field="kind", tag="token"):
     index: int
     token: Token
     top_tokens: list[Token] = msgspec.field(default_factory=list)
+    # Epoch ms when the worker published it: publish -> receive latency, same-clock hosts only.
+    published_ms: float | None = None
 
 
 class FinalDetails(msgspec.Struct, kw_only=True):

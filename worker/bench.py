@@ -50,10 +50,10 @@ class PreparedRequest:
 class RequestResult:
     """Timings of one request; times are `time.perf_counter()` seconds, epochs are ms.
 
-    `event_latencies_ms`: receive time minus the worker's publish time, for the first token
-    event (publish = the job's `submitted_ms` + the final event's `ttft_ms`) and the final
-    event (`submitted_ms` + `total_ms`). Token events carry no publish time of their own, so
-    these two are the samples; they are exact only when worker and client share a clock.
+    `event_latencies_ms`: receive time minus the worker's publish time, for every token event
+    (its `published_ms`) and the final event (`submitted_ms` + `total_ms`); for workers older
+    than `published_ms`, the first token's publish time is estimated as `submitted_ms` +
+    `ttft_ms`. Exact only when worker and client share a clock.
     """
 
     index: int
@@ -166,6 +166,8 @@ def _record(result: RequestResult, event: Event) -> None:
     if isinstance(event, TokenEvent):
         if not result.token_times_s:
             result.first_token_wall_ms = time.time() * 1000
+        if event.published_ms is not None:  # workers since published_ms: every token counts
+            result.event_latencies_ms.append(time.time() * 1000 - event.published_ms)
         result.token_times_s.append(now_s)
     elif isinstance(event, FinalEvent):
         received_ms = time.time() * 1000
@@ -174,7 +176,8 @@ def _record(result: RequestResult, event: Event) -> None:
         result.end_s = now_s
         result.prompt_len = event.usage.prompt_tokens or result.prompt_len
         result.published_end_ms = result.submitted_ms + event.total_ms
-        if result.first_token_wall_ms is not None and event.ttft_ms is not None:
+        if (result.first_token_wall_ms is not None and event.ttft_ms is not None
+                and not result.event_latencies_ms):  # an older worker: estimate the first
             first_ms = result.submitted_ms + event.ttft_ms
             result.event_latencies_ms.append(result.first_token_wall_ms - first_ms)
         result.event_latencies_ms.append(received_ms - result.published_end_ms)

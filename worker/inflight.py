@@ -100,7 +100,7 @@ class InFlightRequest:
 
     def _token_event(self, t: TokenOutput, now_ms: float) -> TokenEvent:
         return TokenEvent(id=self.request_id, index=t.index, token=self._record(t, now_ms),
-                          top_tokens=_tops(t.top_tokens))
+                          top_tokens=_tops(t.top_tokens), published_ms=now_ms)
 
     def _record(self, t: TokenOutput, now_ms: float) -> Token:
         token = Token(id=t.id, text=t.text, logprob=_finite(t.logprob), special=t.special)
