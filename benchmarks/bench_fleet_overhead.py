@@ -94,12 +94,13 @@ def main() -> None:
         cache_dir=args.cache_dir, num_threads=args.num_threads, max_num_seqs=args.max_num_seqs,
         sim_step_ms=args.sim_step_ms, log_level="warning", metrics_port=0)
     engine = build_engine(settings)
-    requests, warmup = prepare(
-        engine.tokenizer, int(engine.config.max_model_len), num_requests=args.num_requests,
-        input_len=args.input_len, output_len=args.output_len, seed=args.seed,
-        num_warmup=args.warmup_requests)
+    # Fresh prompts for every repeat (seed + r): reused prompts would hit the prefix cache.
+    sets = [prepare(engine.tokenizer, int(engine.config.max_model_len),
+                    num_requests=args.num_requests, input_len=args.input_len,
+                    output_len=args.output_len, seed=args.seed + r,
+                    num_warmup=args.warmup_requests) for r in range(args.repeats)]
     local: list[dict[str, Any]] = []
-    for _ in range(args.repeats):
+    for requests, warmup in sets:
         if warmup:
             run_in_process(engine, warmup, concurrency=args.concurrency)
         local.append(summarize(run_in_process(engine, requests, concurrency=args.concurrency)))
@@ -107,7 +108,7 @@ def main() -> None:
     _free_memory()
     remote: list[dict[str, Any]] = []
     with LocalFleet(settings, 1) as fleet:
-        for _ in range(args.repeats):
+        for requests, warmup in sets:
             remote.append(summarize(asyncio.run(
                 _fleet_run(fleet, requests, warmup, args.concurrency))))
     base, ours = _median_summary(local), _median_summary(remote)
