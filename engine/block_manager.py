@@ -44,9 +44,6 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
     # ---- allocation ----------------------------------------------------------------------
     def allocate(self, seq: Sequence) -> bool:
         """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix.
@@ -72,7 +69,6 @@ class BlockManager:
         for _ in range(num_needed - len(hits)):
             seq.block_table.append(self._take_free_block())
         seq.num_computed_tokens = len(hits) * self.block_size
-        seq.num_cached_prompt_tokens = seq.num_computed_tokens
         return True
 
     def append_slot(self, seq: Sequence) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     cache_dir: Path | None = None
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
-    use_cuda_graphs: bool = True
     cpu_prepack: bool = True  # oneDNN-packed bf16 weights on CPU (see layers/cpu_prepack.py)
     quantize: str | None = None  # None or "int8" (weight-only, CPU bf16)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -91,7 +91,6 @@ class LLMEngine:
             seq.output_token_ids.append(token_id)
             released, _ = seq.stop_matcher.push(seq.detokenizer.add(token_id))
             seq.output_text += released
-        seq.num_resumed_tokens = len(resumed)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 

@@ -153,9 +153,12 @@ class ModelRunner:
         result: dict[int, list[tuple[int, float]]] = {}
         row = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if not seq.want_prompt_logprobs:
+                row += n
+                continue
             start = seq.num_computed_tokens
             targets = [(p, p + 1) for p in range(start, start + n) if p + 1 < seq.num_prompt_tokens]
-            if seq.want_prompt_logprobs and targets:
+            if targets:
                 rows = torch.tensor([row + p - start for p, _ in targets], device=self.device)
                 next_ids = torch.tensor([seq.prompt_token_ids[t] for _, t in targets],
                                         device=self.device)

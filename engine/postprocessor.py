@@ -41,7 +41,6 @@ class Postprocessor:
     def _append(self, seq: Sequence, token_id: int, logprob: float,
                 tops: tuple[TopToken, ...]) -> StepOutput:
         seq.output_token_ids.append(token_id)
-        seq.output_logprobs.append(logprob)
         index = seq.num_output_tokens - 1
         text, stopped = seq.stop_matcher.push(seq.detokenizer.add(token_id))
         reason = self._finish_reason(seq, token_id, stopped)

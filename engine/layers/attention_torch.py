@@ -21,13 +21,19 @@ __all__ = ["TorchAttentionBackend", "store_kv"]
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write this step's K/V rows into their cache slots (slot -1 = skip)."""
+             slot_mapping: torch.Tensor, all_valid: bool | None = None) -> None:
+    """Write this step's K/V rows into their cache slots (slot -1 = skip).
+
+    Same semantics as `kernels.reference.store_kv_ref`, with index_copy_ on flat views
+    (faster on CPU than advanced indexing). `all_valid`: known per step, saves a check
+    per layer."""
     # k, v: [T, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, num_kv_heads, head_dim]
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
+    if all_valid is None:
+        all_valid = bool((slot_mapping >= 0).all())
+    if not all_valid:
+        valid = slot_mapping >= 0
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
     flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
@@ -56,6 +62,7 @@ class _PrefillPlan:
 class _Plan:
     decode: _DecodePlan | None
     prefills: list[_PrefillPlan]
+    all_slots_valid: bool  # no -1 in the slot mapping
 
 
 class TorchAttentionBackend:
@@ -68,10 +75,10 @@ class TorchAttentionBackend:
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
         # q [T, H, D]; k, v [T, KVH, D] -> out [T, H, D]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         plan = meta.backend_plan
         if not isinstance(plan, _Plan):  # first layer of this step builds it
             plan = meta.backend_plan = self._plan(meta, k_cache.shape[1], sliding_window, q.device)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.all_slots_valid)
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, KVH, D]
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
         num_kv_heads = k_cache.shape[2]
@@ -125,7 +132,7 @@ class TorchAttentionBackend:
         decode = self._decode_plan(meta, rows, block_size, window, device) if rows else None
         prefills = [self._prefill_plan(meta, i, block_size, window, device)
                     for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1]
-        return _Plan(decode, prefills)
+        return _Plan(decode, prefills, bool((meta.slot_mapping >= 0).all()))
 
     def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
                      window: int | None, device: torch.device) -> _DecodePlan:

@@ -67,7 +67,6 @@ class PackedLinear(Linear):
     def __init__(self, in_features: int, out_sizes: Sequence[int], shard_names: Sequence[str | int],
                  bias: bool = False):
         super().__init__(in_features, sum(out_sizes), bias)
-        self.out_sizes = list(out_sizes)
         offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
         self.shards = {name: (off, size) for name, off, size in zip(
             shard_names, offsets, out_sizes, strict=True)}
@@ -78,6 +77,3 @@ class PackedLinear(Linear):
             raise ModelLoadError(f"unknown shard {shard!r} for packed linear")
         offset, size = self.shards[shard]
         _copy_checked(param.narrow(0, offset, size), loaded, f"shard {shard!r}")
-
-    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
-        return list(y.split(self.out_sizes, dim=-1))
