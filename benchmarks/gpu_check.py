@@ -315,7 +315,7 @@ def _logits_rel_err(engine: Any, prompt: list[int], ref: Any) -> float | None:
     return float((logits - ref).norm() / ref.norm())
 
 
-def _bench_hf(hf: Any, plan: dict[str, Any]) -> dict[int, dict[str, float]]:
+def _bench_hf(hf: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
     import torch
 
     results = {}
@@ -332,35 +332,75 @@ def _bench_hf(hf: Any, plan: dict[str, Any]) -> dict[int, dict[str, float]]:
             run(n)
             _sync()
         seconds = time.perf_counter() - started
-        results[batch] = {"tok_s": batch * n / seconds, "ms_step": seconds / n * 1e3}
-        print(f"HF batch {batch}: {results[batch]}")
+        results[str(batch)] = {"tok_s": batch * n / seconds, "ms_step": seconds / n * 1e3}
+        print(f"HF batch {batch}: {results[str(batch)]}", flush=True)
     return results
 
 
-def _bench_engine(engine: Any, plan: dict[str, Any]) -> dict[int, dict[str, float]]:
+def _bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each batch size with CUDA graphs (the default), and batch 1 eager too (graph gain)."""
+    results = {}
+    for batch in plan["bench_batches"]:
+        results[str(batch)] = _bench_engine_batch(engine, plan, batch)
+    graphs = engine.runner.graph_runner
+    if graphs is not None:
+        results["replay"] = _time_replays(graphs, plan)
+        engine.runner.graph_runner = None
+        try:
+            results["1 eager"] = _bench_engine_batch(engine, plan, 1)
+        finally:
+            engine.runner.graph_runner = graphs
+    return results
+
+
+def _time_replays(graphs: Any, plan: dict[str, Any]) -> dict[str, float]:
+    """GPU time of one graph replay (the forward + lm_head alone, no host work), per batch."""
     import statistics
 
     import torch
 
-    results = {}
-    n, vocab = plan["bench_new_tokens"], plan["model"]["vocab_size"]
+    out = {}
     for batch in plan["bench_batches"]:
-        prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()
-        _generate(engine, prompts, 4, f"warm{batch}-")  # compiles kernels, captures graphs
-        started = time.perf_counter()
-        _, steps = _generate(engine, prompts, n, f"bench{batch}-")
-        seconds = time.perf_counter() - started
-        # Pure decode steps: after every sequence has produced its first token.
-        seen, decode_s = 0, []
-        for elapsed, _num_tokens, firsts in steps:
-            if seen == batch:
-                decode_s.append(elapsed)
-            seen += firsts
-        ms_step = statistics.median(decode_s) * 1e3 if decode_s else float("nan")
-        results[batch] = {"tok_s": batch * n / seconds, "ms_step": ms_step,
-                          "decode_tok_s": batch / ms_step * 1e3, "num_steps": len(steps)}
-        print(f"engine batch {batch}: {results[batch]}")
-    return results
+        replay = graphs._replays.get(graphs.bucket_for(batch))
+        if replay is None:
+            continue
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        out[f"replay_ms_b{batch}"] = statistics.median(times)
+    print(f"graph replay GPU time: {out}", flush=True)
+    return out
+
+
+def _bench_engine_batch(engine: Any, plan: dict[str, Any], batch: int) -> dict[str, float]:
+    import statistics
+
+    import torch
+
+    n, vocab = plan["bench_new_tokens"], plan["model"]["vocab_size"]
+    prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()
+    _generate(engine, prompts, 4, f"warm{batch}-")  # compiles kernels of these shapes
+    prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()  # no cache hits
+    started = time.perf_counter()
+    _, steps = _generate(engine, prompts, n, f"bench{batch}-")
+    seconds = time.perf_counter() - started
+    # Pure decode steps: after every sequence has produced its first token.
+    seen, decode_s = 0, []
+    for elapsed, _num_tokens, firsts in steps:
+        if seen == batch:
+            decode_s.append(elapsed)
+        seen += firsts
+    ms_step = statistics.median(decode_s) * 1e3 if decode_s else float("nan")
+    result = {"tok_s": batch * n / seconds, "ms_step": ms_step,
+              "decode_tok_s": batch / ms_step * 1e3, "num_steps": len(steps),
+              "graphs": engine.runner.graph_runner is not None}
+    print(f"engine batch {batch}: {result}", flush=True)
+    return result
 
 
 def _sync() -> None:
@@ -376,13 +416,18 @@ def _print_table(report: dict[str, Any]) -> None:
     floor_ms = weight_gb / COPY_TB_S
     print(f"\nweights {weight_gb:.2f} GB; bandwidth floor {floor_ms:.2f} ms/step at "
           f"{COPY_TB_S} TB/s; device {report['versions'].get('device')}")
-    print("| batch | ours tok/s | ours decode ms/step | ours GB/s | HF tok/s | HF ms/step "
-          "| ours/HF | floor/ours |")
-    print("|---|---|---|---|---|---|---|---|")
-    for batch in sorted(set(ours) | set(hf)):
-        o, h = ours.get(batch, {}), hf.get(batch, {})
+    print("| batch | ours tok/s | ours decode ms/step | ours decode tok/s | ours GB/s | HF tok/s "
+          "| HF ms/step | ours/HF | floor/ours |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    replay = ours.get("replay")
+    if replay:
+        print(f"graph replay alone (GPU ms): {replay}")
+    ours = {k: v for k, v in ours.items() if k != "replay"}
+    for batch in sorted(set(ours) | set(hf), key=lambda b: (int(b.split()[0]), b)):
+        o, h = ours.get(batch, {}), hf.get(batch.split()[0], {})
         ms = o.get("ms_step", float("nan"))
         print(f"| {batch} | {o.get('tok_s', float('nan')):.1f} | {ms:.2f} "
+              f"| {o.get('decode_tok_s', float('nan')):.1f} "
               f"| {weight_gb / ms * 1e3:.0f} | {h.get('tok_s', float('nan')):.1f} "
               f"| {h.get('ms_step', float('nan')):.2f} "
               f"| {o.get('tok_s', float('nan')) / h.get('tok_s', float('nan')):.2f} "

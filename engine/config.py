@@ -50,6 +50,7 @@ class ModelConfig:
         model_type = hf.get("model_type", "llama")
         # Qwen2 always has qkv bias; Llama/Mistral only when `attention_bias` says so.
         bias = bool(hf.get("attention_bias", model_type == "qwen2"))
+        rope_theta, rope_scaling = _rope(hf)
         window = hf.get("sliding_window")
         if model_type == "qwen2" and not hf.get("use_sliding_window", False):
             window = None  # Qwen2 configs carry a window they do not use unless enabled
@@ -63,8 +64,8 @@ class ModelConfig:
             num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
             head_dim=int(hf.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bias,
@@ -72,6 +73,18 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either config layout: transformers 4 writes `rope_theta` and
+    `rope_scaling`; transformers 5 writes one `rope_parameters` dict holding both."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        return theta, (scaling if kind != "default" else None)
+    return float(hf.get("rope_theta", 10000.0)), hf.get("rope_scaling")
 
 
 @dataclass
@@ -95,6 +108,9 @@ class EngineConfig:
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     cpu_prepack: bool = True  # oneDNN-packed bf16 weights on CPU (see layers/cpu_prepack.py)
     quantize: str | None = None  # None or "int8" (weight-only, CPU bf16)
+    # Decode batches up to this size replay CUDA graphs (CUDA with a graph-safe attention
+    # backend only); 0 = always eager. Capped at max_num_seqs.
+    cuda_graph_max_batch: int = 128
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -109,6 +125,12 @@ class EngineConfig:
                 raise ValidationError(f"{name} must be positive")
         if self.quantize not in (None, "int8"):
             raise ValidationError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.attention_backend == "flash_attn" and self.block_size % 256:
+            raise ValidationError(
+                "attention_backend='flash_attn' reads the paged KV cache in blocks of a multiple "
+                f"of 256 tokens: set block_size=256 (got {self.block_size})")
+        if self.cuda_graph_max_batch < 0:
+            raise ValidationError("cuda_graph_max_batch must be >= 0 (0 = no CUDA graphs)")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValidationError("num_kv_blocks must be positive")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenfleet.engine.config import EngineConfig, ModelConfig
+from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.models.registry import CausalLM
@@ -42,7 +43,13 @@ class ModelRunner:
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.num_kv_blocks = self._num_kv_blocks()
+        self.backend = make_backend(config.attention_backend, self.device)
         self._allocate_kv_cache()
+        self.graph_runner: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and self.backend.supports_cuda_graphs \
+                and config.cuda_graph_max_batch > 0:
+            self.graph_runner = self.make_graph_runner(use_graphs=True)
+            self.graph_runner.capture_all()
 
     # ---- set-up ----------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:
@@ -65,23 +72,58 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         mc = self.model_config
         shape = (self.num_kv_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        backend = make_backend(self.config.attention_backend, self.device)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in layers:
             # Zeros, not empty: padded reads of unused slots must stay finite (0 * NaN = NaN).
             layer.k_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
-            layer.backend = backend
+            layer.backend = self.backend
+
+    def make_graph_runner(self, use_graphs: bool) -> CudaGraphRunner:
+        """Static-buffer decode runner (`use_graphs=False` runs it eagerly: tests on CPU)."""
+        mc, max_len = self.model_config, self.config.max_model_len
+        assert max_len is not None, "LLMEngine resolves max_model_len before the runner"
+        max_batch = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        return CudaGraphRunner(
+            self.model, max_batch=max_batch, max_blocks_per_seq=-(-max_len // self.block_size),
+            max_seq_len=max_len, device=self.device, use_graphs=use_graphs,
+            launch_config=lambda num_seqs: self.backend.decode_launch_config(
+                num_seqs, mc.num_kv_heads, mc.head_dim, max_len, self.device))
 
     # ---- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
+        if self._replayable(batch):
+            return self._run_graph(batch.seqs)
         input_ids, positions, meta, sample_rows, sampled = self._prepare(batch)
         hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if not sampled:
             return RunOutput([], None, prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab]
+        return RunOutput(sampled, self._sample(logits, sampled), prompt_logprobs)
+
+    def _replayable(self, batch: ScheduledBatch) -> bool:
+        """A decode-only step whose batch fits a captured graph."""
+        runner = self.graph_runner
+        return (runner is not None and runner.bucket_for(len(batch.seqs)) is not None
+                and all(n == 1 for n in batch.num_new_tokens)
+                and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs))
+
+    def _run_graph(self, seqs: list[Sequence]) -> RunOutput:
+        assert self.graph_runner is not None
+        bs = self.block_size
+        positions = [s.num_computed_tokens for s in seqs]
+        logits = self.graph_runner.run(
+            token_ids=[s.last_token_id for s in seqs],
+            positions=positions,
+            slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions,
+                                                                      strict=True)],
+            block_tables=[s.block_table for s in seqs],
+        )  # [n, vocab]
+        return RunOutput(seqs, self._sample(logits, seqs), {})
+
+    def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> SamplerOutput:
         sbatch = SamplingBatch.build(
             params=[s.params for s in sampled],
             seeds=[s.seed for s in sampled],
@@ -92,7 +134,7 @@ class ModelRunner:
             vocab_size=self.model_config.vocab_size,
             device=self.device,
         )
-        return RunOutput(sampled, self.sampler(logits, sbatch), prompt_logprobs)
+        return self.sampler(logits, sbatch)
 
     @torch.inference_mode()
     def last_logits(self, seq: Sequence) -> torch.Tensor:
@@ -117,8 +159,7 @@ class ModelRunner:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             if n == 1 and end == seq.num_tokens:  # decode: avoid copying the whole history
-                ids.append(seq.output_token_ids[-1] if seq.output_token_ids
-                           else seq.prompt_token_ids[-1])
+                ids.append(seq.last_token_id)
             else:
                 ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
@@ -17,6 +18,13 @@ __all__ = ["Attention", "AttentionBackend", "make_backend"]
 
 class AttentionBackend(Protocol):
     name: str
+    supports_cuda_graphs: bool  # forward reads no host-side per-step values
+
+    def decode_launch_config(self, num_seqs: int, num_kv_heads: int, head_dim: int,
+                             max_seq_len: int, device: torch.device
+                             ) -> AbstractContextManager[None]:
+        """Entered around the capture of a decode graph of `num_seqs` rows."""
+        ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -24,7 +32,8 @@ class AttentionBackend(Protocol):
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto` = triton on CUDA, torch on CPU."""
+    """`auto` = triton on CUDA, torch on CPU; flash_attn only when asked for by name (our
+    Triton kernels are the verified default; flash-attn also needs 256-token KV blocks)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -38,9 +47,9 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
             raise ValidationError(
                 "attention_backend='flash_attn' needs the flash-attn package: "
                 "pip install flash-attn (CUDA only), or use 'triton'/'auto'")
-        # Not written yet: it needs a GPU with flash-attn to be verified against `triton`.
-        raise ValidationError("attention_backend='flash_attn' is not implemented yet; "
-                              "use 'triton' (CUDA) or 'auto'")
+        from tokenfleet.engine.layers.attention_flash import FlashAttentionBackend
+
+        return FlashAttentionBackend()
     raise ValidationError(f"unknown attention backend {name!r}")
 
 

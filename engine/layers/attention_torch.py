@@ -10,6 +10,7 @@ every layer: on a CPU the number of small ops, not FLOPs, sets the decode speed.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +68,15 @@ class _Plan:
 
 class TorchAttentionBackend:
     name = "torch"
+    supports_cuda_graphs = False  # plans its chunks from host-side lengths every step
 
     def __init__(self, kv_chunk: int = 1024):
         self.kv_chunk = kv_chunk
+
+    def decode_launch_config(self, num_seqs: int, num_kv_heads: int, head_dim: int,
+                             max_seq_len: int, device: torch.device
+                             ) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

@@ -9,11 +9,14 @@ kernels run only under `TRITON_INTERPRET=1` (tests); use the torch backend there
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.kernels.kv_store import store_kv
-from tokenfleet.kernels.paged_attention import paged_attention
+from tokenfleet.kernels.paged_attention import choose_num_kv_splits, choose_tiles, paged_attention
 
 __all__ = ["TritonAttentionBackend"]
 
@@ -28,9 +31,24 @@ class TritonAttentionBackend:
     """
 
     name = "triton"
+    supports_cuda_graphs = True
 
     def __init__(self, num_kv_splits: int | None = None) -> None:
         self.num_kv_splits = num_kv_splits
+
+    @contextmanager
+    def decode_launch_config(self, num_seqs: int, num_kv_heads: int, head_dim: int,
+                             max_seq_len: int, device: torch.device) -> Iterator[None]:
+        """While capturing decode graphs of `num_seqs` rows: a split count fixed for contexts
+        up to `max_seq_len` (the device-side split bounds keep shorter ones right)."""
+        block_n = choose_tiles(1, head_dim, 1).block_n
+        previous = self.num_kv_splits
+        self.num_kv_splits = choose_num_kv_splits(num_seqs, num_kv_heads, max_seq_len, block_n,
+                                                  device)
+        try:
+            yield
+        finally:
+            self.num_kv_splits = previous
 
     def forward(
         self,

@@ -14,12 +14,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size))
+        # Fused Triton kernel: None = on CUDA tensors only (True: tests under the interpreter).
+        self.use_kernel: bool | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normed, new_residual) where new_residual = x (+ residual)."""
         # x, residual: [T, hidden]
-        if x.is_cuda:
+        if x.is_cuda if self.use_kernel is None else self.use_kernel:
             from tokenfleet.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)

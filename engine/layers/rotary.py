@@ -34,10 +34,12 @@ class RotaryEmbedding(nn.Module):
         except KernelArgumentError as e:
             raise UnsupportedModelError(str(e)) from None
         self.register_buffer("cos_sin", cache, persistent=False)
+        # Fused Triton kernel: None = on CUDA tensors only (True: tests under the interpreter).
+        self.use_kernel: bool | None = None
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
         """The step's cos/sin rows, gathered once and shared by every layer."""
-        if positions.is_cuda:
+        if positions.is_cuda if self.use_kernel is None else self.use_kernel:
             return RopeTable(positions, self.cos_sin, None, None)
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
         # Cast like transformers does (cos/sin in the activation dtype), then full width.
