@@ -90,15 +90,23 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_table.clear()
         seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
 
     def register_computed(self, seq: Sequence) -> None:
-        """Hash the full blocks of `seq` whose KV is now computed, so others can reuse them."""
+        """Hash the full blocks of `seq` whose KV is now computed, so others can reuse them.
+
+        Incremental: only blocks that filled up since the last call are hashed (a decode step
+        fills one block in `block_size` steps), so the per-step cost does not grow with the
+        sequence."""
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        start = seq.num_hashed_blocks
+        if num_full <= start:
+            return
         tokens = seq.token_ids
-        parent: int | None = None
-        for i in range(num_full):
+        parent = self._blocks[seq.block_table[start - 1]].hash if start else None
+        for i in range(start, num_full):
             block = self._blocks[seq.block_table[i]]
             chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
             if block.hash is None:
@@ -106,6 +114,7 @@ class BlockManager:
                 block.token_ids = chunk
                 self._by_hash.setdefault(block.hash, block.block_id)
             parent = block.hash
+        seq.num_hashed_blocks = num_full
 
     # ---- internals -----------------------------------------------------------------------
     def _prefix_hits(self, tokens: list[int]) -> list[int]:

@@ -33,8 +33,8 @@ class Postprocessor:
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         outputs = []
         for i, seq in enumerate(run.sampled_seqs):
-            tops = self._top_tokens(seq, top_ids[i] if top_ids else [],
-                                    top_lps[i] if top_lps else [])
+            tops = (self._top_tokens(seq, top_ids[i], top_lps[i]) if top_ids and top_lps
+                    else ())
             outputs.append(self._append(seq, token_ids[i], logprobs[i], tops))
         return outputs
 

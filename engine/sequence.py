@@ -35,6 +35,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     want_prompt_logprobs: bool = False

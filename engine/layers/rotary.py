@@ -39,6 +39,8 @@ class RotaryEmbedding(nn.Module):
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
         """The step's cos/sin rows, gathered once and shared by every layer."""
+        if self.cos_sin.device != positions.device:  # built on the CPU; moved once
+            self.cos_sin = self.cos_sin.to(positions.device)
         if positions.is_cuda if self.use_kernel is None else self.use_kernel:
             return RopeTable(positions, self.cos_sin, None, None)
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]

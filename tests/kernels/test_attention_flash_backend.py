@@ -24,6 +24,8 @@ from tokenfleet.kernels.paged_batch import PagedBatch, make_paged_batch
 from tokenfleet.kernels.reference import paged_attention_ref, store_kv_ref
 from tokenfleet.kernels.selfcheck import rel_err
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # store_kv is a Triton kernel
+
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
             seq_len: int, scale: float, window: tuple[int, int]) -> torch.Tensor:
@@ -35,8 +37,8 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     q_len = q.shape[0]
-    q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]  # bottom-right aligned
-    k_pos = torch.arange(seq_len)[None, :]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]  # bottom-right
+    k_pos = torch.arange(seq_len, device=q.device)[None, :]
     allowed = k_pos <= q_pos + (window[1] if window[1] >= 0 else seq_len)
     allowed &= k_pos <= q_pos  # causal=True
     if window[0] >= 0:
@@ -93,7 +95,7 @@ def test_backend_calls_flash_attn_with_our_semantics(
     contexts: tuple[int, ...], queries: tuple[int, ...], window: int | None, path: str
 ) -> None:
     b = make_paged_batch(context_lens=contexts, query_lens=queries, num_heads=8, num_kv_heads=2,
-                         head_dim=16, block_size=4, dtype=torch.float32, seed=11)
+                         head_dim=16, block_size=4, dtype=torch.float32, device=DEVICE, seed=11)
     k_ref, v_ref = b.k_cache.clone(), b.v_cache.clone()
     store_kv_ref(b.k, b.v, k_ref, v_ref, b.slot_mapping)
     expected = paged_attention_ref(b.q, k_ref, v_ref, b.block_tables, b.query_start_loc,
