@@ -300,11 +300,19 @@ def _bench_hf(hf: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def _bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each batch size with CUDA graphs (the default), and batch 1 eager too (graph gain)."""
+    """Each batch size with the defaults (CUDA graphs, asynchronous decode), then without
+    asynchronous decode, then batch 1 fully eager: what each part contributes."""
     results = {}
     for batch in plan["bench_batches"]:
         results[str(batch)] = _bench_engine_batch(engine, plan, batch)
     graphs = engine.runner.graph_runner
+    if graphs is not None and engine.config.async_decode:
+        engine.config.async_decode = False  # the same steps, host work not overlapped
+        try:
+            for batch in plan["bench_batches"]:
+                results[f"{batch} sync"] = _bench_engine_batch(engine, plan, batch)
+        finally:
+            engine.config.async_decode = True
     if graphs is not None:
         results["replay"] = _time_replays(graphs, plan)
         engine.runner.graph_runner = None
@@ -377,7 +385,8 @@ def _bench_engine_batch(engine: Any, plan: dict[str, Any], batch: int) -> dict[s
     ms_step = statistics.median(decode_s) * 1e3 if decode_s else float("nan")
     result = {"tok_s": batch * n / seconds, "ms_step": ms_step,
               "decode_tok_s": batch / ms_step * 1e3, "num_steps": len(steps),
-              "graphs": engine.runner.graph_runner is not None}
+              "graphs": engine.runner.graph_runner is not None,
+              "async_decode": engine.config.async_decode}
     print(f"engine batch {batch}: {result}", flush=True)
     return result
 

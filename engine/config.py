@@ -111,6 +111,9 @@ class EngineConfig:
     # Decode batches up to this size replay CUDA graphs (CUDA with a graph-safe attention
     # backend only); 0 = always eager. Capped at max_num_seqs.
     cuda_graph_max_batch: int = 128
+    # Queue decode step N+1 on the device before reading step N's tokens back, so that the
+    # host's per-token work overlaps the next forward (graph-replayed decode steps only).
+    async_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -65,9 +65,14 @@ class CudaGraphRunner:
         self.query_start_loc = torch.arange(num_rows + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(num_rows, dtype=torch.int32, device=device)  # [B]
         pin = device.type == "cuda"
-        self._staging = torch.zeros(4, num_rows, dtype=torch.int64, pin_memory=pin)
-        self._staging_tables = torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32,
-                                           pin_memory=pin)
+        # Two sets of pinned staging buffers, used in turn: with asynchronous decode the host
+        # fills step N+1's inputs while step N's upload may still be queued on the device.
+        self._stagings = [torch.zeros(4, num_rows, dtype=torch.int64, pin_memory=pin)
+                          for _ in range(2)]
+        self._staging_tables_pair = [
+            torch.zeros(num_rows, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
+            for _ in range(2)]
+        self._turn = 0
         self._replays: dict[int, Callable[[], torch.Tensor]] = {}
         self._pool: Any = None  # the graphs' shared memory pool (an opaque handle)
 
@@ -115,15 +120,28 @@ class CudaGraphRunner:
         """The smallest captured batch size that holds `num_seqs` rows (None: run eagerly)."""
         return next((b for b in self.buckets if b >= num_seqs and b in self._replays), None)
 
-    def run(self, token_ids: Sequence[int], positions: Sequence[int], slots: Sequence[int],
-            block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Logits [n, vocab] for n decode rows (row i: token at `positions[i]` of sequence i)."""
-        num_seqs = len(token_ids)
+    @property
+    def _staging(self) -> torch.Tensor:
+        return self._stagings[self._turn]
+
+    @property
+    def _staging_tables(self) -> torch.Tensor:
+        return self._staging_tables_pair[self._turn]
+
+    def run(self, token_ids: Sequence[int] | torch.Tensor, positions: Sequence[int],
+            slots: Sequence[int], block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits [n, vocab] for n decode rows (row i: token at `positions[i]` of sequence i).
+
+        `token_ids` may be a device tensor [n] (the previous step's samples, never read back
+        to the host): it is copied on the device, after the upload of everything else."""
+        num_seqs = len(positions)
         num_rows = self.bucket_for(num_seqs)
         if num_rows is None:
             raise ValueError(f"no graph holds {num_seqs} sequences (largest {self.buckets[-1]})")
+        self._turn ^= 1
         staging, tables = self._staging, self._staging_tables
-        staging[_IDS, :num_seqs] = torch.as_tensor(token_ids, dtype=torch.int64)
+        if not isinstance(token_ids, torch.Tensor):
+            staging[_IDS, :num_seqs] = torch.as_tensor(token_ids, dtype=torch.int64)
         staging[_POS, :num_seqs] = torch.as_tensor(positions, dtype=torch.int64)
         staging[_SLOT, :num_seqs] = torch.as_tensor(slots, dtype=torch.int64)
         staging[_LEN, :num_seqs] = staging[_POS, :num_seqs] + 1
@@ -133,6 +151,8 @@ class CudaGraphRunner:
         tables[:num_seqs, width:] = 0
         self._write_padding(num_rows, num_seqs)
         self._upload(num_rows)
+        if isinstance(token_ids, torch.Tensor):
+            self.step_ints[_IDS, :num_seqs].copy_(token_ids)
         return self._replays[num_rows]()[:num_seqs]
 
     def _write_padding(self, num_rows: int, num_seqs: int) -> None:

@@ -20,13 +20,13 @@ from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.hub import resolve_model
 from tokenfleet.engine.layers.cpu_prepack import cpu_prepack_supported, prepack_cpu_linears
 from tokenfleet.engine.loader import load_model, load_model_config
-from tokenfleet.engine.model_runner import ModelRunner
+from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, needs_history
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
 from tokenfleet.engine.quant.int8_weight_only import quantize_int8_weight_only
 from tokenfleet.engine.sampling_params import SamplingParams
-from tokenfleet.engine.scheduler import Scheduler
-from tokenfleet.engine.sequence import Sequence
+from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
+from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence
 from tokenfleet.engine.stop_matcher import StopMatcher
 from tokenfleet.engine.tokenizer import Tokenizer
 
@@ -61,6 +61,8 @@ class LLMEngine:
         self.postprocessor = Postprocessor(self.tokenizer, self.scheduler, config.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # finished outside a step (aborts)
+        # Asynchronous decode: the step queued on the device, its tokens not read back yet.
+        self._in_flight: LaunchedDecode | None = None
         self.num_prefilled_tokens = 0  # tokens run through the model as prefill, since start
 
     @classmethod
@@ -122,28 +124,83 @@ class LLMEngine:
         if seq is None or seq.is_finished:
             return False
         self.scheduler.remove(seq)
+        seq.drop_pending()  # a step in flight may still compute its next token: ignored
         self._pending.append(self.postprocessor.finish(seq, FinishReason.CANCELLED, []))
         del self._seqs[request_id]
         return True
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """schedule -> run -> postprocess. With asynchronous decode (CUDA graphs) a decode step
+        is queued and its outputs are returned by the next call, which first queues the step
+        after it: the host's postprocessing then overlaps the device's next forward."""
         outputs, self._pending = self._pending, []
+        if self._in_flight is not None:
+            launched, self._in_flight = self._in_flight, None
+            self._in_flight = self._queue_next_decode(launched)
+            outputs += self.postprocessor.resolve(launched.seqs, launched.wait())
+            if self._in_flight is not None:
+                return self._forget_finished(outputs)
         batch = self.scheduler.schedule()
-        if not batch:
-            return outputs
-        self.num_prefilled_tokens += sum(  # everything but the one-token decodes
-            n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
-        run = self.runner.run(batch)
-        outputs += self.postprocessor.process(batch, run)
+        if batch:
+            self.num_prefilled_tokens += sum(  # everything but the one-token decodes
+                n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
+            if self._async_decode_ok(batch):
+                self._in_flight = self._launch(batch.seqs, None)
+            else:
+                run = self.runner.run(batch)
+                outputs += self.postprocessor.process(batch, run)
+        return self._forget_finished(outputs)
+
+    def _forget_finished(self, outputs: list[StepOutput]) -> list[StepOutput]:
         for out in outputs:
             if out.finished:
                 self._seqs.pop(out.request_id, None)
         return outputs
 
+    # ---- asynchronous decode ---------------------------------------------------------------
+    def _async_decode_ok(self, batch: ScheduledBatch) -> bool:
+        """Decode-only, replayable, and no penalty (those read the token history on the host)."""
+        return (self.config.async_decode and self.runner.graph_runner is not None
+                and self.runner.can_replay(len(batch.seqs))
+                and all(n == 1 for n in batch.num_new_tokens)
+                and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs)
+                and not needs_history(batch.seqs))
+
+    def _launch(self, seqs: list[Sequence], prev: LaunchedDecode | None) -> LaunchedDecode:
+        launched = self.runner.launch_decode(seqs, prev)
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+            seq.output_token_ids.append(PENDING_TOKEN)
+            seq.num_pending_tokens += 1
+        return launched
+
+    def _queue_next_decode(self, prev: LaunchedDecode) -> LaunchedDecode | None:
+        """Queue the decode step after `prev` for the same sequences, before prev's tokens are
+        known, when nothing else wants the step: no request waiting for a free slot, every
+        running sequence was in prev, and a KV slot is free for each. Sequences that end at
+        prev by length are left out; those that end by EOS or a stop are found out when prev
+        is resolved, and their extra token is dropped then."""
+        sched = self.scheduler
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return None  # admit the waiting requests in a normal step
+        in_prev = {id(s) for s in prev.seqs}
+        if any(id(s) not in in_prev for s in sched.running):
+            return None
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        seqs = [s for s in sched.running
+                if s.num_output_tokens < s.params.max_new_tokens and s.num_tokens < max_len]
+        if not seqs or not self.runner.can_replay(len(seqs)) or needs_history(seqs):
+            return None
+        if not all(self.block_manager.append_slot(s) for s in seqs):
+            return None  # out of blocks: the scheduler preempts in a normal step
+        return self._launch(seqs, prev)
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return (self.scheduler.has_unfinished() or bool(self._pending)
+                or self._in_flight is not None)
 
     def score(self, prompt_token_ids: Seq[int]) -> torch.Tensor:
         """Next-token logits [vocab] (float32) after `prompt_token_ids`; for verification."""

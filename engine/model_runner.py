@@ -21,7 +21,7 @@ from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
 from tokenfleet.engine.sequence import Sequence
 
-__all__ = ["ModelRunner", "RunOutput"]
+__all__ = ["LaunchedDecode", "ModelRunner", "RunOutput"]
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -32,6 +32,21 @@ class RunOutput:
     sampler_output: SamplerOutput | None
     # Prompt log-probs for sequences that asked (decoder_input_details): seq -> {pos: logprob}
     prompt_logprobs: dict[int, list[tuple[int, float]]]
+
+
+@dataclass(slots=True)
+class LaunchedDecode:
+    """A decode step queued on the device whose sampled tokens are not read back yet."""
+
+    seqs: list[Sequence]
+    next_input: torch.Tensor  # [n] int64 on the device: the sampled ids, next step's input
+    host: SamplerOutput  # host copies of the sampler output, valid once `wait()` returned
+    ready: torch.cuda.Event | None  # recorded after the copies (None on CPU: already done)
+
+    def wait(self) -> SamplerOutput:
+        if self.ready is not None:
+            self.ready.synchronize()  # waits for this step only, not for steps queued later
+        return self.host
 
 
 class ModelRunner:
@@ -103,6 +118,42 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab]
         return RunOutput(sampled, self._sample(logits, sampled), prompt_logprobs)
 
+    def can_replay(self, num_seqs: int) -> bool:
+        runner = self.graph_runner
+        return runner is not None and runner.bucket_for(num_seqs) is not None
+
+    @torch.inference_mode()
+    def launch_decode(self, seqs: list[Sequence], prev: LaunchedDecode | None = None
+                      ) -> LaunchedDecode:
+        """Queue a decode step (graph replay + sampling) without waiting for it.
+
+        With `prev`, the input tokens are prev's samples, taken on the device (`seqs` must be
+        a subsequence of `prev.seqs`, in order), so this step can be queued before prev's
+        tokens reach the host."""
+        token_ids: list[int] | torch.Tensor = [s.last_token_id for s in seqs]
+        if prev is not None:
+            rows = {id(s): i for i, s in enumerate(prev.seqs)}
+            picked = [rows[id(s)] for s in seqs]
+            token_ids = prev.next_input
+            if picked != list(range(len(prev.seqs))):
+                index = torch.tensor(picked)
+                if self.device.type == "cuda":  # pinned + non-blocking: no wait for prev
+                    index = index.pin_memory().to(self.device, non_blocking=True)
+                token_ids = prev.next_input.index_select(0, index)
+        out = self._run_graph_logits(seqs, token_ids)
+        sampled = self._sample(out, seqs)
+        if self.device.type != "cuda":
+            return LaunchedDecode(seqs, sampled.token_ids, sampled, None)
+        host = SamplerOutput(
+            token_ids=_to_host_async(sampled.token_ids),
+            logprobs=_to_host_async(sampled.logprobs),
+            top_ids=_to_host_async(sampled.top_ids) if sampled.top_ids is not None else None,
+            top_logprobs=(_to_host_async(sampled.top_logprobs)
+                          if sampled.top_logprobs is not None else None))
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedDecode(seqs, sampled.token_ids, host, ready)
+
     def _replayable(self, batch: ScheduledBatch) -> bool:
         """A decode-only step whose batch fits a captured graph."""
         runner = self.graph_runner
@@ -111,24 +162,28 @@ class ModelRunner:
                 and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs))
 
     def _run_graph(self, seqs: list[Sequence]) -> RunOutput:
+        logits = self._run_graph_logits(seqs, [s.last_token_id for s in seqs])
+        return RunOutput(seqs, self._sample(logits, seqs), {})
+
+    def _run_graph_logits(self, seqs: list[Sequence], token_ids: list[int] | torch.Tensor
+                          ) -> torch.Tensor:  # [n, vocab]
         assert self.graph_runner is not None
         bs = self.block_size
         positions = [s.num_computed_tokens for s in seqs]
-        logits = self.graph_runner.run(
-            token_ids=[s.last_token_id for s in seqs],
+        return self.graph_runner.run(
+            token_ids=token_ids,
             positions=positions,
             slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions,
                                                                       strict=True)],
             block_tables=[s.block_table for s in seqs],
-        )  # [n, vocab]
-        return RunOutput(seqs, self._sample(logits, seqs), {})
+        )
 
     def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> SamplerOutput:
         sbatch = SamplingBatch.build(
             params=[s.params for s in sampled],
             seeds=[s.seed for s in sampled],
             indices=[s.num_output_tokens for s in sampled],
-            token_histories=[s.token_ids for s in sampled] if _needs_history(sampled) else None,
+            token_histories=[s.token_ids for s in sampled] if needs_history(sampled) else None,
             prompt_lens=[s.num_prompt_tokens for s in sampled],
             banned_token_ids=[_banned(s) for s in sampled],
             vocab_size=self.model_config.vocab_size,
@@ -210,7 +265,13 @@ class ModelRunner:
         return result
 
 
-def _needs_history(seqs: list[Sequence]) -> bool:
+def _to_host_async(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def needs_history(seqs: list[Sequence]) -> bool:
+    """Some row applies a penalty over its token history (which must then be on the host)."""
     return any(s.params.repetition_penalty not in (None, 1.0) or s.params.frequency_penalty
                or s.params.presence_penalty for s in seqs)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from tokenfleet.engine.model_runner import RunOutput
 from tokenfleet.engine.outputs import FinishReason, StepOutput, TokenOutput, TopToken
+from tokenfleet.engine.sampler import SamplerOutput
 from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
-from tokenfleet.engine.sequence import Sequence, SequenceStatus
+from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from tokenfleet.engine.tokenizer import Tokenizer
 
 __all__ = ["Postprocessor"]
@@ -27,23 +28,43 @@ class Postprocessor:
         out = run.sampler_output
         if out is None:
             return []
+        return self._emit_all(run.sampled_seqs, out, resolve=False)
+
+    def resolve(self, seqs: list[Sequence], out: SamplerOutput) -> list[StepOutput]:
+        """Outputs of an asynchronous decode step: each sequence's oldest PENDING_TOKEN becomes
+        its sampled token (sequences finished or cancelled meanwhile are skipped)."""
+        return self._emit_all(seqs, out, resolve=True)
+
+    def _emit_all(self, seqs: list[Sequence], out: SamplerOutput, resolve: bool
+                  ) -> list[StepOutput]:
         token_ids = out.token_ids.tolist()
         logprobs = out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         outputs = []
-        for i, seq in enumerate(run.sampled_seqs):
+        for i, seq in enumerate(seqs):
+            if seq.is_finished:
+                continue
+            if resolve:
+                index = seq.num_output_tokens - seq.num_pending_tokens
+                assert seq.output_token_ids[index] == PENDING_TOKEN
+                seq.output_token_ids[index] = token_ids[i]
+                seq.num_pending_tokens -= 1
+                self.scheduler.block_manager.register_computed(seq)
+            else:
+                seq.output_token_ids.append(token_ids[i])
+                index = seq.num_output_tokens - 1
             tops = (self._top_tokens(seq, top_ids[i], top_lps[i]) if top_ids and top_lps
                     else ())
-            outputs.append(self._append(seq, token_ids[i], logprobs[i], tops))
+            outputs.append(self._emit(seq, index, token_ids[i], logprobs[i], tops))
         return outputs
 
-    def _append(self, seq: Sequence, token_id: int, logprob: float,
-                tops: tuple[TopToken, ...]) -> StepOutput:
-        seq.output_token_ids.append(token_id)
-        index = seq.num_output_tokens - 1
+    def _emit(self, seq: Sequence, index: int, token_id: int, logprob: float,
+              tops: tuple[TopToken, ...]) -> StepOutput:
+        """Text, stop and finish decisions for the token at output `index` (later indices may
+        be pending: lengths are counted up to this token)."""
         text, stopped = seq.stop_matcher.push(seq.detokenizer.add(token_id))
-        reason = self._finish_reason(seq, token_id, stopped)
+        reason = self._finish_reason(seq, index + 1, token_id, stopped)
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += seq.stop_matcher.flush()
             if seq.stop_matcher.stopped:  # the held tail turned out to contain a stop
@@ -53,17 +74,19 @@ class Postprocessor:
                             special=self.tokenizer.is_special(token_id), top_tokens=tops)
         if reason is None:
             return StepOutput(request_id=seq.request_id, tokens=[token])
+        seq.drop_pending()  # tokens queued after this one are not part of the answer
         self.scheduler.remove(seq)
         return self.finish(seq, reason, [token])
 
-    def _finish_reason(self, seq: Sequence, token_id: int, stopped: bool) -> FinishReason | None:
+    def _finish_reason(self, seq: Sequence, num_output: int, token_id: int, stopped: bool
+                       ) -> FinishReason | None:
         if token_id in seq.eos_token_ids:
             return FinishReason.EOS_TOKEN
         if stopped or token_id in seq.params.stop_token_ids:
             return FinishReason.STOP_SEQUENCE
-        if seq.num_output_tokens >= seq.params.max_new_tokens:
+        if num_output >= seq.params.max_new_tokens:
             return FinishReason.LENGTH
-        if seq.num_tokens >= self.max_model_len:
+        if seq.num_prompt_tokens + num_output >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

@@ -9,7 +9,11 @@ from typing import Any
 from tokenfleet.engine.outputs import FinishReason
 from tokenfleet.engine.sampling_params import SamplingParams
 
-__all__ = ["Sequence", "SequenceStatus"]
+__all__ = ["PENDING_TOKEN", "Sequence", "SequenceStatus"]
+
+# Stands in for a sampled token that is still on the device (asynchronous decode, see
+# LLMEngine): counted in every length, replaced when the step's output is read back.
+PENDING_TOKEN = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -25,6 +29,9 @@ class Sequence:
     A resumed request (its earlier tokens came from another worker) or a preempted one
     simply has generated tokens whose KV is not computed yet: the next prefill covers them,
     and sampling continues at `len(output_token_ids)`, the next index.
+
+    With asynchronous decode the last `num_pending_tokens` output ids are PENDING_TOKEN: their
+    KV is being computed, their values are not read back yet.
     """
 
     request_id: str
@@ -35,6 +42,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # trailing PENDING_TOKEN entries of output_token_ids
     num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
@@ -72,6 +80,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the request finished or was cancelled meanwhile)."""
+        if self.num_pending_tokens:
+            del self.output_token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
 
     def num_blocks_needed(self, block_size: int, num_tokens: int | None = None) -> int:
         n = self.num_tokens if num_tokens is None else num_tokens

@@ -22,6 +22,6 @@ def test_dry_run_passes_every_part(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert report["failures"] == []
     assert all(row["ok"] for row in report["kernels"])
-    assert all(row["ok"] and row["tokens_matching"] == row["of"] for row in report["parity"])
+    assert all(row["ok"] and row["tokens_equal_to_hf"] == row["of"] for row in report["parity"])
     assert set(report["engine_bench"]) == set(report["hf_bench"]) == {"1", "4"}
     assert "| batch | ours tok/s" in proc.stdout  # the table the device reply carries
