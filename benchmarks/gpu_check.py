@@ -315,6 +315,7 @@ def _bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, floa
             engine.config.async_decode = True
     if graphs is not None:
         results["replay"] = _time_replays(graphs, plan)
+        _profile_prefill(engine, plan)
         engine.runner.graph_runner = None
         try:
             results["1 eager"] = _bench_engine_batch(engine, plan, 1)
@@ -346,6 +347,25 @@ def _time_replays(graphs: Any, plan: dict[str, Any]) -> dict[str, float]:
     print(f"graph replay GPU time: {out}", flush=True)
     _profile_replay(graphs._replays[graphs.bucket_for(1)])
     return out
+
+
+def _profile_prefill(engine: Any, plan: dict[str, Any]) -> None:
+    """Kernel table of the prefill steps of the largest batch (the steps before decode)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, vocab = max(plan["bench_batches"]), plan["model"]["vocab_size"]
+    prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _generate(engine, prompts, 1, "prof-")
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                        max_name_column_width=60), flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=10,
+                                        max_name_column_width=60), flush=True)
+    except Exception as exc:
+        print(f"profiler unavailable: {exc!r}")
 
 
 def _profile_replay(replay: Any) -> None:
@@ -383,6 +403,8 @@ def _bench_engine_batch(engine: Any, plan: dict[str, Any], batch: int) -> dict[s
             decode_s.append(elapsed)
         seen += firsts
     ms_step = statistics.median(decode_s) * 1e3 if decode_s else float("nan")
+    print(f"  first steps (ms, tokens): {[(round(e * 1e3, 1), t) for e, t, _ in steps[:5]]}; "
+          f"decode steps: {len(decode_s)}, {sum(decode_s):.3f} s of {seconds:.3f} s")
     result = {"tok_s": batch * n / seconds, "ms_step": ms_step,
               "decode_tok_s": batch / ms_step * 1e3, "num_steps": len(steps),
               "graphs": engine.runner.graph_runner is not None,

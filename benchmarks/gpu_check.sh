@@ -30,7 +30,7 @@ echo "gpu_check exit status: $status"
 if [[ " $* " != *" --dry-run "* ]]; then
     timeout --signal=INT --kill-after=10 "$PYTEST_LIMIT_S" "$PYTHON" -m pytest -q -x \
         -p no:cacheprovider -o addopts="" \
-        tests/kernels/test_attention_flash_backend.py \
+        tests/kernels/test_attention_flash_backend.py tests/kernels/test_silu_mul_kernel.py \
         tests/kernels/test_attention_backend.py "tests/unit/test_sampler.py::test_cuda_draws_equal_cpu_draws" \
         2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
     echo "gpu pytest exit status: ${PIPESTATUS[0]}"

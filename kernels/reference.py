@@ -110,3 +110,9 @@ def rotary_ref(
         return torch.cat([rotated, xf[..., 2 * half :]], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """The Llama MLP's activation: [num_tokens, 2 * I] -> SiLU(first half) * second half."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -19,6 +19,7 @@ from tokenfleet.kernels.paged_batch import PagedBatch, make_paged_batch
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 from tokenfleet.kernels.rotary import rotary
+from tokenfleet.kernels.silu_mul import silu_mul
 
 __all__ = [
     "LLAMA3_8B_SHAPE",
@@ -92,6 +93,7 @@ def run_kernel_checks(
          lambda: _check_attention(shape, dtype, device, seed, True, shape.sliding_window, 4)),
         ("rms_norm", lambda: _check_rms_norm(shape, dtype, device, seed, False)),
         ("rms_norm + residual", lambda: _check_rms_norm(shape, dtype, device, seed, True)),
+        ("silu_mul", lambda: _check_silu_mul(shape, dtype, device, seed)),
         ("rotary llama3", lambda: _check_rotary(shape, dtype, device, seed)),
     ]
     results = []
@@ -148,6 +150,14 @@ def _check_rms_norm(shape: CheckShape, dtype: torch.dtype, device: torch.device 
     out, new_res = rms_norm(x, weight, 1e-5, residual)
     out_ref, res_ref = reference.rms_norm_ref(x, weight, 1e-5, residual)
     return max(rel_err(out, out_ref), rel_err(new_res, res_ref))
+
+
+def _check_silu_mul(shape: CheckShape, dtype: torch.dtype, device: torch.device | str,
+                    seed: int) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    width = 2 * (3 * shape.hidden + 3)  # the intermediate size is no multiple of the block
+    gate_up = (torch.randn(7, width, generator=gen) * 3).to(dtype).to(device)
+    return rel_err(silu_mul(gate_up), reference.silu_mul_ref(gate_up))
 
 
 def _check_rotary(shape: CheckShape, dtype: torch.dtype, device: torch.device | str,

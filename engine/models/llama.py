@@ -47,9 +47,16 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = PackedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, [0, 1])
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        # Fused Triton SiLU·mul: None = on CUDA tensors only (True: tests under the interpreter).
+        self.use_kernel: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each [T, intermediate]
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if gate_up.is_cuda if self.use_kernel is None else self.use_kernel:
+            from tokenfleet.kernels.silu_mul import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # each [T, intermediate]
         return self.down_proj(F.silu(gate) * up)
 
 

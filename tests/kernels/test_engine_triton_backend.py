@@ -27,10 +27,12 @@ def test_triton_backend_matches_torch_backend(tiny_llama_dir: Path) -> None:
 
 
 def test_fused_norm_and_rotary_kernels_in_the_model(tiny_llama_dir: Path) -> None:
-    """The CUDA path's Triton RMSNorm(+residual) and in-place rotary on q/k views of the fused
-    qkv output, run inside the model (interpreted on CPU), give the torch path's tokens."""
+    """The CUDA path's Triton RMSNorm(+residual), in-place rotary on q/k views of the fused
+    qkv output and SiLU·mul, run inside the model (interpreted on CPU), give the torch path's
+    tokens."""
     from tokenfleet.engine.layers.norm import RMSNorm
     from tokenfleet.engine.layers.rotary import RotaryEmbedding
+    from tokenfleet.engine.models.llama import LlamaMLP
 
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 13)]
@@ -39,7 +41,7 @@ def test_fused_norm_and_rotary_kernels_in_the_model(tiny_llama_dir: Path) -> Non
     expected = [c.token_ids for c in LLM(str(tiny_llama_dir), **args).generate(prompts, params)]
     llm = LLM(str(tiny_llama_dir), **args)
     fused = [m for m in llm.engine.runner.model.modules()
-             if isinstance(m, RMSNorm | RotaryEmbedding)]
+             if isinstance(m, RMSNorm | RotaryEmbedding | LlamaMLP)]
     assert len(fused) > 3
     for m in fused:
         m.use_kernel = True
