@@ -36,6 +36,10 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         block_size=settings.block_size,
         num_threads=settings.num_threads,
         quantize=None if settings.quantize == "none" else settings.quantize,
+        attention_backend=settings.attention_backend,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        cuda_graph_max_batch=settings.cuda_graph_max_batch,
+        async_decode=settings.async_decode,
     )
     return engine
 

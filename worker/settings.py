@@ -63,6 +63,18 @@ class WorkerSettings:
     num_threads: int | None = _setting(None, "CPU intra-op threads (default: torch's choice)")
     quantize: str = _setting("none", "weight quantization: none, or int8 (weight-only; CPU with "
                              "dtype bfloat16)", choices=("none", "int8"))
+    attention_backend: str = _setting("auto", "attention kernels: auto (triton on CUDA, torch on "
+                                      "CPU), torch, triton, flash_attn (needs flash-attn and "
+                                      "block_size 256)",
+                                      choices=("auto", "torch", "triton", "flash_attn"))
+    gpu_memory_utilization: float = _setting(0.90, "CUDA: fraction of GPU memory the worker may "
+                                             "fill (weights + KV cache) when kv_cache_bytes and "
+                                             "num_kv_blocks are unset")
+    cuda_graph_max_batch: int = _setting(128, "CUDA: decode batches up to this size replay "
+                                         "CUDA graphs (capped at max_num_seqs); 0 = eager")
+    async_decode: bool = _setting(True, "CUDA graphs: queue the next decode step before "
+                                  "reading this one's tokens, overlapping host work with the "
+                                  "GPU")
     lease_ms: int = _setting(30_000, "a job whose worker is silent this long is reclaimed; "
                              "leases are renewed every lease_ms/3")
     max_deliveries: int = _setting(3, "deliveries of one job before it is dead-lettered")
@@ -98,7 +110,9 @@ class WorkerSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_describe(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms"):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise SettingsError(f"{_describe('gpu_memory_utilization')} must be in (0, 1]")
+        for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms", "cuda_graph_max_batch"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.metrics_port < 65536:
