@@ -100,8 +100,10 @@ async def test_claim_scripts_on_both_server_version_paths(redis, keys, version):
     ids = [await redis.xadd(jobs, {b"job": f"j{i}".encode()}) for i in range(4)]
     await redis.xreadgroup(group, "ghost", {jobs: ">"}, count=4)
     await redis.xdel(jobs, ids[0])  # its job is gone but it is still pending
-    await asyncio.sleep(0.15)
-    reclaimer = Reclaimer(redis, keys, QUEUE, "me", lease_ms=100,
+    # The lease must outlast the three scans below: with a shorter one, a slow machine sees
+    # the entries claimed by the first scan idle again by the third and claims them twice.
+    await asyncio.sleep(1.1)
+    reclaimer = Reclaimer(redis, keys, QUEUE, "me", lease_ms=1000,
                           features=ServerFeatures("redis", version),
                           connectivity=Connectivity(), free_slots=lambda: 2,
                           take=_never, metrics=WorkerMetrics())
