@@ -2,7 +2,7 @@
 
     python benchmarks/bench_engine.py [--model smollm2] [--dtype bfloat16]
         [--prompt-len 128] [--new-tokens 128] [--hf-batches 1,8,32] [--batches 1,8,32,64]
-        [--quantize int8]
+        [--quantize int8|int4]
 
 Prints output tokens/s for each batch size and the ratios engine/HF. Prompts are random
 token ids (no EOS stops: both sides generate exactly --new-tokens tokens per request).
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-batches", default="1,8,32")
     ap.add_argument("--batches", default="1,8,32,64")
-    ap.add_argument("--quantize", choices=["int8"], default=None,
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="weight-only quantization of our engine (HF stays in --dtype)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()

@@ -1,13 +1,13 @@
 """Batch-1 decode: our engine vs llama.cpp (llama-cpp-python) on the same model, same run.
 
 llama.cpp runs the default model's own GGUF (Q4_1 weights, 4.5 bits); our engine runs the
-bf16 weights converted from that file, and with --int8 also its weight-only int8 mode. Both
+bf16 weights converted from that file, and its weight-only int8 and int4 modes. All
 get the same random 128-token prompt and generate 128 tokens greedily, EOS ignored, with the
 same number of threads. llama-cpp-python is built for this benchmark only and never becomes a
 dependency:
 
     pip install --target .cache/llamacpp llama-cpp-python   # builds llama.cpp (~10 min, 2 cores)
-    python benchmarks/bench_llamacpp.py [--site .cache/llamacpp] [--threads 2] [--int8]
+    python benchmarks/bench_llamacpp.py [--site .cache/llamacpp] [--quantize int8,int4]
 
 Prints overall tok/s (prefill + decode), decode-only tok/s, and ours/llama.cpp.
 """
@@ -33,8 +33,11 @@ def bench_llamacpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int
 
     llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
-    for _ in range(2):  # the first run pays for page-faulting the weights in; keep the second
-        gen = llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True)
+    # The warm-up pays for page-faulting the weights in. It uses another prompt: llama-cpp-
+    # python reuses the KV cache of a repeated prompt prefix, which would skip the prefill.
+    warm_up = [t + 1 for t in prompt]
+    for tokens in (warm_up, prompt):
+        gen = llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, reset=True)
         started = time.perf_counter()
         next(gen)  # prefill + the first token
         first = time.perf_counter()
@@ -75,10 +78,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--int8", action="store_true", help="also our weight-only int8 mode")
+    ap.add_argument("--quantize", default="int8,int4",
+                    help="also our weight-only modes (comma-separated; '' for none)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(args.site).resolve()))
+    sys.path.append(str(Path(args.site).resolve()))  # after the venv: its numpy etc. win
     gguf = args.gguf or (default_cache_dir() / "downloads" / "smollm2" /
                          "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not gguf.exists():
@@ -89,8 +93,8 @@ def main() -> None:
                                "new_tokens": args.new_tokens}
     results["llama.cpp Q4_1"] = bench_llamacpp(gguf, prompt, args.new_tokens, args.threads)
     results["ours bf16"] = bench_ours(None, prompt, args.new_tokens, args.threads)
-    if args.int8:
-        results["ours int8"] = bench_ours("int8", prompt, args.new_tokens, args.threads)
+    for mode in filter(None, args.quantize.split(",")):
+        results[f"ours {mode}"] = bench_ours(mode, prompt, args.new_tokens, args.threads)
     base = results["llama.cpp Q4_1"]
     print(f"batch 1, {args.prompt_len} prompt / {args.new_tokens} new tokens, "
           f"{args.threads} threads")

@@ -107,7 +107,7 @@ class EngineConfig:
     cache_dir: Path | None = None
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     cpu_prepack: bool = True  # oneDNN-packed bf16 weights on CPU (see layers/cpu_prepack.py)
-    quantize: str | None = None  # None or "int8" (weight-only, CPU bf16)
+    quantize: str | None = None  # None, "int8" or "int4" (weight-only, CPU bf16)
     # Decode batches up to this size replay CUDA graphs (CUDA with a graph-safe attention
     # backend only); 0 = always eager. Capped at max_num_seqs.
     cuda_graph_max_batch: int = 128
@@ -126,8 +126,9 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValidationError(f"{name} must be positive")
-        if self.quantize not in (None, "int8"):
-            raise ValidationError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValidationError(
+                f"quantize must be None, 'int8' or 'int4', got {self.quantize!r}")
         if self.attention_backend == "flash_attn" and self.block_size % 256:
             raise ValidationError(
                 "attention_backend='flash_attn' reads the paged KV cache in blocks of a multiple "

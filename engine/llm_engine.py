@@ -23,6 +23,7 @@ from tokenfleet.engine.loader import load_model, load_model_config
 from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, needs_history
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
+from tokenfleet.engine.quant.int4_weight_only import quantize_int4_weight_only
 from tokenfleet.engine.quant.int8_weight_only import quantize_int8_weight_only
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
@@ -51,6 +52,8 @@ class LLMEngine:
         device = torch.device(config.device)
         if config.quantize == "int8":
             quantize_int8_weight_only(model, device, config.torch_dtype)
+        elif config.quantize == "int4":
+            quantize_int4_weight_only(model, device, config.torch_dtype)
         elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype):
             prepack_cpu_linears(model)
         self.runner = ModelRunner(config, mc, model)

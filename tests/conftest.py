@@ -54,6 +54,13 @@ def smollm2_model_dir() -> Path:
     return pull_model("smollm2", cache_dir=model_cache_dir(), progress=True)
 
 
+def tokenizer_source_dir() -> Path:
+    """Where tiny test models copy SmolLM2's tokenizer from: TOKENFLEET_TEST_TOKENIZER_DIR when
+    set (an offline GPU machine carries just these two files), else the pulled model."""
+    override = os.environ.get("TOKENFLEET_TEST_TOKENIZER_DIR")
+    return Path(override) if override else smollm2_model_dir()
+
+
 def _model_classes(arch: str) -> tuple[Any, Any]:
     import transformers
 
@@ -86,7 +93,7 @@ def build_tiny_llama(
     model = model_cls(config).to(torch.float32).eval()
     out = Path(tmp_path) / f"tiny-{arch}-{seed}"
     model.save_pretrained(out, safe_serialization=True)
-    source = tokenizer_dir if tokenizer_dir is not None else smollm2_model_dir()
+    source = tokenizer_dir if tokenizer_dir is not None else tokenizer_source_dir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(source / name, out / name)
     return out
@@ -99,18 +106,18 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture
-def make_tiny_llama(smollm2_dir: Path) -> Callable[..., Path]:
+def make_tiny_llama() -> Callable[..., Path]:
     """`make_tiny_llama(tmp_path, **overrides) -> Path`: see `build_tiny_llama`."""
 
     def make(tmp_path: Path, **overrides: Any) -> Path:
-        overrides.setdefault("tokenizer_dir", smollm2_dir)
+        overrides.setdefault("tokenizer_dir", tokenizer_source_dir())
         return build_tiny_llama(tmp_path, **overrides)
 
     return make
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny random Llama (GQA, 1024 positions) shared by the whole session."""
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-shared"), tokenizer_dir=smollm2_dir,
-                            max_position_embeddings=1024)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-shared"),
+                            tokenizer_dir=tokenizer_source_dir(), max_position_embeddings=1024)

@@ -61,8 +61,9 @@ class WorkerSettings:
     num_kv_blocks: int | None = _setting(None, "KV cache size in blocks (overrides bytes)")
     block_size: int = _setting(16, "tokens per KV cache block")
     num_threads: int | None = _setting(None, "CPU intra-op threads (default: torch's choice)")
-    quantize: str = _setting("none", "weight quantization: none, or int8 (weight-only; CPU with "
-                             "dtype bfloat16)", choices=("none", "int8"))
+    quantize: str = _setting("none", "weight quantization: none, int8 or int4 (weight-only; "
+                             "CPU with dtype bfloat16; int4 = Q4_1's grid, 32-channel groups)",
+                             choices=("none", "int8", "int4"))
     attention_backend: str = _setting("auto", "attention kernels: auto (triton on CUDA, torch on "
                                       "CPU), torch, triton, flash_attn (needs flash-attn and "
                                       "block_size 256)",

@@ -5,7 +5,8 @@ by a stop token id at an arbitrary point (found out only after the next step was
 stop string, seeded sampling with top tokens, a penalty (which forces synchronous steps),
 length limits — runs three ways: asynchronous, graph path synchronous, and eager. Every
 request must get the same tokens, log-probs, text and finish reason, and the cache must end
-empty. On CPU the graph path runs its static buffers eagerly (Triton interpreted).
+empty. On CPU the graph path runs its static buffers eagerly (Triton interpreted); on a CUDA
+machine it captures and replays real graphs.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from tokenfleet.engine import LLMEngine, SamplingParams
 from tokenfleet.engine.sequence import PENDING_TOKEN
 
 Traffic = dict[int, list[tuple[str, list[int], SamplingParams]]]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _engine(model_dir: Path, *, graphs: bool, async_decode: bool) -> LLMEngine:
+    on_cuda = DEVICE == "cuda"  # there: real CUDA graphs, captured by the engine itself
     engine = LLMEngine.from_model(str(model_dir), dtype="float32", block_size=4,
                                   num_kv_blocks=160, attention_backend="triton", max_num_seqs=8,
-                                  async_decode=async_decode)
-    if graphs:
+                                  device=DEVICE, async_decode=async_decode,
+                                  cuda_graph_max_batch=8 if graphs and on_cuda else 0)
+    if graphs and not on_cuda:
         runner = engine.runner.make_graph_runner(use_graphs=False)
         runner.capture_all()
         engine.runner.graph_runner = runner
