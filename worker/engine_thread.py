@@ -13,7 +13,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,6 +38,13 @@ class _Add:
 @dataclass(frozen=True, slots=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _AddMany:
+    """Adds sent as one command, so the engine thread never starts a step with part of them."""
+
+    adds: list[_Add]
 
 
 _STOP: Final = object()
@@ -89,6 +96,7 @@ class EngineThread:
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._running_ids: set[str] = set()
         self._num_failures = 0
+        self._held: list[_Add] | None = None  # adds collected inside `batched()`
         self._thread = threading.Thread(target=self._run, name="tokenfleet-engine", daemon=True)
 
     # -- asyncio side ---------------------------------------------------------------------
@@ -98,9 +106,34 @@ class EngineThread:
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
             resume_token_ids: Sequence[int] = ()) -> None:
         self.num_adds_sent += 1
-        self._commands.put(_Add(request_id, prompt_token_ids, params, resume_token_ids))
+        add = _Add(request_id, prompt_token_ids, params, resume_token_ids)
+        if self._held is not None:
+            self._held.append(add)
+        else:
+            self._commands.put(add)
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Hold the adds made inside and send them as one command on exit.
+
+        The intake starts a batch of jobs one Redis round trip at a time; sent one by one, the
+        first add would wake an idle engine thread, which would start a prefill step with it
+        alone while the rest wait a whole step. Aborts are not held (they must not wait)."""
+        if self._held is not None:  # nested: the outer block sends
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if held:
+                self._commands.put(_AddMany(held))
 
     def abort(self, request_id: str) -> None:
+        if self._held:  # keep the order: an abort must not overtake the add it cancels
+            self._commands.put(_AddMany(self._held))
+            self._held = []
         self._commands.put(_Abort(request_id))
 
     def num_free_seqs(self) -> int:
@@ -152,6 +185,8 @@ class EngineThread:
         if isinstance(command, _Abort):
             self.engine.abort(command.request_id)
             return 0
+        if isinstance(command, _AddMany):
+            return sum(self._apply(add) for add in command.adds)
         assert isinstance(command, _Add), command
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,

@@ -101,9 +101,10 @@ class Intake:
                     self._group, self._consumer, {self._jobs: ">"},
                     count=num_free, block=self._read_block_ms)
                 self._connectivity.succeeded(backoff)
-                for _stream, entries in reply or []:
-                    for entry_id, fields in entries:
-                        await self.take(entry_id, fields)
+                with self._engine.batched():  # the whole read reaches the engine at once
+                    for _stream, entries in reply or []:
+                        for entry_id, fields in entries:
+                            await self.take(entry_id, fields)
             except (RedisError, OSError) as e:
                 if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost it)
                     await self.ensure_group()
