@@ -56,6 +56,8 @@ class CudaGraphRunner:
         self.use_graphs = use_graphs
         self.max_seq_len = max_seq_len
         self.launch_config = launch_config
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {max_batch}")
         self.buckets = graph_buckets(max_batch)
         num_rows = self.buckets[-1]
         # Static inputs every replay reads (views of these are baked into the graphs).

@@ -30,7 +30,7 @@ def _engine(model_dir: Path, *, graphs: bool, async_decode: bool) -> LLMEngine:
     engine = LLMEngine.from_model(str(model_dir), dtype="float32", block_size=4,
                                   num_kv_blocks=160, attention_backend="triton", max_num_seqs=8,
                                   device=DEVICE, async_decode=async_decode,
-                                  cuda_graph_max_batch=8 if graphs and on_cuda else 0)
+                                  cuda_graph_max_batch=8 if graphs else 0)
     if graphs and not on_cuda:
         runner = engine.runner.make_graph_runner(use_graphs=False)
         runner.capture_all()
