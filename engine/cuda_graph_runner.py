@@ -7,10 +7,11 @@ forward and the lm_head in one launch.
 
 Everything a replay reads lives in static buffers sized for the largest bucket; `run` copies
 the step into them with one host-to-device transfer. Padded rows get slot -1 (nothing is
-written to the cache) and a context of one key in block 0, which the runner zero-fills, so
-their rows stay finite and are dropped. The attention backend fixes its launch configuration
-(the flash-decoding split count) per bucket at capture; the split bounds are computed on the
-device from `seq_lens`, so a replay stays right for any context up to `max_model_len`.
+written to the cache) and a context of one key in block 0 (zero-initialised, or some
+sequence's finite KV), so their rows stay finite; they are dropped. The attention backend
+fixes its launch configuration (the flash-decoding split count) per bucket at capture; the
+split bounds are computed on the device from `seq_lens`, so a replay stays right for any
+context up to `max_model_len`.
 
 Off CUDA (`use_graphs=False`, tests under the Triton interpreter) the same static-buffer path
 runs eagerly, so the padding and buffer logic is checked without a GPU.
@@ -165,8 +166,9 @@ class CudaGraphRunner:
         self._staging_tables[num_seqs:num_rows].zero_()
 
     def _upload(self, num_rows: int) -> None:
-        # Pinned sources, non-blocking: the previous step's tokens were read back (a sync), so
-        # no earlier copy from these buffers is still in flight.
-        self.step_ints[:, :num_rows].copy_(self._staging[:, :num_rows], non_blocking=True)
+        # Whole, contiguous pinned buffers (4 x B int64 is a few KB): a non-contiguous slice
+        # would be staged through pageable memory, whose copy waits for the stream to drain.
+        # This buffer's previous upload (two steps ago) finished before its outputs were read.
+        self.step_ints.copy_(self._staging, non_blocking=True)
         self.seq_lens[:num_rows].copy_(self.step_ints[_LEN, :num_rows])
         self.block_tables[:num_rows].copy_(self._staging_tables[:num_rows], non_blocking=True)

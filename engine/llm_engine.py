@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence as Seq
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ class LLMEngine:
         """Cancel a request; its `cancelled` output comes out of the next `step()`."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.is_finished:
+            if seq is not None:  # finished, its output not collected (a step failed after)
+                del self._seqs[request_id]
             return False
         self.scheduler.remove(seq)
         seq.drop_pending()  # a step in flight may still compute its next token: ignored
@@ -136,24 +139,43 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """schedule -> run -> postprocess. With asynchronous decode (CUDA graphs) a decode step
         is queued and its outputs are returned by the next call, which first queues the step
-        after it: the host's postprocessing then overlaps the device's next forward."""
+        after it: the host's postprocessing then overlaps the device's next forward.
+
+        If it raises, the engine stays usable: outputs already produced come with the next
+        call, and a step whose tokens were never read is undone."""
+        with self._on_device():  # the calling thread's current CUDA device may be another
+            return self._step()
+
+    def _on_device(self) -> AbstractContextManager[Any]:
+        device = self.runner.device
+        return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+    def _step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
-        if self._in_flight is not None:
-            launched, self._in_flight = self._in_flight, None
-            self._in_flight = self._queue_next_decode(launched)
-            outputs += self.postprocessor.resolve(launched.seqs, launched.wait())
+        try:
             if self._in_flight is not None:
-                return self._forget_finished(outputs)
-        batch = self.scheduler.schedule()
-        if batch:
-            self.num_prefilled_tokens += sum(  # everything but the one-token decodes
-                n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
-            if self._async_decode_ok(batch):
-                self._in_flight = self._launch(batch.seqs, None)
-            else:
-                run = self.runner.run(batch)
-                outputs += self.postprocessor.process(batch, run)
+                launched, self._in_flight = self._in_flight, None
+                try:
+                    self._in_flight = self._queue_next_decode(launched)
+                except BaseException:
+                    self._roll_back(launched)
+                    raise
+                outputs += self.postprocessor.resolve(launched.seqs, launched.wait())
+                if self._in_flight is not None:
+                    return self._forget_finished(outputs)
+            batch = self.scheduler.schedule()
+            if batch:
+                self.num_prefilled_tokens += sum(  # everything but the one-token decodes
+                    n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                    if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
+                if self._async_decode_ok(batch):
+                    self._in_flight = self._launch(batch.seqs, None)
+                else:
+                    run = self.runner.run(batch)
+                    outputs += self.postprocessor.process(batch, run)
+        except BaseException:
+            self._pending = outputs + self._pending  # what finished is still reported, later
+            raise
         return self._forget_finished(outputs)
 
     def _forget_finished(self, outputs: list[StepOutput]) -> list[StepOutput]:
@@ -178,6 +200,14 @@ class LLMEngine:
             seq.output_token_ids.append(PENDING_TOKEN)
             seq.num_pending_tokens += 1
         return launched
+
+    def _roll_back(self, launched: LaunchedDecode) -> None:
+        """Undo a step whose tokens will never be read (queuing the next one failed): its
+        sequences are left as if it had not run, and recompute that position next time."""
+        for seq in launched.seqs:
+            if not seq.is_finished and seq.num_pending_tokens:
+                seq.num_computed_tokens -= seq.num_pending_tokens
+                seq.drop_pending()
 
     def _queue_next_decode(self, prev: LaunchedDecode) -> LaunchedDecode | None:
         """Queue the decode step after `prev` for the same sequences, before prev's tokens are
@@ -212,7 +242,8 @@ class LLMEngine:
         if not self.block_manager.allocate(seq):
             raise ValidationError("not enough free KV blocks to score this prompt now")
         try:
-            return self.runner.last_logits(seq)
+            with self._on_device():
+                return self.runner.last_logits(seq)
         finally:
             self.block_manager.free(seq)
 

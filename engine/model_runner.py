@@ -64,7 +64,8 @@ class ModelRunner:
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \
                 and config.cuda_graph_max_batch > 0:
             self.graph_runner = self.make_graph_runner(use_graphs=True)
-            self.graph_runner.capture_all()
+            with torch.cuda.device(self.device):  # capture on the model's device
+                self.graph_runner.capture_all()
 
     # ---- set-up ----------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:

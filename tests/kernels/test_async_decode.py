@@ -135,3 +135,63 @@ def test_async_decode_changes_no_output(tiny_llama_dir: Path) -> None:
         assert finals["aborted"].finish_reason.value == "cancelled"
         assert finals["aborted"].num_generated_tokens == len(aborted) > 0
         assert PENDING_TOKEN not in [t.id for t in aborted]
+
+
+def test_a_failed_step_loses_nothing(tiny_llama_dir: Path) -> None:
+    """step() raising (here: queuing the next decode, then a prefill) leaves the engine
+    usable: no token is lost, none is duplicated, no placeholder leaks, the cache empties."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    want = {}
+    reference = _engine(tiny_llama_dir, graphs=False, async_decode=False)
+    for i, prompt in enumerate(prompts):
+        reference.add_request(f"r{i}", prompt, params)
+    while reference.has_unfinished():
+        for out in reference.step():
+            if out.finished:
+                want[out.request_id] = out.generated_text
+
+    engine = _engine(tiny_llama_dir, graphs=True, async_decode=True)
+    runner = engine.runner
+    launch, run = runner.launch_decode, runner.run
+    calls = {"launch": 0, "run": 0}
+
+    def flaky_launch(seqs: Any, prev: Any = None) -> Any:
+        calls["launch"] += 1
+        if calls["launch"] == 4 and prev is not None:
+            raise RuntimeError("injected: queuing the next decode failed")
+        return launch(seqs, prev)
+
+    def flaky_run(batch: Any) -> Any:
+        calls["run"] += 1
+        if calls["run"] == 2:  # the late request's prefill, after a resolve
+            raise RuntimeError("injected: prefill failed")
+        return run(batch)
+    runner.launch_decode = flaky_launch  # type: ignore[method-assign]
+    runner.run = flaky_run  # type: ignore[method-assign]
+    for i, prompt in enumerate(prompts[:2]):
+        engine.add_request(f"r{i}", prompt, params)
+    got: dict[str, list[Any]] = defaultdict(list)
+    finals: dict[str, Any] = {}
+    num_failures = 0
+    for step in range(200):
+        if step == 6:
+            engine.add_request("r2", prompts[2], params)
+        try:
+            outputs = engine.step()
+        except RuntimeError:
+            num_failures += 1
+            continue
+        for out in outputs:
+            got[out.request_id].extend(out.tokens)
+            if out.finished:
+                finals[out.request_id] = out
+        if not engine.has_unfinished() and step > 6:
+            break
+    assert num_failures == 2
+    assert {k: v.generated_text for k, v in finals.items()} == want
+    for request_id, tokens in got.items():
+        assert [t.index for t in tokens] == list(range(10)), request_id
+        assert PENDING_TOKEN not in [t.id for t in tokens]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
