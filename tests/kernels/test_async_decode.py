@@ -137,20 +137,39 @@ def test_async_decode_changes_no_output(tiny_llama_dir: Path) -> None:
         assert PENDING_TOKEN not in [t.id for t in aborted]
 
 
+def _finish_all(engine: LLMEngine, late: tuple[int, str, list[int], SamplingParams] | None
+                ) -> tuple[dict[str, list[Any]], dict[str, Any], int]:
+    """Step to the end, adding `late` at its step; returns tokens, finals, failed steps."""
+    got: dict[str, list[Any]] = defaultdict(list)
+    finals: dict[str, Any] = {}
+    num_failures = 0
+    for step in range(200):
+        if late is not None and step == late[0]:
+            engine.add_request(*late[1:])
+        try:
+            outputs = engine.step()
+        except RuntimeError:
+            num_failures += 1
+            continue
+        for out in outputs:
+            got[out.request_id].extend(out.tokens)
+            if out.finished:
+                finals[out.request_id] = out
+        if not engine.has_unfinished() and (late is None or step > late[0]):
+            break
+    return got, finals, num_failures
+
+
 def test_a_failed_step_loses_nothing(tiny_llama_dir: Path) -> None:
     """step() raising (here: queuing the next decode, then a prefill) leaves the engine
     usable: no token is lost, none is duplicated, no placeholder leaks, the cache empties."""
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (4, 9, 6)]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    want = {}
     reference = _engine(tiny_llama_dir, graphs=False, async_decode=False)
     for i, prompt in enumerate(prompts):
         reference.add_request(f"r{i}", prompt, params)
-    while reference.has_unfinished():
-        for out in reference.step():
-            if out.finished:
-                want[out.request_id] = out.generated_text
+    _, want, _ = _finish_all(reference, None)
 
     engine = _engine(tiny_llama_dir, graphs=True, async_decode=True)
     runner = engine.runner
@@ -172,25 +191,10 @@ def test_a_failed_step_loses_nothing(tiny_llama_dir: Path) -> None:
     runner.run = flaky_run  # type: ignore[method-assign]
     for i, prompt in enumerate(prompts[:2]):
         engine.add_request(f"r{i}", prompt, params)
-    got: dict[str, list[Any]] = defaultdict(list)
-    finals: dict[str, Any] = {}
-    num_failures = 0
-    for step in range(200):
-        if step == 6:
-            engine.add_request("r2", prompts[2], params)
-        try:
-            outputs = engine.step()
-        except RuntimeError:
-            num_failures += 1
-            continue
-        for out in outputs:
-            got[out.request_id].extend(out.tokens)
-            if out.finished:
-                finals[out.request_id] = out
-        if not engine.has_unfinished() and step > 6:
-            break
+    got, finals, num_failures = _finish_all(engine, (6, "r2", prompts[2], params))
     assert num_failures == 2
-    assert {k: v.generated_text for k, v in finals.items()} == want
+    assert {k: v.generated_text for k, v in finals.items()} == \
+        {k: v.generated_text for k, v in want.items()}
     for request_id, tokens in got.items():
         assert [t.index for t in tokens] == list(range(10)), request_id
         assert PENDING_TOKEN not in [t.id for t in tokens]
