@@ -72,7 +72,7 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=64, quantize=args.quantize)
     model_dir = str(llm.engine.config.model_dir)
     hf = {b: bench_hf(model_dir, dtype, b, args.prompt_len, args.new_tokens)
-          for b in map(int, args.hf_batches.split(","))}
+          for b in map(int, filter(None, args.hf_batches.split(",")))}
     ours = {b: bench_engine(llm, b, args.prompt_len, args.new_tokens)["tok_s"]
             for b in map(int, args.batches.split(","))}
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
