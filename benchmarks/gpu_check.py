@@ -12,6 +12,8 @@ last and everything goes to gpu_check.json in --out (default $OUT or /tmp).
 
     benchmarks/gpu_check.sh                  # on the lent GPU
     python benchmarks/gpu_check.py --dry-run # tiny shapes on the CPU (Triton interpreter)
+
+The timing code lives in gpu_bench.py, the parity judgement in gpu_parity.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gpu_parity  # benchmarks/, beside this script
+import gpu_bench  # benchmarks/, beside this script
+import gpu_parity
 
 REPO = Path(__file__).resolve().parent.parent
 COPY_TB_S = 3.0  # measured H100 copy bandwidth (DESIGN.md §6)
@@ -195,11 +198,11 @@ def _run_model_parts(plan: dict[str, Any], parts: set[str], report: dict[str, An
     n, dev = plan["parity_new_tokens"], plan["device"]
     theirs = gpu_parity.hf_bf16_reference(hf, prompts, n, dev) if "parity" in parts else None
     if "bench" in parts:
-        _part(report, "hf_bench", functools.partial(_bench_hf, hf, plan))
+        _part(report, "hf_bench", functools.partial(gpu_bench.bench_hf, hf, plan))
     engine = _load_engine(plan, model_dir)  # HF stays loaded: it becomes the fp32 truth below
-    ours = gpu_parity.engine_outputs(engine, prompts, n, _generate) if theirs else None
+    ours = gpu_parity.engine_outputs(engine, prompts, n, gpu_bench.generate) if theirs else None
     if "bench" in parts:
-        _part(report, "engine_bench", functools.partial(_bench_engine, engine, plan))
+        _part(report, "engine_bench", functools.partial(gpu_bench.bench_engine, engine, plan))
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -253,171 +256,6 @@ def _load_engine(plan: dict[str, Any], model_dir: Path) -> Any:
                                   attention_backend="triton", **plan["engine_args"])
     print(f"engine loaded in {time.perf_counter() - started:.1f} s")
     return engine
-
-
-def _generate(engine: Any, prompts: list[list[int]], new_tokens: int, tag: str
-              ) -> tuple[dict[str, list[Any]], list[tuple[float, int, int]]]:
-    """Run prompts to completion; returns tokens per request and (seconds, tokens, firsts)."""
-    from tokenfleet.engine import SamplingParams
-
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    outputs: dict[str, list[Any]] = {}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"{tag}{i}", prompt, params)
-        outputs[f"{tag}{i}"] = []
-    steps = []
-    while engine.has_unfinished():
-        started = time.perf_counter()
-        step = engine.step()
-        elapsed = time.perf_counter() - started
-        firsts = sum(1 for s in step if s.tokens and not outputs[s.request_id])
-        for s in step:
-            outputs[s.request_id].extend(s.tokens)
-        steps.append((elapsed, sum(len(s.tokens) for s in step), firsts))
-    return outputs, steps
-
-
-def _bench_hf(hf: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
-    import torch
-
-    results = {}
-    n, vocab = plan["bench_new_tokens"], plan["model"]["vocab_size"]
-    for batch in plan["bench_batches"]:
-        ids = torch.randint(3, vocab, (batch, plan["bench_prompt_len"]), device=plan["device"])
-        run = lambda m, ids=ids: hf.generate(ids, attention_mask=torch.ones_like(ids),  # noqa: E731
-                                             max_new_tokens=m, min_new_tokens=m,
-                                             do_sample=False, pad_token_id=0)
-        with torch.inference_mode():
-            run(4)  # warm-up
-            _sync()
-            started = time.perf_counter()
-            run(n)
-            _sync()
-        seconds = time.perf_counter() - started
-        results[str(batch)] = {"tok_s": batch * n / seconds, "ms_step": seconds / n * 1e3}
-        print(f"HF batch {batch}: {results[str(batch)]}", flush=True)
-    return results
-
-
-def _bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each batch size with the defaults (CUDA graphs, asynchronous decode), then without
-    asynchronous decode, then batch 1 fully eager: what each part contributes."""
-    results = {}
-    for batch in plan["bench_batches"]:
-        results[str(batch)] = _bench_engine_batch(engine, plan, batch)
-    graphs = engine.runner.graph_runner
-    if graphs is not None and engine.config.async_decode:
-        engine.config.async_decode = False  # the same steps, host work not overlapped
-        try:
-            for batch in plan["bench_batches"]:
-                results[f"{batch} sync"] = _bench_engine_batch(engine, plan, batch)
-        finally:
-            engine.config.async_decode = True
-    if graphs is not None:
-        results["replay"] = _time_replays(graphs, plan)
-        _profile_prefill(engine, plan)
-        engine.runner.graph_runner = None
-        try:
-            results["1 eager"] = _bench_engine_batch(engine, plan, 1)
-        finally:
-            engine.runner.graph_runner = graphs
-    return results
-
-
-def _time_replays(graphs: Any, plan: dict[str, Any]) -> dict[str, float]:
-    """GPU time of one graph replay (the forward + lm_head alone, no host work), per batch."""
-    import statistics
-
-    import torch
-
-    out = {}
-    for batch in plan["bench_batches"]:
-        replay = graphs._replays.get(graphs.bucket_for(batch))
-        if replay is None:
-            continue
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        out[f"replay_ms_b{batch}"] = statistics.median(times)
-    print(f"graph replay GPU time: {out}", flush=True)
-    _profile_replay(graphs._replays[graphs.bucket_for(1)])
-    return out
-
-
-def _profile_prefill(engine: Any, plan: dict[str, Any]) -> None:
-    """Kernel table of the prefill steps of the largest batch (the steps before decode)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    batch, vocab = max(plan["bench_batches"]), plan["model"]["vocab_size"]
-    prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _generate(engine, prompts, 1, "prof-")
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
-                                        max_name_column_width=60), flush=True)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=10,
-                                        max_name_column_width=60), flush=True)
-    except Exception as exc:
-        print(f"profiler unavailable: {exc!r}")
-
-
-def _profile_replay(replay: Any) -> None:
-    """Kernel time table of a batch-1 replay: where the time above the weight floor goes."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                replay()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
-                                        max_name_column_width=70), flush=True)
-    except Exception as exc:  # the profiler is a diagnostic: never fail the check over it
-        print(f"profiler unavailable: {exc!r}")
-
-
-def _bench_engine_batch(engine: Any, plan: dict[str, Any], batch: int) -> dict[str, float]:
-    import statistics
-
-    import torch
-
-    n, vocab = plan["bench_new_tokens"], plan["model"]["vocab_size"]
-    prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()
-    _generate(engine, prompts, 4, f"warm{batch}-")  # compiles kernels of these shapes
-    prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()  # no cache hits
-    started = time.perf_counter()
-    _, steps = _generate(engine, prompts, n, f"bench{batch}-")
-    seconds = time.perf_counter() - started
-    # Pure decode steps: after every sequence has produced its first token.
-    seen, decode_s = 0, []
-    for elapsed, _num_tokens, firsts in steps:
-        if seen == batch:
-            decode_s.append(elapsed)
-        seen += firsts
-    ms_step = statistics.median(decode_s) * 1e3 if decode_s else float("nan")
-    print(f"  first steps (ms, tokens): {[(round(e * 1e3, 1), t) for e, t, _ in steps[:5]]}; "
-          f"decode steps: {len(decode_s)}, {sum(decode_s):.3f} s of {seconds:.3f} s")
-    result = {"tok_s": batch * n / seconds, "ms_step": ms_step,
-              "decode_tok_s": batch / ms_step * 1e3, "num_steps": len(steps),
-              "graphs": engine.runner.graph_runner is not None,
-              "async_decode": engine.config.async_decode}
-    print(f"engine batch {batch}: {result}", flush=True)
-    return result
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _print_table(report: dict[str, Any]) -> None:
