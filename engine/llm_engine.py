@@ -153,30 +153,40 @@ class LLMEngine:
     def _step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
         try:
-            if self._in_flight is not None:
-                launched, self._in_flight = self._in_flight, None
-                try:
-                    self._in_flight = self._queue_next_decode(launched)
-                except BaseException:
-                    self._roll_back(launched)
-                    raise
-                outputs += self.postprocessor.resolve(launched.seqs, launched.wait())
-                if self._in_flight is not None:
-                    return self._forget_finished(outputs)
+            if self._in_flight is not None and self._advance_in_flight(outputs):
+                return self._forget_finished(outputs)
             batch = self.scheduler.schedule()
             if batch:
-                self.num_prefilled_tokens += sum(  # everything but the one-token decodes
-                    n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                    if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
-                if self._async_decode_ok(batch):
-                    self._in_flight = self._launch(batch.seqs, None)
-                else:
-                    run = self.runner.run(batch)
-                    outputs += self.postprocessor.process(batch, run)
+                self._run(batch, outputs)
         except BaseException:
             self._pending = outputs + self._pending  # what finished is still reported, later
             raise
         return self._forget_finished(outputs)
+
+    def _run(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> None:
+        """Run `batch`: queued without waiting when it may be (its outputs come with the next
+        step), else run and postprocessed now, appending to `outputs`."""
+        self.num_prefilled_tokens += sum(  # everything but the one-token decodes
+            n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
+        if self._async_decode_ok(batch):
+            self._in_flight = self._launch(batch.seqs, None)
+            return
+        run = self.runner.run(batch)
+        outputs += self.postprocessor.process(batch, run)
+
+    def _advance_in_flight(self, outputs: list[StepOutput]) -> bool:
+        """Queue the step after the one in flight (when nothing else wants the step), then read
+        the one in flight and append its outputs. True when a step is in flight again."""
+        launched, self._in_flight = self._in_flight, None
+        assert launched is not None
+        try:
+            self._in_flight = self._queue_next_decode(launched)
+        except BaseException:
+            self._roll_back(launched)
+            raise
+        outputs += self.postprocessor.resolve(launched.seqs, launched.wait())
+        return self._in_flight is not None
 
     def _forget_finished(self, outputs: list[StepOutput]) -> list[StepOutput]:
         for out in outputs:
