@@ -87,10 +87,16 @@ class CudaGraphRunner:
         for num_rows in reversed(self.buckets):
             self._replays[num_rows] = self._capture(num_rows)
 
+    def _launch_config(self, num_rows: int) -> AbstractContextManager[None]:
+        return self.launch_config(num_rows) if self.launch_config else nullcontext()
+
     def _capture(self, num_rows: int) -> Callable[[], torch.Tensor]:
-        with self.launch_config(num_rows) if self.launch_config else nullcontext():
-            if not self.use_graphs:
-                return lambda: self._forward(num_rows)
+        if not self.use_graphs:
+            def eager() -> torch.Tensor:  # the launch configuration a graph would have baked in
+                with self._launch_config(num_rows):
+                    return self._forward(num_rows)
+            return eager
+        with self._launch_config(num_rows):
             for _ in range(2):  # compiles the Triton kernels of this shape outside the capture
                 self._forward(num_rows)
             torch.cuda.synchronize(self.device)
