@@ -65,11 +65,9 @@ def quantize_int4_weight_only(model: nn.Module, device: torch.device, dtype: tor
         raise ValidationError("quantize='int4' needs device='cpu' and dtype='bfloat16'")
     num_int4 = 0
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if name == lm_head:
-            setattr(parent, attr, Int8WeightOnlyLinear(module.weight, module.bias))
+            model.set_submodule(name, Int8WeightOnlyLinear(module.weight, module.bias))
         elif module.weight.shape[1] % GROUP_SIZE == 0:
-            setattr(parent, attr, Int4WeightOnlyLinear(module.weight, module.bias))
+            model.set_submodule(name, Int4WeightOnlyLinear(module.weight, module.bias))
             num_int4 += 1
     return num_int4

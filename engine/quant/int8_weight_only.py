@@ -39,7 +39,5 @@ def quantize_int8_weight_only(model: nn.Module, device: torch.device, dtype: tor
         raise ValidationError("quantize='int8' needs device='cpu' and dtype='bfloat16'")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8WeightOnlyLinear(module.weight, module.bias))
+        model.set_submodule(name, Int8WeightOnlyLinear(module.weight, module.bias))
     return len(targets)
