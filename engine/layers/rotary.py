@@ -28,7 +28,9 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict[str, Any] | None):
         super().__init__()
         try:
-            cache = build_cos_sin_cache(head_dim, max_positions, base, scaling)
+            # On the device the model is being built on (the loader's `torch.device` context).
+            cache = build_cos_sin_cache(head_dim, max_positions, base, scaling,
+                                        device=torch.get_default_device())
         except KeyError as e:
             raise UnsupportedModelError(f"rope_scaling lacks {e}") from None
         except KernelArgumentError as e:
@@ -39,8 +41,6 @@ class RotaryEmbedding(nn.Module):
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
         """The step's cos/sin rows, gathered once and shared by every layer."""
-        if self.cos_sin.device != positions.device:  # built on the CPU; moved once
-            self.cos_sin = self.cos_sin.to(positions.device)
         if positions.is_cuda if self.use_kernel is None else self.use_kernel:
             return RopeTable(positions, self.cos_sin, None, None)
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
