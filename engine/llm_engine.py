@@ -197,10 +197,7 @@ class LLMEngine:
     # ---- asynchronous decode ---------------------------------------------------------------
     def _async_decode_ok(self, batch: ScheduledBatch) -> bool:
         """Decode-only, replayable, and no penalty (those read the token history on the host)."""
-        return (self.config.async_decode and self.runner.graph_runner is not None
-                and self.runner.can_replay(len(batch.seqs))
-                and all(n == 1 for n in batch.num_new_tokens)
-                and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs)
+        return (self.config.async_decode and self.runner.replayable(batch)
                 and not needs_history(batch.seqs))
 
     def _launch(self, seqs: list[Sequence], prev: LaunchedDecode | None) -> LaunchedDecode:

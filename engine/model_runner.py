@@ -109,7 +109,7 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
-        if self._replayable(batch):
+        if self.replayable(batch):
             return self._run_graph(batch.seqs)
         input_ids, positions, meta, sample_rows, sampled = self._prepare(batch)
         hidden = self.model(input_ids, positions, meta)  # [T, hidden]
@@ -155,10 +155,9 @@ class ModelRunner:
         ready.record()
         return LaunchedDecode(seqs, sampled.token_ids, host, ready)
 
-    def _replayable(self, batch: ScheduledBatch) -> bool:
+    def replayable(self, batch: ScheduledBatch) -> bool:
         """A decode-only step whose batch fits a captured graph."""
-        runner = self.graph_runner
-        return (runner is not None and runner.bucket_for(len(batch.seqs)) is not None
+        return (self.can_replay(len(batch.seqs))
                 and all(n == 1 for n in batch.num_new_tokens)
                 and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs))
 
