@@ -2,7 +2,7 @@
 
     python benchmarks/bench_engine.py [--model smollm2] [--dtype bfloat16]
         [--prompt-len 128] [--new-tokens 128] [--hf-batches 1,8,32] [--batches 1,8,32,64]
-        [--quantize int8|int4]
+        [--engines bf16,bf16+compile,int4+compile]
 
 Prints output tokens/s for each batch size and the ratios engine/HF. Prompts are random
 token ids (no EOS stops: both sides generate exactly --new-tokens tokens per request).
@@ -56,6 +56,14 @@ def bench_engine(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dict
     return {"tok_s": batch * new_tokens / elapsed, "elapsed_s": elapsed}
 
 
+def _engine_args(spec: str) -> dict[str, Any]:
+    """"bf16", "int4", "int8", each optionally "+compile": our engine's configurations."""
+    quant, _, extra = spec.partition("+")
+    if quant not in ("bf16", "int8", "int4") or extra not in ("", "compile"):
+        raise SystemExit(f"bad engine spec {spec!r}: use bf16|int8|int4, optionally +compile")
+    return {"quantize": None if quant == "bf16" else quant, "cpu_compile": extra == "compile"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -64,26 +72,35 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-batches", default="1,8,32")
     ap.add_argument("--batches", default="1,8,32,64")
-    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                    help="weight-only quantization of our engine (HF stays in --dtype)")
+    ap.add_argument("--engines", default="bf16",
+                    help="our configurations, comma-separated: bf16|int8|int4, each optionally "
+                         "+compile (e.g. bf16,bf16+compile,int4+compile); HF stays in --dtype")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=64, quantize=args.quantize)
-    model_dir = str(llm.engine.config.model_dir)
-    hf = {b: bench_hf(model_dir, dtype, b, args.prompt_len, args.new_tokens)
-          for b in map(int, filter(None, args.hf_batches.split(",")))}
-    ours = {b: bench_engine(llm, b, args.prompt_len, args.new_tokens)["tok_s"]
-            for b in map(int, args.batches.split(","))}
+    specs = args.engines.split(",")
+    llms = {spec: LLM(args.model, dtype=args.dtype, max_num_seqs=64, **_engine_args(spec))
+            for spec in specs}  # compiles (if asked) before anything is timed
+    model_dir = str(next(iter(llms.values())).engine.config.model_dir)
+    hf_batches = [int(b) for b in args.hf_batches.split(",") if b]
+    batches = sorted(set(hf_batches) | {int(b) for b in args.batches.split(",") if b})
+    hf: dict[int, float] = {}
+    ours: dict[str, dict[int, float]] = {spec: {} for spec in specs}
+    for b in batches:  # each batch size: HF, then ours, back to back (this VM drifts)
+        if b in hf_batches:
+            hf[b] = bench_hf(model_dir, dtype, b, args.prompt_len, args.new_tokens)
+        for spec, llm in llms.items():
+            ours[spec][b] = bench_engine(llm, b, args.prompt_len, args.new_tokens)["tok_s"]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.dtype}, quantize={args.quantize}, "
-          f"{args.prompt_len} prompt / {args.new_tokens} new tokens")
-    print(f"{'batch':>6} {'HF tok/s':>10} {'ours tok/s':>11} {'ratio':>7}")
-    for b in sorted(set(hf) | set(ours)):
-        h, o = hf.get(b), ours.get(b)
-        ratio = f"{o / h:.2f}x" if h and o else "-"
-        print(f"{b:>6} {h or 0:>10.1f} {o or 0:>11.1f} {ratio:>7}")
-    result: dict[str, Any] = {"hf": hf, "engine": ours, "args": vars(args)}
+          f"{torch.get_num_threads()} threads, {args.dtype}, "
+          f"{args.prompt_len} prompt / {args.new_tokens} new tokens; tok/s (ratio to HF)")
+    print(f"{'batch':>6} {'HF':>8} " + " ".join(f"{spec:>20}" for spec in specs))
+    for b in batches:
+        h = hf.get(b)
+        cells = [f"{ours[spec][b]:8.1f} ({ours[spec][b] / h:.2f}x)" if h else
+                 f"{ours[spec][b]:8.1f}" for spec in specs]
+        print(f"{b:>6} {h or 0:>8.1f} " + " ".join(f"{c:>20}" for c in cells))
+    result: dict[str, Any] = {"hf": hf, "engines": ours, "args": vars(args)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

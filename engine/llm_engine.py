@@ -55,7 +55,8 @@ class LLMEngine:
             quantize_int8_weight_only(model, device, config.torch_dtype)
         elif config.quantize == "int4":
             quantize_int4_weight_only(model, device, config.torch_dtype)
-        elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype):
+        elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype) \
+                and not config.cpu_compile:  # compiled decode packs frozen weights itself
             prepack_cpu_linears(model)
         self.runner = ModelRunner(config, mc, model)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,

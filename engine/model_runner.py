@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
 from tokenfleet.engine.models.registry import CausalLM
 from tokenfleet.engine.sampler import Sampler, SamplerOutput
 from tokenfleet.engine.sampling_batch import SamplingBatch
@@ -60,6 +62,13 @@ class ModelRunner:
         self.num_kv_blocks = self._num_kv_blocks()
         self.backend = make_backend(config.attention_backend, self.device)
         self._allocate_kv_cache()
+        self.compiled_decode: CompiledDecode | None = None
+        if config.cpu_compile:
+            assert isinstance(self.backend, TorchAttentionBackend)
+            self.compiled_decode = CompiledDecode(
+                model.forward, self.backend, self.block_size, model_config.sliding_window,
+                freeze=config.quantize is None)
+            self.compiled_decode.warm_up(config.max_num_seqs)
         self.graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \
                 and config.cuda_graph_max_batch > 0:
@@ -112,7 +121,10 @@ class ModelRunner:
         if self.replayable(batch):
             return self._run_graph(batch.seqs)
         input_ids, positions, meta, sample_rows, sampled = self._prepare(batch)
-        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        if self.compiled_decode is not None and self.compiled_decode.applies(meta):
+            hidden = self.compiled_decode(input_ids, positions, meta)  # [S, hidden]
+        else:
+            hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if not sampled:
             return RunOutput([], None, prompt_logprobs)

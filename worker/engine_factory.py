@@ -24,11 +24,12 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         )
     from tokenfleet.engine.llm_engine import LLMEngine
 
+    device = _resolve_device(settings.device)
     engine: EngineLike = LLMEngine.from_model(
         settings.model,
         cache_dir=settings.resolved_cache_dir,
         dtype=settings.dtype,
-        device=_resolve_device(settings.device),
+        device=device,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         num_kv_blocks=settings.num_kv_blocks,
@@ -40,6 +41,7 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cuda_graph_max_batch=settings.cuda_graph_max_batch,
         async_decode=settings.async_decode,
+        cpu_compile=settings.cpu_compile and device == "cpu",
     )
     return engine
 

@@ -84,7 +84,7 @@ class TorchAttentionBackend:
         # q [T, H, D]; k, v [T, KVH, D] -> out [T, H, D]
         plan = meta.backend_plan
         if not isinstance(plan, _Plan):  # first layer of this step builds it
-            plan = meta.backend_plan = self._plan(meta, k_cache.shape[1], sliding_window, q.device)
+            plan = self.plan(meta, k_cache.shape[1], sliding_window, q.device)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.all_slots_valid)
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, KVH, D]
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
@@ -131,26 +131,33 @@ class TorchAttentionBackend:
         return (acc / l_sum.unsqueeze(-1)).reshape(n, H, D).to(q.dtype)
 
     # ---- the per-step plan ---------------------------------------------------------------
-    def _plan(self, meta: AttentionMetadata, block_size: int, window: int | None,
-              device: torch.device) -> _Plan:
+    def plan(self, meta: AttentionMetadata, block_size: int, window: int | None,
+             device: torch.device, kv_chunk: int | None = None) -> _Plan:
+        """Build this step's plan and keep it in `meta` for every layer. Called by the first
+        layer, or ahead of a compiled decode step (which must not trace this Python);
+        `kv_chunk` overrides the backend's chunk length (a compiled step reads the whole
+        context as one chunk, so the graph does not change with the number of chunks)."""
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         assert qsl is not None and lens is not None, "torch backend needs host metadata"
+        chunk = kv_chunk or self.kv_chunk
         rows = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-        decode = self._decode_plan(meta, rows, block_size, window, device) if rows else None
-        prefills = [self._prefill_plan(meta, i, block_size, window, device)
+        decode = (self._decode_plan(meta, rows, block_size, window, device, chunk)
+                  if rows else None)
+        prefills = [self._prefill_plan(meta, i, block_size, window, device, chunk)
                     for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1]
-        return _Plan(decode, prefills, bool((meta.slot_mapping >= 0).all()))
+        meta.backend_plan = _Plan(decode, prefills, bool((meta.slot_mapping >= 0).all()))
+        return meta.backend_plan
 
     def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
-                     window: int | None, device: torch.device) -> _DecodePlan:
+                     window: int | None, device: torch.device, kv_chunk: int) -> _DecodePlan:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
         lens = [meta.seq_lens_cpu[i] for i in rows]
         tables = meta.block_tables if len(rows) == meta.num_seqs else meta.block_tables[rows]
         seq_lens = torch.tensor(lens, device=device)[:, None]  # [S, 1]
         lo = 0 if window is None else max(0, min(lens) - window)
         chunks = []
-        for start in range(lo, max(lens), self.kv_chunk):
-            pos = torch.arange(start, min(start + self.kv_chunk, max(lens)), device=device)
+        for start in range(lo, max(lens), kv_chunk):
+            pos = torch.arange(start, min(start + kv_chunk, max(lens)), device=device)
             mask = pos[None, :] < seq_lens  # [S, C]: key exists (causal for the last row)
             if window is not None:
                 mask &= seq_lens - 1 - pos[None, :] < window
@@ -160,15 +167,15 @@ class TorchAttentionBackend:
         return _DecodePlan(q_idx, chunks)
 
     def _prefill_plan(self, meta: AttentionMetadata, i: int, block_size: int,
-                      window: int | None, device: torch.device) -> _PrefillPlan:
+                      window: int | None, device: torch.device, kv_chunk: int) -> _PrefillPlan:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
         start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
         seq_len = meta.seq_lens_cpu[i]
         pos_q = torch.arange(seq_len - (end - start), seq_len, device=device)  # [Q]
         lo = 0 if window is None else max(0, seq_len - (end - start) - window + 1)
         chunks = []
-        for k_start in range(lo, seq_len, self.kv_chunk):
-            pos_k = torch.arange(k_start, min(k_start + self.kv_chunk, seq_len), device=device)
+        for k_start in range(lo, seq_len, kv_chunk):
+            pos_k = torch.arange(k_start, min(k_start + kv_chunk, seq_len), device=device)
             mask = pos_k[None, :] <= pos_q[:, None]  # [Q, C]
             if window is not None:
                 mask &= pos_q[:, None] - pos_k[None, :] < window

@@ -63,6 +63,8 @@ class RopeTable(NamedTuple):
 
             rotary(q, k, self.positions, self.cos_sin)  # fused Triton kernel, in place
             return q, k
+        if torch.compiler.is_compiling():  # the compiler fuses both passes itself
+            return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
         if q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size() == k.data_ptr() \
                 and q.stride() == k.stride():
             # q and k are adjacent slices of one fused qkv row: rotate both in one pass.
