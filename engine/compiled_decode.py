@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch._inductor import config as inductor_config
 from torch.fx.experimental import _config as fx_config
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
@@ -40,8 +41,10 @@ class CompiledDecode:
         self.sliding_window = sliding_window
         self.num_steps = 0  # decode steps served (warm-up excluded)
         # fullgraph: a graph break would silently bring back the per-op dispatch this removes.
-        self._forward: ForwardFn = torch.compile(
-            forward, dynamic=True, fullgraph=True, options={"freezing": freeze})
+        self._forward: ForwardFn = torch.compile(forward, dynamic=True, fullgraph=True)
+        # Read by inductor when it compiles (in warm_up): `options={"freezing": ...}` passed to
+        # torch.compile is ignored for freezing (checked in the generated code: no oneDNN).
+        self._freeze = freeze
 
     @staticmethod
     def applies(meta: AttentionMetadata) -> bool:
@@ -65,8 +68,9 @@ class CompiledDecode:
         a sequence that is later given block 0 writes its own keys there before reading them.
         Contexts are 3 tokens long, not 1, so the context length is not specialized either,
         and duck sizing is off, so sizes that happen to be equal here are not assumed equal."""
-        # `patch` is added to config modules at import time, so mypy cannot see it.
-        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+        # fx's `patch` is added to its config module at import time: mypy cannot see it.
+        no_duck_sizing = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+        with no_duck_sizing, inductor_config.patch(freezing=self._freeze):
             for num_seqs in sorted({1, min(2, max_num_seqs)}):
                 self._warm_up_step(num_seqs, context_len=3)
         self.num_steps = 0

@@ -41,6 +41,7 @@ class InFlightRequest:
     delivery_reset: bool = False  # progress made here: its delivery count was set back to 1
     aborting: bool = False  # an abort (cancel, deadline, lost lease) was sent to the engine
     expired: bool = False  # aborted at its deadline: finishes with a deadline_exceeded error
+    events_ttl_set_ms: float = 0.0  # when the publisher last set its replay stream's TTL
 
     @property
     def queue_ms(self) -> float:

@@ -76,7 +76,13 @@ class Publisher:
                                                 else req.final_event(out, last, now_ms))
                 payloads.append(encode(end))
                 finished.append((req, end))
-            self._emit(batch, req.request_id, payloads)
+            # The replay stream's TTL is set on its first events, refreshed once a quarter of
+            # it has passed, and set again at the end: not one EXPIRE per step, which was a
+            # third of all commands per token event.
+            refresh = out.finished or now_ms - req.events_ttl_set_ms > self._events_ttl_s * 250
+            if refresh and payloads:
+                req.events_ttl_set_ms = now_ms
+            self._emit(batch, req.request_id, payloads, set_ttl=refresh)
             if out.finished:
                 batch.append(_cmd("set", self._keys.result(req.request_id), payloads[-1],
                                   ex=self._result_ttl_s))
@@ -116,7 +122,8 @@ class Publisher:
         self._ack(batch, entry_id)
         await self._run(batch)
 
-    def _emit(self, batch: list[_Command], request_id: str, payloads: list[bytes]) -> None:
+    def _emit(self, batch: list[_Command], request_id: str, payloads: list[bytes],
+              set_ttl: bool = True) -> None:
         if not payloads:
             return
         events_key = self._keys.events(request_id)
@@ -125,7 +132,8 @@ class Publisher:
             batch.append(_cmd("xadd", events_key, {b"e": payload}, maxlen=self._events_maxlen,
                               approximate=True))
             batch.append(_cmd("publish", channel, payload))
-        batch.append(_cmd("expire", events_key, self._events_ttl_s))
+        if set_ttl:
+            batch.append(_cmd("expire", events_key, self._events_ttl_s))
 
     def _ack(self, batch: list[_Command], entry_id: bytes) -> None:
         batch.append(_cmd("xack", self._jobs, self._group, entry_id))

@@ -106,3 +106,22 @@ async def test_generate_and_sync_client(fleet, redis_url, keys):
         text, events = await asyncio.to_thread(sync_part)
     assert "".join(e.token.text for e in events) == text == events[-1].generated_text
     assert [e.index for e in events] == [0, 1, 2, 3]
+
+
+async def _expire_calls(redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_expire", {}).get("calls", 0))
+
+
+async def test_replay_stream_ttl_is_refreshed_not_set_every_step(fleet, redis, keys):
+    """EXPIRE on the replay stream: at its first events, each time a quarter of the TTL has
+    passed, and at the end (it used to be one per step: a third of all commands per token)."""
+    async with fleet.worker(events_ttl_s=2, sim_step_ms=20.0), fleet.client() as client:
+        before = await _expire_calls(redis)
+        events = [e async for e in client.generate_stream("ttl please", max_new_tokens=100,
+                                                         ignore_eos=True)]
+        calls = await _expire_calls(redis) - before
+    assert len(events) == 100
+    assert 3 <= calls < 25  # start + refreshes every 0.5 s of a ~2 s run + end; not 100
+    assert isinstance(events[-1], FinalEvent)
+    assert 0 < await redis.pttl(keys.events(events[-1].id)) <= 2000  # set again at the end
