@@ -19,7 +19,9 @@ much to compile once, and their GEMMs are compute-bound anyway.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch._inductor import config as inductor_config
@@ -41,7 +43,15 @@ class CompiledDecode:
         self.sliding_window = sliding_window
         self.num_steps = 0  # decode steps served (warm-up excluded)
         # fullgraph: a graph break would silently bring back the per-op dispatch this removes.
-        self._forward: ForwardFn = torch.compile(forward, dynamic=True, fullgraph=True)
+        # Guards on module attributes are dropped: nothing in the model changes after
+        # warm-up, and evaluating them (every parameter of every layer) took ~1 ms a step.
+        # Guards on the inputs (sizes, dtypes) stay: they pick the batch-1 or the batch-n graph.
+        # Dynamo keeps its compiled graphs per code object, and without the module guards a
+        # second engine in the process would run the first one's graph (its frozen weights):
+        # hence a private copy of the code object per engine.
+        self._forward: ForwardFn = torch.compile(
+            _with_own_code(forward), dynamic=True, fullgraph=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         # Read by inductor when it compiles (in warm_up): `options={"freezing": ...}` passed to
         # torch.compile is ignored for freezing (checked in the generated code: no oneDNN).
         self._freeze = freeze
@@ -89,3 +99,12 @@ class CompiledDecode:
         )
         positions = torch.full((num_seqs,), context_len - 1, dtype=torch.int64)
         self(torch.zeros(num_seqs, dtype=torch.int64), positions, meta)
+
+
+def _with_own_code(forward: ForwardFn) -> ForwardFn:
+    """`forward` (a bound method) rebuilt on a copy of its code object."""
+    assert isinstance(forward, types.MethodType), "expects a model's bound forward"
+    func = forward.__func__
+    clone = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__,
+                               func.__defaults__, func.__closure__)
+    return cast(ForwardFn, types.MethodType(clone, forward.__self__))

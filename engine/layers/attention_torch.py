@@ -202,12 +202,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             q.view(n, num_kv_heads, G, D), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, scale=scale)
         return out.reshape(n, H, D)
-    # prefill of one sequence: q [Q, H, D] -> [KVH, Q*G, D]; k, v [C, KVH, D] -> [KVH, C, D]
-    qh = q.view(n, num_kv_heads, G, D).permute(1, 0, 2, 3).reshape(num_kv_heads, n * G, D)
-    m = mask.view(n, 1, -1).expand(n, G, mask.shape[-1]).reshape(1, n * G, -1)  # [1, Q*G, C]
-    out = F.scaled_dot_product_attention(qh, k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=m, scale=scale)  # [KVH, Q*G, D]
-    return out.view(num_kv_heads, n, G, D).permute(1, 0, 2, 3).reshape(n, H, D)
+    # Prefill of one sequence, in 4-D with GQA done by SDPA: q [Q, H, D] -> [1, H, Q, D];
+    # k, v [C, KVH, D] -> [1, KVH, C, D]; mask [Q, 1, 1, C] -> [1, 1, Q, C]. (3-D inputs
+    # silently took SDPA's unfused math path: 25% slower on a 128-token prompt.)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask.view(1, 1, n, -1), scale=scale, enable_gqa=True)  # [1, H, Q, D]
+    return out[0].transpose(0, 1)
 
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
