@@ -107,8 +107,8 @@ class EngineConfig:
     cache_dir: Path | None = None
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     cpu_prepack: bool = True  # oneDNN-packed bf16 weights on CPU (see layers/cpu_prepack.py)
-    # CPU decode steps through torch.compile (see compiled_decode.py): 1.3-1.8x faster decode
-    # here, for a compile of ~20-60 s per graph at start-up (cached on disk by inductor).
+    # CPU decode steps through torch.compile (see compiled_decode.py): int4 decode ~1.5x and
+    # bf16 ~1.2x faster here, for 1.5-3.5 min of compiling at start-up (two graphs).
     cpu_compile: bool = False
     quantize: str | None = None  # None, "int8" or "int4" (weight-only, CPU bf16)
     # Decode batches up to this size replay CUDA graphs (CUDA with a graph-safe attention
