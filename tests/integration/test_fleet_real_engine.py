@@ -43,3 +43,26 @@ async def test_streams_match_offline_generation(fleet, smollm2_dir: Path):
         for event in events:
             StreamResponse(**json.loads(encode(event)))
     assert "Paris" in runs[0][-1].generated_text
+
+
+async def test_a_compiled_cpu_worker_streams_what_the_eager_engine_generates(
+        fleet, tmp_path: Path, make_tiny_llama):
+    """TOKENFLEET_CPU_COMPILE through the worker: settings -> engine factory -> the engine
+    thread running compiled decode steps; float32, so tokens must equal eager's exactly."""
+    model_dir = make_tiny_llama(tmp_path)
+    prompts = ["one two three", "four five", "six"]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    offline = LLM(str(model_dir), dtype="float32").generate(prompts, params)
+
+    async def ask(client, prompt: str) -> list:
+        return [e async for e in client.generate_stream(prompt, max_new_tokens=10,
+                                                         ignore_eos=True, details=True)]
+
+    async with fleet.worker(engine="llm", model=str(model_dir), dtype="float32",
+                            max_num_seqs=4, cpu_compile=True) as worker, \
+            fleet.client() as client:
+        runs = await asyncio.wait_for(asyncio.gather(*(ask(client, p) for p in prompts)), 300)
+        engine = worker._engine_thread.engine
+        assert engine.runner.compiled_decode.num_steps > 0  # decode steps were compiled ones
+    for events, expected in zip(runs, offline, strict=True):
+        assert [t.id for t in events[-1].details.tokens] == expected.token_ids
