@@ -124,8 +124,12 @@ class Worker:
     async def _serve(self, redis: Redis) -> None:
         s = self.settings
         features = await ServerFeatures.detect(redis)
+        load_started = time.monotonic()
+        if self._engine is None:  # with cpu_compile this includes minutes of compiling
+            self._log.info("engine_loading", model=s.model, cpu_compile=s.cpu_compile)
         engine: EngineLike = (self._engine if self._engine is not None
                               else await asyncio.to_thread(build_engine, s))
+        engine_load_s = round(time.monotonic() - load_started, 1)
         self._engine_thread = engine_thread = EngineThread(engine, asyncio.get_running_loop())
         publisher = Publisher(redis, self.keys, s.queue, worker_id=self.worker_id,
                               result_ttl_s=s.result_ttl_s, events_ttl_s=s.events_ttl_s,
@@ -164,6 +168,7 @@ class Worker:
         await control.subscribed.wait()
         self.ready.set()
         self._log.info("worker_started", queue=s.queue, model=s.model, engine=s.engine,
+                       engine_load_s=engine_load_s,
                        server=features.name, server_version=".".join(map(str, features.version)))
         try:
             await self._until_stop([*pulling, *others])
