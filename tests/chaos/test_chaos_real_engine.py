@@ -58,5 +58,7 @@ async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, t
     survivor = "w1" if victim == "w0" else "w0"
     assert procs[survivor].returncode == 0
     resumed = [line for line in fleet.log_lines(survivor) if line.get("event") == "job_resumed"]
-    assert len(resumed) >= 2 and all(line["num_resumed"] >= 20 for line in resumed)
+    # kill_busiest waited for two held jobs with >= 20 tokens each; the victim may also have
+    # held a job that started later, with fewer (a CI run saw one resumed at 19).
+    assert sum(line["num_resumed"] >= 20 for line in resumed) >= 2
     assert num_held >= 2
