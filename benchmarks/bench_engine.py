@@ -56,7 +56,7 @@ def bench_engine(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dict
     return {"tok_s": batch * new_tokens / elapsed, "elapsed_s": elapsed}
 
 
-def _engine_args(spec: str) -> dict[str, Any]:
+def engine_args(spec: str) -> dict[str, Any]:
     """"bf16", "int4", "int8", each optionally "+compile": our engine's configurations."""
     quant, _, extra = spec.partition("+")
     if quant not in ("bf16", "int8", "int4") or extra not in ("", "compile"):
@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     specs = args.engines.split(",")
-    llms = {spec: LLM(args.model, dtype=args.dtype, max_num_seqs=64, **_engine_args(spec))
+    llms = {spec: LLM(args.model, dtype=args.dtype, max_num_seqs=64, **engine_args(spec))
             for spec in specs}  # compiles (if asked) before anything is timed
     model_dir = str(next(iter(llms.values())).engine.config.model_dir)
     hf_batches = [int(b) for b in args.hf_batches.split(",") if b]

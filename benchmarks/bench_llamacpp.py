@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_engine import engine_args  # benchmarks/, beside this script
 
 from tokenfleet.engine import LLM, SamplingParams
 from tokenfleet.worker.settings import default_cache_dir
@@ -55,9 +56,8 @@ def llamacpp_runner(gguf: Path, new_tokens: int, threads: int) -> Runner:
 
 
 def ours_runner(spec: str, new_tokens: int, threads: int) -> Runner:
-    quant, _, extra = spec.partition("+")
-    llm = LLM("smollm2", dtype="bfloat16", quantize=None if quant == "bf16" else quant,
-              num_threads=threads, cpu_compile=extra == "compile")  # compiles here, untimed
+    llm = LLM("smollm2", dtype="bfloat16", num_threads=threads,
+              **engine_args(spec))  # compiles here (+compile), untimed
     engine = llm.engine
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 

@@ -56,10 +56,6 @@ class CompiledDecode:
         # torch.compile is ignored for freezing (checked in the generated code: no oneDNN).
         self._freeze = freeze
 
-    @staticmethod
-    def applies(meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only
-
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions [S] (one decode row per sequence) -> hidden [S, hidden]

@@ -121,7 +121,7 @@ class ModelRunner:
         if self.replayable(batch):
             return self._run_graph(batch.seqs)
         input_ids, positions, meta, sample_rows, sampled = self._prepare(batch)
-        if self.compiled_decode is not None and self.compiled_decode.applies(meta):
+        if self.compiled_decode is not None and meta.is_decode_only:
             hidden = self.compiled_decode(input_ids, positions, meta)  # [S, hidden]
         else:
             hidden = self.model(input_ids, positions, meta)  # [T, hidden]

@@ -79,7 +79,8 @@ class Publisher:
             # The replay stream's TTL is set on its first events, refreshed once a quarter of
             # it has passed, and set again at the end: not one EXPIRE per step, which was a
             # third of all commands per token event.
-            refresh = out.finished or now_ms - req.events_ttl_set_ms > self._events_ttl_s * 250
+            refresh = (out.finished
+                       or now_ms - req.events_ttl_set_ms > self._events_ttl_s * 1000 / 4)
             if refresh and payloads:
                 req.events_ttl_set_ms = now_ms
             self._emit(batch, req.request_id, payloads, set_ttl=refresh)

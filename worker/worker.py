@@ -125,10 +125,10 @@ class Worker:
         s = self.settings
         features = await ServerFeatures.detect(redis)
         load_started = time.monotonic()
-        if self._engine is None:  # with cpu_compile this includes minutes of compiling
+        engine = self._engine
+        if engine is None:  # with cpu_compile this includes minutes of compiling
             self._log.info("engine_loading", model=s.model, cpu_compile=s.cpu_compile)
-        engine: EngineLike = (self._engine if self._engine is not None
-                              else await asyncio.to_thread(build_engine, s))
+            engine = await asyncio.to_thread(build_engine, s)
         engine_load_s = round(time.monotonic() - load_started, 1)
         self._engine_thread = engine_thread = EngineThread(engine, asyncio.get_running_loop())
         publisher = Publisher(redis, self.keys, s.queue, worker_id=self.worker_id,
