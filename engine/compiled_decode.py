@@ -84,7 +84,9 @@ class CompiledDecode:
     def _warm_up_step(self, num_seqs: int, context_len: int) -> None:
         meta = AttentionMetadata(
             slot_mapping=torch.full((num_seqs,), context_len - 1, dtype=torch.int64),
-            block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32),
+            # Two columns, not one: the C decode kernel takes the block tables into the graph,
+            # and a width of 1 would be specialized (a recompile at the second block).
+            block_tables=torch.zeros(num_seqs, 2, dtype=torch.int32),
             query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
             seq_lens=torch.full((num_seqs,), context_len, dtype=torch.int32),
             max_query_len=1,

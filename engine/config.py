@@ -110,6 +110,9 @@ class EngineConfig:
     # CPU decode steps through torch.compile (see compiled_decode.py): int4 decode ~1.5x and
     # bf16 ~1.2x faster here, for 1.5-3.5 min of compiling at start-up (two graphs).
     cpu_compile: bool = False
+    # CPU decode attention through kernels/cpu_paged_decode.c (built with the system C
+    # compiler at start-up, ~1 s; without one the engine keeps the torch gather + SDPA path).
+    cpu_attention_kernel: bool = True
     quantize: str | None = None  # None, "int8" or "int4" (weight-only, CPU bf16)
     # Decode batches up to this size replay CUDA graphs (CUDA with a graph-safe attention
     # backend only); 0 = always eager. Capped at max_num_seqs.

@@ -8,12 +8,14 @@ sequence whose prefill is complete, or its decode row), and samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
+from tokenfleet.engine.hub import DEFAULT_CACHE_DIR
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
@@ -22,6 +24,8 @@ from tokenfleet.engine.sampler import Sampler, SamplerOutput
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
 from tokenfleet.engine.sequence import Sequence
+from tokenfleet.kernels import cpu_paged_decode
+from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
 
 __all__ = ["LaunchedDecode", "ModelRunner", "RunOutput"]
 
@@ -60,7 +64,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.sampler = Sampler()
         self.num_kv_blocks = self._num_kv_blocks()
-        self.backend = make_backend(config.attention_backend, self.device)
+        self.backend = make_backend(config.attention_backend, self.device,
+                                    self._cpu_decode_kernel())
         self._allocate_kv_cache()
         self.compiled_decode: CompiledDecode | None = None
         if config.cpu_compile:
@@ -77,6 +82,15 @@ class ModelRunner:
                 self.graph_runner.capture_all()
 
     # ---- set-up ----------------------------------------------------------------------------
+    def _cpu_decode_kernel(self) -> CpuPagedDecode | None:
+        """The C decode-attention kernel, built on first use into the cache directory; None
+        off CPU, when disabled, for other dtypes, or when it cannot be built here."""
+        config = self.config
+        if self.device.type != "cpu" or not config.cpu_attention_kernel \
+                or config.torch_dtype not in (torch.bfloat16, torch.float32):
+            return None
+        return cpu_paged_decode.load(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
+
     def _kv_bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty(0, dtype=self.config.torch_dtype).element_size()

@@ -42,6 +42,7 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         cuda_graph_max_batch=settings.cuda_graph_max_batch,
         async_decode=settings.async_decode,
         cpu_compile=settings.cpu_compile and device == "cpu",
+        cpu_attention_kernel=settings.cpu_attention_kernel,
     )
     return engine
 

@@ -12,6 +12,7 @@ from torch import nn
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
+from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
 
 __all__ = ["Attention", "AttentionBackend", "make_backend"]
 
@@ -31,13 +32,16 @@ class AttentionBackend(Protocol):
                 sliding_window: int | None) -> torch.Tensor: ...
 
 
-def make_backend(name: str, device: torch.device) -> AttentionBackend:
+def make_backend(name: str, device: torch.device,
+                 cpu_decode_kernel: CpuPagedDecode | None = None) -> AttentionBackend:
     """`auto` = triton on CUDA, torch on CPU; flash_attn only when asked for by name (our
-    Triton kernels are the verified default; flash-attn also needs 256-token KV blocks)."""
+    Triton kernels are the verified default; flash-attn also needs 256-token KV blocks).
+    `cpu_decode_kernel`: the torch backend's decode path on CPU (see attention_torch.py)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(
+            decode_kernel=cpu_decode_kernel if device.type == "cpu" else None)
     if name == "triton":
         from tokenfleet.engine.layers.attention_triton import TritonAttentionBackend
 

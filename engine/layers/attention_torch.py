@@ -6,6 +6,10 @@ so the full score matrix of a long prompt is never built. Decodes (one query row
 batched across sequences; prefill chunks are handled per sequence. Everything that depends
 only on the batch layout (slot indices, masks) is computed once per step, in a plan shared by
 every layer: on a CPU the number of small ops, not FLOPs, sets the decode speed.
+
+With a `decode_kernel` (kernels/cpu_paged_decode.c, built when a C compiler is present) decode
+rows skip the gather and SDPA: the kernel reads K/V in place through the block tables, ~3x
+faster per layer at 32 sequences. Prefill chunks always take the SDPA path.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
 
 __all__ = ["TorchAttentionBackend", "store_kv"]
 
@@ -49,7 +54,10 @@ class _Chunk:
 @dataclass(slots=True)
 class _DecodePlan:
     q_idx: torch.Tensor  # [S] rows of the decode queries in the flat batch
-    chunks: list[_Chunk]
+    chunks: list[_Chunk]  # empty when the decode kernel reads the cache itself
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32, for the decode kernel
+    seq_lens: torch.Tensor | None = None  # [S] int32, for the decode kernel
+    num_threads: int = 1
 
 
 @dataclass(slots=True)
@@ -70,8 +78,9 @@ class TorchAttentionBackend:
     name = "torch"
     supports_cuda_graphs = False  # plans its chunks from host-side lengths every step
 
-    def __init__(self, kv_chunk: int = 1024):
+    def __init__(self, kv_chunk: int = 1024, decode_kernel: CpuPagedDecode | None = None):
         self.kv_chunk = kv_chunk
+        self.decode_kernel = decode_kernel
 
     def decode_launch_config(self, num_seqs: int, num_kv_heads: int, head_dim: int,
                              max_seq_len: int, device: torch.device
@@ -86,23 +95,37 @@ class TorchAttentionBackend:
         if not isinstance(plan, _Plan):  # first layer of this step builds it
             plan = self.plan(meta, k_cache.shape[1], sliding_window, q.device)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.all_slots_valid)
+        decode = plan.decode
+        if decode is not None and not plan.prefills:
+            return self._decode(q, k_cache, v_cache, decode, scale, sliding_window)
+        out = torch.empty_like(q)
+        if decode is not None:
+            out[decode.q_idx] = self._decode(q[decode.q_idx], k_cache, v_cache, decode, scale,
+                                             sliding_window)
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, KVH, D]
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        num_kv_heads = k_cache.shape[2]
-        if plan.decode is not None and len(plan.prefills) == 0:
-            return self._attend(q, flat_k, flat_v, plan.decode.chunks, scale, num_kv_heads,
-                                decode=True)
-        out = torch.empty_like(q)
-        if plan.decode is not None:
-            out[plan.decode.q_idx] = self._attend(q[plan.decode.q_idx], flat_k, flat_v,
-                                                  plan.decode.chunks, scale, num_kv_heads,
-                                                  decode=True)
         for pre in plan.prefills:
             out[pre.start:pre.end] = self._attend(q[pre.start:pre.end], flat_k, flat_v,
-                                                  pre.chunks, scale, num_kv_heads, decode=False)
+                                                  pre.chunks, scale, k_cache.shape[2],
+                                                  decode=False)
         return out
 
     # ---- the math ----------------------------------------------------------------------
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                decode: _DecodePlan, scale: float, window: int | None) -> torch.Tensor:
+        # q [S, H, D], one row per sequence -> [S, H, D]
+        kernel = self.decode_kernel
+        if kernel is None or decode.block_tables is None or decode.seq_lens is None:
+            return self._attend(q, k_cache.view(-1, *k_cache.shape[2:]),
+                                v_cache.view(-1, *v_cache.shape[2:]), decode.chunks, scale,
+                                k_cache.shape[2], decode=True)
+        if torch.compiler.is_compiling():  # dynamo cannot trace ctypes: the opaque custom op
+            return torch.ops.tokenfleet.cpu_paged_decode(
+                str(kernel.library), q, k_cache, v_cache, decode.block_tables, decode.seq_lens,
+                scale, window or 0, decode.num_threads)
+        return kernel(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale, window,
+                      decode.num_threads)
+
     def _attend(self, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
                 chunks: list[_Chunk], scale: float, num_kv_heads: int, decode: bool
                 ) -> torch.Tensor:
@@ -151,8 +174,14 @@ class TorchAttentionBackend:
     def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
                      window: int | None, device: torch.device, kv_chunk: int) -> _DecodePlan:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
+        q_idx = torch.tensor([meta.query_start_loc_cpu[i] for i in rows], device=device)
+        all_rows = len(rows) == meta.num_seqs
+        tables = meta.block_tables if all_rows else meta.block_tables[rows]
+        if self.decode_kernel is not None:  # reads the cache itself: no slots, no masks
+            seq_lens_t = meta.seq_lens if all_rows else meta.seq_lens[rows]
+            return _DecodePlan(q_idx, [], tables.contiguous(), seq_lens_t.contiguous(),
+                               torch.get_num_threads())
         lens = [meta.seq_lens_cpu[i] for i in rows]
-        tables = meta.block_tables if len(rows) == meta.num_seqs else meta.block_tables[rows]
         seq_lens = torch.tensor(lens, device=device)[:, None]  # [S, 1]
         lo = 0 if window is None else max(0, min(lens) - window)
         chunks = []
@@ -163,7 +192,6 @@ class TorchAttentionBackend:
                 mask &= seq_lens - 1 - pos[None, :] < window
             slots = _slots(tables, pos, block_size) * mask  # padded keys read slot 0
             chunks.append(_Chunk(slots, mask[:, None, None, :]))  # mask [S, 1, 1, C]
-        q_idx = torch.tensor([meta.query_start_loc_cpu[i] for i in rows], device=device)
         return _DecodePlan(q_idx, chunks)
 
     def _prefill_plan(self, meta: AttentionMetadata, i: int, block_size: int,

@@ -1,0 +1,128 @@
+"""The C decode-attention kernel (kernels/cpu_paged_decode.c) vs the torch reference."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
+from tokenfleet.kernels import cpu_paged_decode
+from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
+from tokenfleet.kernels.paged_batch import PagedBatch, make_paged_batch
+from tokenfleet.kernels.reference import paged_attention_ref, store_kv_ref
+from tokenfleet.kernels.selfcheck import rel_err
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the engine keeps the torch path")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> CpuPagedDecode:
+    k = cpu_paged_decode.load(tmp_path_factory.mktemp("kernels"))
+    assert k is not None, "a C compiler is present, so the kernel must build"
+    return k
+
+
+def _meta(b: PagedBatch) -> AttentionMetadata:
+    return AttentionMetadata(
+        slot_mapping=b.slot_mapping, block_tables=b.block_tables,
+        query_start_loc=b.query_start_loc, seq_lens=b.seq_lens,
+        max_query_len=b.max_query_len, max_seq_len=b.max_seq_len,
+        is_decode_only=b.is_decode_only,
+        query_start_loc_cpu=b.query_start_loc.tolist(), seq_lens_cpu=b.seq_lens.tolist())
+
+
+def _decode_batch(contexts: tuple[int, ...], num_heads: int, num_kv_heads: int, head_dim: int,
+                  block_size: int, dtype: torch.dtype, seed: int) -> PagedBatch:
+    b = make_paged_batch(context_lens=contexts, query_lens=(1,) * len(contexts),
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         block_size=block_size, dtype=dtype, device="cpu", seed=seed)
+    store_kv_ref(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)  # the step's own key too
+    return b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    ("heads", "head_dim", "window"),
+    [((9, 3), 64, None),  # SmolLM2's shape: GQA 3, the AVX-512 bf16 path where present
+     ((8, 2), 128, None),  # GQA 4, Llama-3's head_dim
+     ((6, 6), 96, 7),  # no GQA, a head_dim multiple of 32 but not 64/128, sliding window
+     ((4, 1), 40, None)],  # GQA 4, a head_dim for the portable loop only
+    ids=["gqa3-d64", "gqa4-d128", "mha-d96-window", "gqa4-d40"])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_matches_reference(kernel: CpuPagedDecode, dtype: torch.dtype,
+                           heads: tuple[int, int], head_dim: int, window: int | None,
+                           num_threads: int) -> None:
+    # Contexts from 1 key to many blocks; make_paged_batch scatters blocks over the cache.
+    b = _decode_batch((0, 3, 15, 16, 61, 200), *heads, head_dim=head_dim, block_size=16,
+                      dtype=dtype, seed=11)
+    scale = head_dim ** -0.5
+    expected = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                   b.query_start_loc, b.seq_lens, scale, window)
+    out = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, window,
+                 num_threads)
+    assert out.shape == b.q.shape and out.dtype == dtype
+    assert rel_err(out, expected) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_backend_mixed_step_matches_sdpa_path(kernel: CpuPagedDecode) -> None:
+    """A step with prefill chunks and decodes: the kernel takes the decode rows, SDPA the
+    rest, and the result equals the backend without the kernel (same caches written)."""
+    b = make_paged_batch(context_lens=(0, 10, 37, 5, 90), query_lens=(12, 6, 1, 1, 1),
+                         num_heads=8, num_kv_heads=2, head_dim=64, block_size=4,
+                         dtype=torch.float32, device="cpu", seed=5)
+    caches = (b.k_cache.clone(), b.v_cache.clone())
+    with_kernel = TorchAttentionBackend(decode_kernel=kernel).forward(
+        b.q, b.k, b.v, b.k_cache, b.v_cache, _meta(b), 0.125, 24)
+    without = TorchAttentionBackend().forward(b.q, b.k, b.v, *caches, _meta(b), 0.125, 24)
+    assert torch.equal(b.k_cache, caches[0]) and torch.equal(b.v_cache, caches[1])
+    torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_call_matches_eager(kernel: CpuPagedDecode) -> None:
+    """Under torch.compile the kernel is an opaque custom op (no graph break)."""
+    b = _decode_batch((5, 33), 8, 2, 64, 16, torch.bfloat16, seed=3)
+
+    def attend(q: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.tokenfleet.cpu_paged_decode(str(kernel.library), q * 2, b.k_cache,
+                                                    b.v_cache, b.block_tables, b.seq_lens,
+                                                    0.125, 0, 2)
+        return out + 1
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    expected = kernel(b.q * 2, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.125, None,
+                      2) + 1
+    assert torch.equal(compiled(b.q), expected)
+
+
+def test_bad_arguments_raise_value_error(kernel: CpuPagedDecode) -> None:
+    b = _decode_batch((5, 33), 8, 2, 64, 16, torch.float32, seed=4)
+    args = (b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.125, None, 1)
+    with pytest.raises(ValueError, match="bf16/float32"):
+        kernel(b.q.half(), *args)
+    with pytest.raises(ValueError, match="does not match the cache"):
+        kernel(b.q[:, :, :32], *args)
+    with pytest.raises(ValueError, match="int32"):
+        kernel(b.q, b.k_cache, b.v_cache, b.block_tables.long(), b.seq_lens, 0.125, None, 1)
+    too_long = b.seq_lens.clone()
+    too_long[0] = b.block_tables.shape[1] * 16 + 1
+    with pytest.raises(ValueError, match="longer than its block table"):
+        kernel(b.q, b.k_cache, b.v_cache, b.block_tables, too_long, 0.125, None, 1)
+    zero = b.seq_lens.clone()
+    zero[1] = 0
+    with pytest.raises(ValueError, match="out of range"):
+        kernel(b.q, b.k_cache, b.v_cache, b.block_tables, zero, 0.125, None, 1)
+
+
+def test_build_is_cached_and_survives_no_compiler(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    first = cpu_paged_decode.load(tmp_path)
+    assert first is not None
+    assert [p.name for p in tmp_path.iterdir()] == [first.library.name]  # no temp files left
+    assert cpu_paged_decode.load(tmp_path) is first  # built once, loaded once per process
+    monkeypatch.setattr(cpu_paged_decode.shutil, "which", lambda name: None)
+    assert cpu_paged_decode.load(tmp_path / "elsewhere") is None
