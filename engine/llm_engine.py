@@ -55,9 +55,11 @@ class LLMEngine:
             quantize_int8_weight_only(model, device, config.torch_dtype)
         elif config.quantize == "int4":
             quantize_int4_weight_only(model, device, config.torch_dtype)
-        elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype) \
-                and not config.cpu_compile:  # compiled decode packs frozen weights itself
-            prepack_cpu_linears(model)
+        elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype):
+            # Compiled decode packs the graph's frozen weights itself (dynamo cannot trace
+            # ours); the LM head runs outside the graph, so it is packed here either way
+            # (plain `mm` on the tied weight took 7.6 ms of a 49 ms step at 32 sequences).
+            prepack_cpu_linears(model, only={"lm_head"} if config.cpu_compile else None)
         self.runner = ModelRunner(config, mc, model)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)

@@ -7,6 +7,8 @@ faster in microbenchmarks (DESIGN.md §6b). Applied to a finished model, like ev
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from torch import nn
 
@@ -21,13 +23,15 @@ def cpu_prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
-def prepack_cpu_linears(model: nn.Module) -> int:
-    """Pack every Linear's weight; free the row-major copy unless another module shares it
-    (a tied LM head shares the embedding). Returns the number of layers packed."""
+def prepack_cpu_linears(model: nn.Module, only: Container[str] | None = None) -> int:
+    """Pack every Linear's weight (or those named in `only`); free the row-major copy unless
+    another module shares it (a tied LM head shares the embedding). Returns the number of
+    layers packed."""
     shared = _shared_weight_ids(model)
     num_packed = 0
-    for module in model.modules():
-        if not isinstance(module, Linear) or module.weight.dtype != torch.bfloat16:
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or module.weight.dtype != torch.bfloat16 \
+                or (only is not None and name not in only):
             continue
         module.mkldnn_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.data, None)
         if id(module.weight) not in shared:

@@ -68,14 +68,21 @@ def test_compiled_decode_matches_eager_and_never_recompiles(
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
 
 
-def test_compiled_int4_decode_tracks_eager_logits(tmp_path: Path,
-                                                  make_tiny_llama: Callable[..., Path]) -> None:
-    """bf16 + int4: each compiled step's log-prob of its token equals the eager model's for
-    the same context up to bf16 rounding (teacher-forced on the compiled side's tokens)."""
+@pytest.mark.parametrize("quantize", [None, "int4"], ids=["bf16", "int4"])
+def test_compiled_bf16_decode_tracks_eager_logits(tmp_path: Path,
+                                                  make_tiny_llama: Callable[..., Path],
+                                                  quantize: str | None) -> None:
+    """bf16 (frozen weights; the LM head, outside the graph, packed by us) and bf16 + int4:
+    each compiled step's log-prob of its token equals the eager model's for the same context
+    up to bf16 rounding (teacher-forced on the compiled side's tokens)."""
     model_dir = make_tiny_llama(tmp_path)
-    args: dict[str, Any] = {"dtype": "bfloat16", "quantize": "int4", "max_num_seqs": 2}
+    args: dict[str, Any] = {"dtype": "bfloat16", "quantize": quantize, "max_num_seqs": 2}
     eager = LLMEngine.from_model(str(model_dir), **args)
     compiled = LLMEngine.from_model(str(model_dir), cpu_compile=True, **args)
+    if quantize is None:
+        lm_head = compiled.runner.model.lm_head
+        assert getattr(lm_head, "mkldnn_weight", None) is not None
+        assert compiled.runner.model.model.layers[0].mlp.down_proj.mkldnn_weight is None
     prompt = list(range(5, 25))
     compiled.add_request("a", prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
     got = []
