@@ -88,8 +88,14 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError("block_tables and seq_lens must be contiguous int32")
     if block_tables.shape[0] != q.shape[0] or seq_lens.shape != (q.shape[0],):
         raise ValueError("one block table row and one length per query row")
-    if q.shape[0] and int(seq_lens.max()) > block_tables.shape[1] * k_cache.shape[1]:
+    if q.shape[0] == 0:
+        return
+    # The C code trusts these: an out-of-range block id would read outside the cache.
+    if int(seq_lens.max()) > block_tables.shape[1] * k_cache.shape[1]:
         raise ValueError("a sequence is longer than its block table")
+    low, high = block_tables.aminmax()
+    if int(low) < 0 or int(high) >= k_cache.shape[0]:
+        raise ValueError(f"block ids must be in [0, {k_cache.shape[0]})")
 
 
 def load(build_dir: Path) -> CpuPagedDecode | None:

@@ -112,6 +112,10 @@ def test_bad_arguments_raise_value_error(kernel: CpuPagedDecode) -> None:
     too_long[0] = b.block_tables.shape[1] * 16 + 1
     with pytest.raises(ValueError, match="longer than its block table"):
         kernel(b.q, b.k_cache, b.v_cache, b.block_tables, too_long, 0.125, None, 1)
+    bad_block = b.block_tables.clone()
+    bad_block[0, 0] = b.k_cache.shape[0]
+    with pytest.raises(ValueError, match="block ids"):
+        kernel(b.q, b.k_cache, b.v_cache, bad_block, b.seq_lens, 0.125, None, 1)
     zero = b.seq_lens.clone()
     zero[1] = 0
     with pytest.raises(ValueError, match="out of range"):
