@@ -272,6 +272,14 @@ class LLMEngine:
             num_running=len(sched.running),
         )
 
+    @property
+    def attention_path(self) -> str:
+        """The attention backend, and whether CPU decode runs in the C kernel: `torch+c_decode`
+        when it was built, plain `torch` when it could not be (no C compiler) or is off."""
+        backend = self.runner.backend
+        kernel = getattr(backend, "decode_kernel", None)
+        return backend.name + ("+c_decode" if kernel is not None else "")
+
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager
         return {

@@ -169,6 +169,7 @@ class Worker:
         self.ready.set()
         self._log.info("worker_started", queue=s.queue, model=s.model, engine=s.engine,
                        engine_load_s=engine_load_s,
+                       attention=getattr(engine, "attention_path", None),
                        server=features.name, server_version=".".join(map(str, features.version)))
         try:
             await self._until_stop([*pulling, *others])

@@ -3,6 +3,7 @@ stops, aborts, limits. After every test the block manager must be back to all-fr
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,22 @@ def test_unavailable_attention_backend_is_a_clear_error(tiny_dir: Path) -> None:
         _engine(tiny_dir, attention_backend="flash_attn")
     with pytest.raises(ValidationError, match="attention_backend"):
         _engine(tiny_dir, attention_backend="cudnn")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="no C compiler: the engine keeps the torch path")
+def test_cpu_decode_kernel_serves_the_same_tokens_as_the_torch_path(tiny_dir: Path) -> None:
+    """On CPU the decode rows go through the C kernel by default; mixed steps (prefill chunks
+    next to decodes, preemption) give exactly the tokens of the gather + SDPA path."""
+    lengths = [10, 300, 35, 220, 64, 5, 90, 12]
+    prompts = _prompts(lengths, seed=3)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    results = {}
+    for use_kernel in (True, False):
+        engine = _engine(tiny_dir, max_num_seqs=4, num_kv_blocks=200,
+                         max_num_batched_tokens=128, cpu_attention_kernel=use_kernel)
+        assert engine.attention_path == ("torch+c_decode" if use_kernel else "torch")
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        results[use_kernel] = _run(engine)
+    assert results[True] == results[False]
