@@ -6,9 +6,10 @@ per sequence and head), ~40 % of the step. The C kernel reads K/V in place throu
 table (fp32 math, GQA-grouped) on `num_threads` threads.
 
 Built at first use into `<build_dir>/cpu_paged_decode-<hash>.so` (hash of the source, the
-flags and the compiler's version; a second process reuses the file; builds are atomic
-renames). `-march=native`: the library is built on the machine that runs it. No compiler, or a
-failed build, leaves `load` returning None and the engine on the torch path.
+flags, the compiler's version and the CPU's feature flags; a second process reuses the file;
+builds are atomic renames). `-march=native`: the library is built on the machine that runs
+it. No compiler, or a failed build, leaves `load` returning None and the engine on the torch
+path.
 
 Called eagerly through ctypes (which releases the GIL). Under `torch.compile` it is the custom
 op `tokenfleet::cpu_paged_decode`, which dynamo keeps opaque.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -107,13 +109,27 @@ def load(build_dir: Path) -> CpuPagedDecode | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                  timeout=30, check=True).stdout
         digest = hashlib.sha256("\0".join(
-            [_SOURCE.read_text(), *_COMPILE_FLAGS, *_LINK_FLAGS, version]).encode()).hexdigest()
+            [_SOURCE.read_text(), *_COMPILE_FLAGS, *_LINK_FLAGS, version, _cpu_features()]
+        ).encode()).hexdigest()
         library = Path(build_dir) / f"cpu_paged_decode-{digest[:16]}.so"
         if not library.exists():
             _build(compiler, library)
         return _OPS.get(str(library)) or CpuPagedDecode(library)
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: a cache directory shared by machines with different
+    CPUs must not hand one of them a library with instructions it lacks (SIGILL)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
 
 
 def _build(compiler: str, library: Path) -> None:
