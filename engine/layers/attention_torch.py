@@ -8,8 +8,9 @@ only on the batch layout (slot indices, masks) is computed once per step, in a p
 every layer: on a CPU the number of small ops, not FLOPs, sets the decode speed.
 
 With a `decode_kernel` (kernels/cpu_paged_decode.c, built when a C compiler is present) decode
-rows skip the gather and SDPA: the kernel reads K/V in place through the block tables, ~3x
-faster per layer at 32 sequences. Prefill chunks always take the SDPA path.
+rows skip the gather and SDPA: the kernel reads K/V in place through the block tables, 2-6x
+faster per layer at 32 sequences (benchmarks/bench_cpu_attention.py). Prefill chunks always
+take the SDPA path.
 """
 
 from __future__ import annotations
