@@ -229,14 +229,27 @@ static inline __attribute__((always_inline)) void pass2_memory(
     }
 }
 
+/* Part `part` of `num_parts` of sequence s's keys. One part: writes the output. Several (a
+ * context split across threads when there are fewer sequences than threads): writes the
+ * part's softmax state to `partial` [H max, H sum, H x d unnormalized output] for
+ * finalize_parts. */
 static inline __attribute__((always_inline)) int attend_seq_bf16_d(
-    const job_t *j, int64_t s, float *buf, int64_t buf_len, const int64_t d) {
+    const job_t *j, int64_t s, int64_t part, int64_t num_parts, float *buf, int64_t buf_len,
+    float *partial, const int64_t d) {
     const int64_t kvh_n = j->num_kv_heads, h_n = j->num_heads, g_n = h_n / kvh_n;
-    const int64_t len = j->seq_lens[s], row_elems = kvh_n * d;
-    const int64_t lo = (j->window > 0 && len > j->window) ? len - j->window : 0;
+    const int64_t seq_len = j->seq_lens[s], row_elems = kvh_n * d;
+    const int64_t first = (j->window > 0 && seq_len > j->window) ? seq_len - j->window : 0;
+    const int64_t lo = first + (seq_len - first) * part / num_parts;
+    const int64_t len = first + (seq_len - first) * (part + 1) / num_parts;
     const int64_t n = len - lo;
-    if (n <= 0 || 2 * h_n * d + h_n * n > buf_len) return 1;
-    float *acc = buf, *scores = buf + h_n * d; /* acc [H, d], scores [H, n] */
+    if (seq_len - first <= 0 || 2 * h_n * d + h_n * n > buf_len) return 1;
+    if (n == 0) { /* an empty part: weight 0 in finalize_parts */
+        for (int64_t h = 0; h < h_n; h++) partial[h] = -FLT_MAX, partial[h_n + h] = 0.0f;
+        memset(partial + 2 * h_n, 0, (size_t)(h_n * d) * sizeof(float));
+        return 0;
+    }
+    float *acc = num_parts > 1 ? partial + 2 * h_n : buf; /* [H, d] */
+    float *scores = buf + h_n * d; /* [H, n] */
     const uint16_t *kc = j->k_cache;
     const uint16_t *q = (const uint16_t *)j->q + s * j->q_row_stride;
     const int32_t *table = j->block_tables + s * j->max_blocks;
@@ -278,6 +291,10 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
             sc[i] = expf(sc[i] - mx);
             sum += sc[i];
         }
+        if (num_parts > 1) { /* finalize_parts rescales and normalizes */
+            partial[h] = mx, partial[h_n + h] = sum;
+            continue;
+        }
         const float inv = 1.0f / sum; /* fold 1 / sum into the weights */
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) sc[i] *= inv;
@@ -285,6 +302,7 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
     memset(acc, 0, (size_t)(h_n * d) * sizeof(float));
     if (small_heads) pass2_registers(j, table, lo, len, scores, acc, ahead, d);
     else pass2_memory(j, table, lo, len, scores, acc, ahead, d);
+    if (num_parts > 1) return 0;
     uint16_t *out = (uint16_t *)j->out + s * h_n * d;
     for (int64_t i = 0; i < h_n * d; i += 16)
         _mm256_storeu_si256((__m256i *)(out + i),
@@ -292,20 +310,57 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
     return 0;
 }
 
-static int attend_seq_bf16(const job_t *j, int64_t s, float *buf, int64_t buf_len) {
+static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
+                           float *buf, int64_t buf_len, float *partial) {
     switch (j->head_dim) {
-    case 64: return attend_seq_bf16_d(j, s, buf, buf_len, 64);
-    case 128: return attend_seq_bf16_d(j, s, buf, buf_len, 128);
-    default: return attend_seq_bf16_d(j, s, buf, buf_len, j->head_dim);
+    case 64: return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, partial, 64);
+    case 128: return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, partial, 128);
+    default:
+        return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, partial, j->head_dim);
     }
 }
+
+/* Sequence s's output from its parts' softmax states (flash-decoding's merge): with M the
+ * largest part max, out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p. */
+static void finalize_parts(const job_t *j, int64_t s, int64_t num_parts, const float *parts) {
+    const int64_t h_n = j->num_heads, d = j->head_dim, stride = 2 * h_n + h_n * d;
+    const float *first = parts + s * num_parts * stride;
+    uint16_t *out = (uint16_t *)j->out + s * h_n * d;
+    for (int64_t h = 0; h < h_n; h++) {
+        float mx = -FLT_MAX, total = 0.0f, o[256] = {0};
+        for (int64_t p = 0; p < num_parts; p++)
+            mx = first[p * stride + h] > mx ? first[p * stride + h] : mx;
+        for (int64_t p = 0; p < num_parts; p++) {
+            const float *part = first + p * stride;
+            if (part[h_n + h] == 0.0f) continue; /* empty part */
+            const float w = expf(part[h] - mx);
+            total += w * part[h_n + h];
+            for (int64_t i = 0; i < d; i++) o[i] += w * part[2 * h_n + h * d + i];
+        }
+        for (int64_t i = 0; i < d; i++) out[h * d + i] = f32_to_bf16(o[i] / total);
+    }
+}
+/* Split a context across threads only into parts of at least this many keys: at batch 1 on
+ * 2 threads, 1.1-2x faster from 256 keys up (bench_cpu_attention.py A/B). */
+#define MIN_PART_KEYS 128
 #endif
 
-static int attend_seq(const job_t *j, int64_t s, float *buf, int64_t buf_len) {
+static int use_bf16_kernel(const job_t *j) {
 #ifdef HAVE_BF16_KERNEL
-    if (j->is_bf16 && j->head_dim % 32 == 0 && j->head_dim <= 256)
-        return attend_seq_bf16(j, s, buf, buf_len);
+    return j->is_bf16 && j->head_dim % 32 == 0 && j->head_dim <= 256;
+#else
+    (void)j;
+    return 0;
 #endif
+}
+
+static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts, float *buf,
+                      int64_t buf_len, float *partial) {
+#ifdef HAVE_BF16_KERNEL
+    if (use_bf16_kernel(j))
+        return attend_seq_bf16(j, s, part, num_parts, buf, buf_len, partial);
+#endif
+    if (num_parts != 1) return 3; /* the portable loop does not split */
     switch (j->head_dim) {
     case 64: return attend_seq_d(j, s, buf, buf_len, 64);
     case 128: return attend_seq_d(j, s, buf, buf_len, 128);
@@ -333,18 +388,40 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     const int64_t buf_len = 2 * num_heads * head_dim + num_heads + num_kv_heads * head_dim
                             + num_heads * max_len;
     if (num_threads < 1) num_threads = 1;
-    if (num_threads > num_seqs) num_threads = num_seqs > 0 ? (int)num_seqs : 1;
+    /* Fewer sequences than threads: split each context into parts (flash-decoding). */
+    int64_t num_parts = 1;
+    if (use_bf16_kernel(&j) && num_seqs > 0 && num_seqs < num_threads) {
+        num_parts = (num_threads + num_seqs - 1) / num_seqs;
+        if (num_parts > max_len / MIN_PART_KEYS) num_parts = max_len / MIN_PART_KEYS;
+        if (num_parts < 1) num_parts = 1;
+    }
+    const int64_t num_items = num_seqs * num_parts;
+    if (num_threads > num_items) num_threads = num_items > 0 ? (int)num_items : 1;
+    float *parts = NULL;
+    if (num_parts > 1) {
+        parts = malloc((size_t)(num_items * (2 * num_heads + num_heads * head_dim))
+                       * sizeof(float));
+        if (parts == NULL) return 2;
+    }
+    const int64_t stride = 2 * num_heads + num_heads * head_dim;
     int status = 0;
 #pragma omp parallel num_threads(num_threads)
     {
         float *buf = malloc((size_t)buf_len * sizeof(float));
         int st = buf == NULL ? 2 : 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < num_seqs; s++)
-            if (st == 0) st = attend_seq(&j, s, buf, buf_len);
+        for (int64_t item = 0; item < num_items; item++)
+            if (st == 0)
+                st = attend_seq(&j, item / num_parts, item % num_parts, num_parts, buf, buf_len,
+                                parts == NULL ? NULL : parts + item * stride);
+        if (parts != NULL) { /* after the barrier at the end of the loop above */
+#pragma omp for
+            for (int64_t s = 0; s < num_seqs; s++) finalize_parts(&j, s, num_parts, parts);
+        }
         free(buf);
 #pragma omp critical
         if (st > status) status = st;
     }
+    free(parts);
     return status;
 }

@@ -3,7 +3,9 @@
 The torch CPU path gathers each sequence's K/V into a dense copy and calls SDPA; for decode
 rows that costs ~0.7 ms per layer at 32 sequences of ~200 tokens (the copy, and SDPA's set-up
 per sequence and head), ~40 % of the step. The C kernel reads K/V in place through the block
-table (fp32 math, GQA-grouped) on `num_threads` threads.
+table (fp32 math, GQA-grouped) on `num_threads` threads: sequences are spread over the
+threads, and with fewer sequences than threads (batch 1) each context is split across them
+and the parts' softmax states merged (flash-decoding; AVX-512 BF16 path only).
 
 Built at first use into `<build_dir>/cpu_paged_decode-<hash>.so` (hash of the source, the
 flags, the compiler's version and the CPU's feature flags; a second process reuses the file;

@@ -130,3 +130,27 @@ def test_build_is_cached_and_survives_no_compiler(tmp_path: Path,
     assert cpu_paged_decode.load(tmp_path) is first  # built once, loaded once per process
     monkeypatch.setattr(cpu_paged_decode.shutil, "which", lambda name: None)
     assert cpu_paged_decode.load(tmp_path / "elsewhere") is None
+
+
+@pytest.mark.parametrize(("contexts", "window", "num_threads"), [
+    ((1500,), None, 2),  # one sequence, its context split in two
+    ((1100, 3), None, 4),  # two sequences over four threads: the short one has empty parts
+    ((2000,), 700, 3),  # split inside a sliding window
+], ids=["one-seq", "two-seqs-4-threads", "window"])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)], ids=["smollm2", "gqa4-d128"])
+def test_split_context_matches_reference(kernel: CpuPagedDecode, contexts: tuple[int, ...],
+                                         window: int | None, num_threads: int,
+                                         heads: tuple[int, int, int]) -> None:
+    """Fewer sequences than threads: each context is split across threads and the parts'
+    softmax states merged (bf16 with AVX-512 BF16; elsewhere the unsplit loop runs)."""
+    num_heads, num_kv_heads, head_dim = heads
+    b = _decode_batch(contexts, num_heads, num_kv_heads, head_dim, block_size=16,
+                      dtype=torch.bfloat16, seed=21)
+    scale = head_dim ** -0.5
+    expected = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                   b.query_start_loc, b.seq_lens, scale, window)
+    out = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, window,
+                 num_threads)
+    unsplit = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, window, 1)
+    assert rel_err(out, expected) < 1e-2
+    assert rel_err(out, unsplit) < 1e-2
