@@ -36,9 +36,10 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tens
 
 
 class CompiledDecode:
-    def __init__(self, forward: ForwardFn, backend: TorchAttentionBackend, block_size: int,
-                 sliding_window: int | None, freeze: bool):
+    def __init__(self, forward: ForwardFn, backend: TorchAttentionBackend, num_blocks: int,
+                 block_size: int, sliding_window: int | None, freeze: bool):
         self.backend = backend
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.num_steps = 0  # decode steps served (warm-up excluded)
@@ -60,8 +61,8 @@ class CompiledDecode:
                  meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions [S] (one decode row per sequence) -> hidden [S, hidden]
         assert meta.is_decode_only, "prefill and mixed steps run eagerly"
-        self.backend.plan(meta, self.block_size, self.sliding_window, input_ids.device,
-                          kv_chunk=max(1, meta.max_seq_len))
+        self.backend.plan(meta, self.num_blocks, self.block_size, self.sliding_window,
+                          input_ids.device, kv_chunk=max(1, meta.max_seq_len))
         hidden = self._forward(input_ids, positions, meta)
         self.num_steps += 1
         return hidden

@@ -71,8 +71,8 @@ class ModelRunner:
         if config.cpu_compile:
             assert isinstance(self.backend, TorchAttentionBackend)
             self.compiled_decode = CompiledDecode(
-                model.forward, self.backend, self.block_size, model_config.sliding_window,
-                freeze=config.quantize is None)
+                model.forward, self.backend, self.num_kv_blocks, self.block_size,
+                model_config.sliding_window, freeze=config.quantize is None)
             self.compiled_decode.warm_up(config.max_num_seqs)
         self.graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
-from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
+from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode, check_tables
 
 __all__ = ["TorchAttentionBackend", "store_kv"]
 
@@ -94,7 +94,7 @@ class TorchAttentionBackend:
         # q [T, H, D]; k, v [T, KVH, D] -> out [T, H, D]
         plan = meta.backend_plan
         if not isinstance(plan, _Plan):  # first layer of this step builds it
-            plan = self.plan(meta, k_cache.shape[1], sliding_window, q.device)
+            plan = self.plan(meta, k_cache.shape[0], k_cache.shape[1], sliding_window, q.device)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.all_slots_valid)
         decode = plan.decode
         if decode is not None and not plan.prefills:
@@ -125,7 +125,7 @@ class TorchAttentionBackend:
                 str(kernel.library), q, k_cache, v_cache, decode.block_tables, decode.seq_lens,
                 scale, window or 0, decode.num_threads)
         return kernel(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale, window,
-                      decode.num_threads)
+                      decode.num_threads, tables_checked=True)
 
     def _attend(self, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
                 chunks: list[_Chunk], scale: float, num_kv_heads: int, decode: bool
@@ -155,8 +155,8 @@ class TorchAttentionBackend:
         return (acc / l_sum.unsqueeze(-1)).reshape(n, H, D).to(q.dtype)
 
     # ---- the per-step plan ---------------------------------------------------------------
-    def plan(self, meta: AttentionMetadata, block_size: int, window: int | None,
-             device: torch.device, kv_chunk: int | None = None) -> _Plan:
+    def plan(self, meta: AttentionMetadata, num_blocks: int, block_size: int,
+             window: int | None, device: torch.device, kv_chunk: int | None = None) -> _Plan:
         """Build this step's plan and keep it in `meta` for every layer. Called by the first
         layer, or ahead of a compiled decode step (which must not trace this Python);
         `kv_chunk` overrides the backend's chunk length (a compiled step reads the whole
@@ -165,21 +165,23 @@ class TorchAttentionBackend:
         assert qsl is not None and lens is not None, "torch backend needs host metadata"
         chunk = kv_chunk or self.kv_chunk
         rows = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-        decode = (self._decode_plan(meta, rows, block_size, window, device, chunk)
+        decode = (self._decode_plan(meta, rows, num_blocks, block_size, window, device, chunk)
                   if rows else None)
         prefills = [self._prefill_plan(meta, i, block_size, window, device, chunk)
                     for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1]
         meta.backend_plan = _Plan(decode, prefills, bool((meta.slot_mapping >= 0).all()))
         return meta.backend_plan
 
-    def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
-                     window: int | None, device: torch.device, kv_chunk: int) -> _DecodePlan:
+    def _decode_plan(self, meta: AttentionMetadata, rows: list[int], num_blocks: int,
+                     block_size: int, window: int | None, device: torch.device,
+                     kv_chunk: int) -> _DecodePlan:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
         q_idx = torch.tensor([meta.query_start_loc_cpu[i] for i in rows], device=device)
         all_rows = len(rows) == meta.num_seqs
         tables = meta.block_tables if all_rows else meta.block_tables[rows]
         if self.decode_kernel is not None:  # reads the cache itself: no slots, no masks
             seq_lens_t = meta.seq_lens if all_rows else meta.seq_lens[rows]
+            check_tables(tables, seq_lens_t, num_blocks, block_size)  # once, for every layer
             return _DecodePlan(q_idx, [], tables.contiguous(), seq_lens_t.contiguous(),
                                torch.get_num_threads())
         lens = [meta.seq_lens_cpu[i] for i in rows]
