@@ -37,8 +37,7 @@ _SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
 # it keeps crtfastmath (which flushes denormals process-wide) out of the library.
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
-_STATUS = {1: "a sequence length is out of range", 2: "out of memory", 3: "unsupported shape",
-           4: "could not start a thread"}
+_STATUS = {1: "a sequence length is out of range", 2: "out of memory", 3: "unsupported shape"}
 _OPS: dict[str, CpuPagedDecode] = {}  # the loaded library per build file, for the custom op
 
 
