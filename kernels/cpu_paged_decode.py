@@ -7,11 +7,9 @@ table (fp32 math, GQA-grouped) on `num_threads` threads: sequences are spread ov
 threads, and with fewer sequences than threads (batch 1) each context is split across them
 and the parts' softmax states merged (flash-decoding; AVX-512 BF16 path only).
 
-Built at first use into `<build_dir>/cpu_paged_decode-<hash>.so` (hash of the source, the
-flags, the compiler's version and the CPU's feature flags; a second process reuses the file;
-builds are atomic renames). `-march=native`: the library is built on the machine that runs
-it. No compiler, or a failed build, leaves `load` returning None and the engine on the torch
-path.
+Built at first use into `<build_dir>/cpu_paged_decode-<hash>.so` by `cpu_build`
+(`-march=native`, on the machine that runs it). No compiler, or a failed build, leaves `load`
+returning None and the engine on the torch path.
 
 Called eagerly through ctypes (which releases the GIL). Under `torch.compile` it is the custom
 op `tokenfleet::cpu_paged_decode`, which dynamo keeps opaque.
@@ -20,23 +18,18 @@ op `tokenfleet::cpu_paged_decode`, which dynamo keeps opaque.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tokenfleet.kernels import cpu_build
 
 __all__ = ["CpuPagedDecode", "check_tables", "load"]
 
 _SOURCE = Path(__file__).with_name("cpu_paged_decode.c")
 # fast-math at compile time only, so that expf vectorizes (glibc's libmvec); linking without
 # it keeps crtfastmath (which flushes denormals process-wide) out of the library.
-_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
-_LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 _STATUS = {1: "a sequence length is out of range", 2: "out of memory", 3: "unsupported shape"}
 _OPS: dict[str, CpuPagedDecode] = {}  # the loaded library per build file, for the custom op
 
@@ -113,45 +106,13 @@ def check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks:
 
 def load(build_dir: Path) -> CpuPagedDecode | None:
     """The kernel, built into `build_dir` if needed; None when it cannot be built here."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    library = cpu_build.build(_SOURCE, build_dir, _COMPILE_FLAGS)
+    if library is None:
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout
-        digest = hashlib.sha256("\0".join(
-            [_SOURCE.read_text(), *_COMPILE_FLAGS, *_LINK_FLAGS, version, _cpu_features()]
-        ).encode()).hexdigest()
-        library = Path(build_dir) / f"cpu_paged_decode-{digest[:16]}.so"
-        if not library.exists():
-            _build(compiler, library)
         return _OPS.get(str(library)) or CpuPagedDecode(library)
-    except (OSError, subprocess.SubprocessError):
+    except OSError:  # a library that does not load (a truncated file, a foreign one)
         return None
-
-
-def _cpu_features() -> str:
-    """What -march=native compiles for: a cache directory shared by machines with different
-    CPUs must not hand one of them a library with instructions it lacks (SIGILL)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _build(compiler: str, library: Path) -> None:
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        obj, tmp_lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        subprocess.run([compiler, *_COMPILE_FLAGS, str(_SOURCE), "-o", str(obj)],
-                       capture_output=True, timeout=300, check=True)
-        subprocess.run([compiler, str(obj), "-o", str(tmp_lib), *_LINK_FLAGS],
-                       capture_output=True, timeout=300, check=True)
-        os.replace(tmp_lib, library)  # atomic: a concurrent build replaces it with the same
 
 
 @torch.library.custom_op("tokenfleet::cpu_paged_decode", mutates_args=())

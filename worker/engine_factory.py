@@ -43,6 +43,7 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         async_decode=settings.async_decode,
         cpu_compile=settings.cpu_compile and device == "cpu",
         cpu_attention_kernel=settings.cpu_attention_kernel,
+        cpu_sampler_kernel=settings.cpu_sampler_kernel,
     )
     return engine
 

@@ -70,6 +70,9 @@ class WorkerSettings:
     cpu_attention_kernel: bool = _setting(True, "CPU: decode attention in a C kernel built at "
                                           "start-up with the system C compiler (~1 s; without "
                                           "one, torch's gather + SDPA path)")
+    cpu_sampler_kernel: bool = _setting(True, "CPU: the sampler's argmax + logsumexp in a C "
+                                        "kernel built the same way (without a compiler, "
+                                        "torch's ops)")
     attention_backend: str = _setting("auto", "attention kernels: auto (triton on CUDA, torch on "
                                       "CPU), torch, triton, flash_attn (needs flash-attn and "
                                       "block_size 256)",

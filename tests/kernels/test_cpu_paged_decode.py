@@ -10,7 +10,7 @@ import torch
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
-from tokenfleet.kernels import cpu_paged_decode
+from tokenfleet.kernels import cpu_build, cpu_paged_decode
 from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
 from tokenfleet.kernels.paged_batch import PagedBatch, make_paged_batch
 from tokenfleet.kernels.reference import paged_attention_ref, store_kv_ref
@@ -128,7 +128,7 @@ def test_build_is_cached_and_survives_no_compiler(tmp_path: Path,
     assert first is not None
     assert [p.name for p in tmp_path.iterdir()] == [first.library.name]  # no temp files left
     assert cpu_paged_decode.load(tmp_path) is first  # built once, loaded once per process
-    monkeypatch.setattr(cpu_paged_decode.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_build.shutil, "which", lambda name: None)
     assert cpu_paged_decode.load(tmp_path / "elsewhere") is None
 
 

@@ -22,8 +22,20 @@ from tokenfleet.engine.sampler import Sampler, apply_penalties, warp
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.seeded_random import to_int64_seed, uniform
+from tokenfleet.kernels import cpu_row_stats
 
 VOCAB = 64
+
+
+@pytest.fixture(params=["torch", "c"])
+def sampler(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Sampler:
+    """Both implementations of the row reductions: torch's ops and the C kernel."""
+    if request.param == "torch":
+        return Sampler()
+    kernel = cpu_row_stats.load(tmp_path_factory.getbasetemp() / "kernels")
+    if kernel is None:
+        pytest.skip("no C compiler: the C row-stats kernel cannot be built")
+    return Sampler(kernel)
 
 
 def _logits(num_rows: int, vocab: int = VOCAB, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -205,51 +217,53 @@ def test_penalties_need_histories() -> None:
 # ---- Sampler end to end -------------------------------------------------------------------------
 
 
-def test_greedy_fast_path_is_argmax_with_logprobs() -> None:
+def test_greedy_fast_path_is_argmax_with_logprobs(sampler: Sampler) -> None:
     logits = _logits(5, seed=5).to(torch.bfloat16)
     batch = _batch([SamplingParams() for _ in range(5)])
     assert batch.is_greedy_fast_path
-    out = Sampler()(logits, batch)
+    out = sampler(logits, batch)
     expected = logits.float().log_softmax(-1)
     assert torch.equal(out.token_ids, logits.float().argmax(-1))
     assert torch.allclose(out.logprobs, expected.max(-1).values, atol=1e-6)
     assert out.top_ids is None and out.top_logprobs is None
 
 
-def test_temperature_zero_is_greedy_and_penalised_greedy_uses_penalised_logits() -> None:
+def test_temperature_zero_is_greedy_and_penalised_greedy_uses_penalised_logits(
+        sampler: Sampler) -> None:
     logits = torch.zeros(2, VOCAB)
     logits[:, 10] = 5.0
     logits[:, 11] = 4.9
     params = [SamplingParams(temperature=0.0, top_k=3), SamplingParams(repetition_penalty=2.0)]
     batch = _batch(params, token_histories=[[1], [10]], prompt_lens=[1, 1])
     assert batch.warping is None and not batch.is_greedy_fast_path
-    out = Sampler()(logits, batch)
+    out = sampler(logits, batch)
     assert out.token_ids.tolist() == [10, 11]  # row 1: 5.0 / 2 < 4.9
     penalised = logits[1].clone()
     penalised[10] = 2.5
     assert math.isclose(float(out.logprobs[1]), float(penalised.log_softmax(-1)[11]), rel_tol=1e-6)
 
 
-def test_banned_tokens_are_never_chosen() -> None:
+def test_banned_tokens_are_never_chosen(sampler: Sampler) -> None:
     logits = _logits(4, seed=6)
     top = logits.argmax(-1)
     params = [SamplingParams(), SamplingParams(do_sample=True, top_k=1)] * 2
     banned = [{int(top[r])} for r in range(4)]
-    out = Sampler()(logits, _batch(params, banned_token_ids=banned))
+    out = sampler(logits, _batch(params, banned_token_ids=banned))
     second = logits.topk(2, dim=-1).indices[:, 1]
     assert torch.equal(out.token_ids, second)
     with pytest.raises(ValueError):
         _batch(params, banned_token_ids=[{VOCAB}, set(), set(), set()])
 
 
-def test_top_n_tokens_are_ordered_and_are_logprobs_of_the_sampling_distribution() -> None:
+def test_top_n_tokens_are_ordered_and_are_logprobs_of_the_sampling_distribution(
+        sampler: Sampler) -> None:
     logits = _logits(3, seed=7)
     params = [
         SamplingParams(top_n_tokens=3),
         SamplingParams(do_sample=True, top_k=2, top_n_tokens=4, seed=1),
         SamplingParams(temperature=0.5, top_n_tokens=1),
     ]
-    out = Sampler()(logits, _batch(params))
+    out = sampler(logits, _batch(params))
     assert out.top_ids is not None and out.top_logprobs is not None
     assert out.top_ids.shape == (3, 4)
     assert bool((out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all())
@@ -268,7 +282,7 @@ def test_top_n_tokens_are_ordered_and_are_logprobs_of_the_sampling_distribution(
     assert math.isclose(float(out.top_logprobs[2, 0]), float(cooled.max()), rel_tol=1e-5)
 
 
-def test_seeded_draw_is_independent_of_the_batch() -> None:
+def test_seeded_draw_is_independent_of_the_batch(sampler: Sampler) -> None:
     """A row alone == the same row inside a mixed batch of 8, at any position."""
     logits = _logits(8, seed=8, scale=1.0)
     params = [
@@ -284,30 +298,30 @@ def test_seeded_draw_is_independent_of_the_batch() -> None:
     histories = [[r, r + 1, 2 * r] for r in range(8)]
     seeds = [11, 22, 33, 44, 55, 2**64 - 3, 77, 88]
     indices = [0, 3, 5, 9, 1, 2, 100, 4]
-    full = Sampler()(logits, _batch(params, seeds=seeds, indices=indices,
+    full = sampler(logits, _batch(params, seeds=seeds, indices=indices,
                                     token_histories=histories, prompt_lens=[2] * 8))
     for row in range(8):
-        alone = Sampler()(logits[row : row + 1], _batch(
+        alone = sampler(logits[row : row + 1], _batch(
             [params[row]], seeds=[seeds[row]], indices=[indices[row]],
             token_histories=[histories[row]], prompt_lens=[2]))
         assert int(alone.token_ids[0]) == int(full.token_ids[row])
         assert float(alone.logprobs[0]) == float(full.logprobs[row])
     perm = [7, 3, 0, 5, 1, 6, 2, 4]
-    shuffled = Sampler()(logits[perm], _batch(
+    shuffled = sampler(logits[perm], _batch(
         [params[r] for r in perm], seeds=[seeds[r] for r in perm],
         indices=[indices[r] for r in perm], token_histories=[histories[r] for r in perm],
         prompt_lens=[2] * 8))
     assert torch.equal(shuffled.token_ids, full.token_ids[perm])
 
 
-def test_different_seeds_and_indices_give_different_samples() -> None:
+def test_different_seeds_and_indices_give_different_samples(sampler: Sampler) -> None:
     logits = torch.zeros(200, VOCAB)  # uniform over the vocab
     params = [SamplingParams(do_sample=True)] * 200
-    by_seed = Sampler()(logits, _batch(params, seeds=list(range(200)), indices=[0] * 200))
-    by_index = Sampler()(logits, _batch(params, seeds=[5] * 200, indices=list(range(200))))
+    by_seed = sampler(logits, _batch(params, seeds=list(range(200)), indices=[0] * 200))
+    by_index = sampler(logits, _batch(params, seeds=[5] * 200, indices=list(range(200))))
     for out in (by_seed, by_index):
         assert len(set(out.token_ids.tolist())) > 40  # 200 draws over 64 tokens: ~61 distinct
-    again = Sampler()(logits, _batch(params, seeds=list(range(200)), indices=[0] * 200))
+    again = sampler(logits, _batch(params, seeds=list(range(200)), indices=[0] * 200))
     assert torch.equal(again.token_ids, by_seed.token_ids)
 
 
@@ -315,7 +329,8 @@ def test_different_seeds_and_indices_give_different_samples() -> None:
     "kwargs",
     [{"do_sample": True}, {"temperature": 0.6, "top_k": 5}, {"top_p": 0.7, "temperature": 1.5}],
 )
-def test_empirical_frequencies_match_the_distribution(kwargs: dict[str, Any]) -> None:
+def test_empirical_frequencies_match_the_distribution(kwargs: dict[str, Any],
+                                                      sampler: Sampler) -> None:
     num_draws, vocab = 20_000, 8
     row_logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 1.5]])
     params = [SamplingParams(**kwargs)] * num_draws
@@ -323,7 +338,7 @@ def test_empirical_frequencies_match_the_distribution(kwargs: dict[str, Any]) ->
                    prompt_lens=[0] * num_draws, vocab_size=vocab)
     assert batch.warping is not None
     probs = warp(row_logits, _batch(params[:1], vocab_size=vocab).warping).softmax(-1)[0]
-    out = Sampler()(row_logits.expand(num_draws, vocab), batch)
+    out = sampler(row_logits.expand(num_draws, vocab), batch)
     freq = torch.bincount(out.token_ids, minlength=vocab).double() / num_draws
     assert bool((freq[probs == 0] == 0).all())  # masked tokens are never drawn
     sd = (probs.double() * (1 - probs.double()) / num_draws).sqrt()
@@ -334,12 +349,12 @@ def test_empirical_frequencies_match_the_distribution(kwargs: dict[str, Any]) ->
     assert chi2 < 30, chi2  # df <= 7: p < 1e-4
 
 
-def test_logits_shape_is_checked() -> None:
+def test_logits_shape_is_checked(sampler: Sampler) -> None:
     batch = _batch([SamplingParams()])
     with pytest.raises(ValueError):
-        Sampler()(torch.zeros(2, VOCAB), batch)
+        sampler(torch.zeros(2, VOCAB), batch)
     with pytest.raises(ValueError):
-        Sampler()(torch.zeros(1, VOCAB + 1), batch)
+        sampler(torch.zeros(1, VOCAB + 1), batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
