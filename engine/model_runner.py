@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -19,13 +20,15 @@ from tokenfleet.engine.hub import DEFAULT_CACHE_DIR
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
+from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
 from tokenfleet.engine.models.registry import CausalLM
-from tokenfleet.engine.sampler import Sampler, SamplerOutput
+from tokenfleet.engine.sampler import Sampler, SamplerOutput, torch_row_stats
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
 from tokenfleet.engine.sequence import Sequence
-from tokenfleet.kernels import cpu_paged_decode
+from tokenfleet.kernels import cpu_paged_decode, cpu_row_stats
 from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
+from tokenfleet.kernels.cpu_row_stats import CpuRowStats
 
 __all__ = ["LaunchedDecode", "ModelRunner", "RunOutput"]
 
@@ -62,7 +65,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.sampler = Sampler()
+        self.sampler = Sampler(self._cpu_row_stats() or torch_row_stats)
         self.num_kv_blocks = self._num_kv_blocks()
         self.backend = make_backend(config.attention_backend, self.device,
                                     self._cpu_decode_kernel())
@@ -70,6 +73,7 @@ class ModelRunner:
         self.compiled_decode: CompiledDecode | None = None
         if config.cpu_compile:
             assert isinstance(self.backend, TorchAttentionBackend)
+            self._fuse_cpu_element_wise()
             self.compiled_decode = CompiledDecode(
                 model.forward, self.backend, self.num_kv_blocks, self.block_size,
                 model_config.sliding_window, freeze=config.quantize is None)
@@ -82,6 +86,16 @@ class ModelRunner:
                 self.graph_runner.capture_all()
 
     # ---- set-up ----------------------------------------------------------------------------
+    def _fuse_cpu_element_wise(self) -> None:
+        """Prefill's element-wise ops as compiled kernels (layers/cpu_fused.py)."""
+        mc = self.model_config
+        fused = CpuFusedOps()
+        fused.warm_up(mc.hidden_size, mc.intermediate_size, mc.num_heads, mc.num_kv_heads,
+                      mc.head_dim, mc.rms_norm_eps, self.config.torch_dtype)
+        for module in self.model.modules():
+            if hasattr(module, "cpu_fused"):  # RMSNorm, RotaryEmbedding, a model's MLP
+                cast(Any, module).cpu_fused = fused
+
     def _cpu_decode_kernel(self) -> CpuPagedDecode | None:
         """The C decode-attention kernel, built on first use into the cache directory; None
         off CPU, when disabled, for other dtypes, or when it cannot be built here."""
@@ -90,6 +104,13 @@ class ModelRunner:
                 or config.torch_dtype not in (torch.bfloat16, torch.float32):
             return None
         return cpu_paged_decode.load(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
+
+    def _cpu_row_stats(self) -> CpuRowStats | None:
+        """The C kernel for the sampler's argmax + logsumexp; None off CPU, when disabled, or
+        when it cannot be built here."""
+        if self.device.type != "cpu" or not self.config.cpu_sampler_kernel:
+            return None
+        return cpu_row_stats.load(Path(self.config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
 
     def _kv_bytes_per_block(self) -> int:
         mc = self.model_config

@@ -65,7 +65,10 @@ class _DecodePlan:
 class _PrefillPlan:
     start: int  # query rows start:end of the flat batch
     end: int
-    chunks: list[_Chunk]
+    chunks: list[_Chunk]  # empty when `fresh`
+    # The whole context is this step's rows (no cached prefix, inside the window): attend to
+    # this step's k/v directly, causally, with no gather and no mask (~25% faster per prompt).
+    fresh: bool = False
 
 
 @dataclass(slots=True)
@@ -106,9 +109,12 @@ class TorchAttentionBackend:
         flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, KVH, D]
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
         for pre in plan.prefills:
-            out[pre.start:pre.end] = self._attend(q[pre.start:pre.end], flat_k, flat_v,
-                                                  pre.chunks, scale, k_cache.shape[2],
-                                                  decode=False)
+            rows = slice(pre.start, pre.end)
+            if pre.fresh:
+                out[rows] = _sdpa_causal(q[rows], k[rows], v[rows], scale)
+                continue
+            out[rows] = self._attend(q[rows], flat_k, flat_v, pre.chunks, scale,
+                                     k_cache.shape[2], decode=False)
         return out
 
     # ---- the math ----------------------------------------------------------------------
@@ -202,6 +208,8 @@ class TorchAttentionBackend:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
         start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
         seq_len = meta.seq_lens_cpu[i]
+        if seq_len == end - start and (window is None or seq_len <= window):
+            return _PrefillPlan(start, end, [], fresh=True)
         pos_q = torch.arange(seq_len - (end - start), seq_len, device=device)  # [Q]
         lo = 0 if window is None else max(0, seq_len - (end - start) - window + 1)
         chunks = []
@@ -240,6 +248,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask.view(1, 1, n, -1), scale=scale, enable_gqa=True)  # [1, H, Q, D]
     return out[0].transpose(0, 1)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                 ) -> torch.Tensor:
+    """A prompt's first chunk against itself: q [Q, H, D]; k, v [Q, KVH, D] -> [Q, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype),
+        v.transpose(0, 1)[None].to(q.dtype), is_causal=True, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)  # [1, H, Q, D] -> [Q, H, D]
 
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
+
 __all__ = ["RMSNorm"]
 
 
@@ -16,6 +18,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size))
         # Fused Triton kernel: None = on CUDA tensors only (True: tests under the interpreter).
         self.use_kernel: bool | None = None
+        self.cpu_fused: CpuFusedOps | None = None  # set by the runner with cpu_compile
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +28,12 @@ class RMSNorm(nn.Module):
             from tokenfleet.kernels.rms_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
+        fused = self.cpu_fused
+        if fused is not None and not torch.compiler.is_compiling():
+            weight = self.weight.detach()  # a Parameter would be guarded on its identity
+            if residual is None:
+                return fused.rms_norm(x, weight, self.eps), x
+            return fused.add_rms_norm(x, residual, weight, self.eps)
         if residual is not None:
             x = x + residual
         residual = x

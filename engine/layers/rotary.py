@@ -7,12 +7,14 @@ and k in place; elsewhere plain torch ops do, in the activation dtype as transfo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from tokenfleet.engine.errors import UnsupportedModelError
+from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
 from tokenfleet.kernels.errors import KernelArgumentError
 from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 
@@ -38,6 +40,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", cache, persistent=False)
         # Fused Triton kernel: None = on CUDA tensors only (True: tests under the interpreter).
         self.use_kernel: bool | None = None
+        self.cpu_fused: CpuFusedOps | None = None  # set by the runner with cpu_compile
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTable:
         """The step's cos/sin rows, gathered once and shared by every layer."""
@@ -47,7 +50,9 @@ class RotaryEmbedding(nn.Module):
         # Cast like transformers does (cos/sin in the activation dtype), then full width.
         cos = torch.cat((cos, cos), dim=-1).to(dtype)  # [T, 1, head_dim]
         sin = torch.cat((sin, sin), dim=-1).to(dtype)
-        return RopeTable(positions, self.cos_sin, cos, sin)
+        fused = None if torch.compiler.is_compiling() else self.cpu_fused
+        return RopeTable(positions, self.cos_sin, cos, sin,
+                         fused.rotate_qk if fused is not None else None)
 
 
 class RopeTable(NamedTuple):
@@ -55,6 +60,8 @@ class RopeTable(NamedTuple):
     cos_sin: torch.Tensor  # [max_positions, head_dim]
     cos: torch.Tensor | None  # [T, 1, head_dim] (CPU path)
     sin: torch.Tensor | None
+    # The compiled rotation (cpu_fused.py), outside a dynamo trace only.
+    rotate_qk: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q [T, num_heads, head_dim]; k [T, num_kv_heads, head_dim]
@@ -63,6 +70,8 @@ class RopeTable(NamedTuple):
 
             rotary(q, k, self.positions, self.cos_sin)  # fused Triton kernel, in place
             return q, k
+        if self.rotate_qk is not None:
+            return self.rotate_qk(q, k, self.cos, self.sin)
         if torch.compiler.is_compiling():  # the compiler fuses both passes itself
             return _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
         if q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size() == k.data_ptr() \

@@ -15,6 +15,7 @@ from torch import nn
 from tokenfleet.engine.config import ModelConfig
 from tokenfleet.engine.layers.attention import Attention
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
+from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
 from tokenfleet.engine.layers.linear import Linear, PackedLinear
 from tokenfleet.engine.layers.norm import RMSNorm
 from tokenfleet.engine.layers.rotary import RopeTable, RotaryEmbedding
@@ -49,9 +50,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         # Fused Triton SiLU·mul: None = on CUDA tensors only (True: tests under the interpreter).
         self.use_kernel: bool | None = None
+        self.cpu_fused: CpuFusedOps | None = None  # set by the runner with cpu_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.cpu_fused is not None and not torch.compiler.is_compiling():
+            return self.down_proj(self.cpu_fused.silu_mul(gate_up))
         if gate_up.is_cuda if self.use_kernel is None else self.use_kernel:
             from tokenfleet.kernels.silu_mul import silu_mul
 

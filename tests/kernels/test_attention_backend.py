@@ -72,3 +72,30 @@ def test_forward_matches_torch_backend_when_present() -> None:
     ours = TritonAttentionBackend().forward(*args, b.k_cache, b.v_cache, _meta(b), 0.25, None)
     theirs = TorchAttentionBackend().forward(*args, *caches, _meta(b), 0.25, None)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("contexts", "queries", "window"),
+    [
+        ((0, 0, 10, 5), (12, 33, 6, 1), None),  # fresh prompts (the causal fast path), chunk
+        ((0, 0, 10, 5), (12, 33, 6, 1), 8),  # a window shorter than the prompts: no fast path
+        ((0, 0), (20, 9), 20),  # prompts that fit in the window: fast path
+    ],
+    ids=["fresh-and-chunk", "window-8", "window-fits"],
+)
+def test_torch_backend_matches_reference(contexts: tuple[int, ...], queries: tuple[int, ...],
+                                         window: int | None) -> None:
+    from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
+
+    b = make_paged_batch(context_lens=contexts, query_lens=queries, num_heads=9, num_kv_heads=3,
+                         head_dim=16, block_size=4, dtype=torch.float32, device="cpu", seed=11)
+    out_ref, k_ref, v_ref = _expected(b, window)
+    backend = TorchAttentionBackend()
+    meta = _meta(b)
+    out = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, meta, b.q.shape[2] ** -0.5,
+                          window)
+    fresh = [p.fresh for p in meta.backend_plan.prefills]
+    assert fresh == [q > 1 and c == 0 and (window is None or q <= window)
+                     for c, q in zip(contexts, queries, strict=True) if q > 1]
+    assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
