@@ -17,10 +17,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["LINK_FLAGS", "build"]
+__all__ = ["LINK_FLAGS", "build", "load"]
+
+T = TypeVar("T")
 
 # OpenMP is linked by soname (libgomp.so.1), which resolves to the copy torch already loaded:
 # the kernels then run on torch's own intra-op threads instead of fighting them for the cores.
@@ -43,6 +46,19 @@ def build(source: Path, build_dir: Path, compile_flags: Sequence[str]) -> Path |
             _compile(compiler, source, library, compile_flags)
         return library
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load(source: Path, build_dir: Path, compile_flags: Sequence[str],
+         open_library: Callable[[Path], T], loaded: dict[str, T]) -> T | None:
+    """`open_library(path)` of the library built from `source`, once per process (`loaded`,
+    keyed by path); None when it cannot be built or loaded here."""
+    library = build(source, build_dir, compile_flags)
+    if library is None:
+        return None
+    try:
+        return loaded.get(str(library)) or open_library(library)
+    except OSError:  # a library that does not load (a truncated file, a foreign one)
         return None
 
 

@@ -106,13 +106,7 @@ def check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks:
 
 def load(build_dir: Path) -> CpuPagedDecode | None:
     """The kernel, built into `build_dir` if needed; None when it cannot be built here."""
-    library = cpu_build.build(_SOURCE, build_dir, _COMPILE_FLAGS)
-    if library is None:
-        return None
-    try:
-        return _OPS.get(str(library)) or CpuPagedDecode(library)
-    except OSError:  # a library that does not load (a truncated file, a foreign one)
-        return None
+    return cpu_build.load(_SOURCE, build_dir, _COMPILE_FLAGS, CpuPagedDecode, _OPS)
 
 
 @torch.library.custom_op("tokenfleet::cpu_paged_decode", mutates_args=())

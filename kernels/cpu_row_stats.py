@@ -59,10 +59,4 @@ class CpuRowStats:
 
 def load(build_dir: Path) -> CpuRowStats | None:
     """The kernel, built into `build_dir` if needed; None when it cannot be built here."""
-    library = cpu_build.build(_SOURCE, build_dir, _COMPILE_FLAGS)
-    if library is None:
-        return None
-    try:
-        return _LOADED.get(str(library)) or CpuRowStats(library)
-    except OSError:
-        return None
+    return cpu_build.load(_SOURCE, build_dir, _COMPILE_FLAGS, CpuRowStats, _LOADED)
