@@ -110,8 +110,9 @@ class TorchAttentionBackend:
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
         for pre in plan.prefills:
             rows = slice(pre.start, pre.end)
-            if pre.fresh:
-                out[rows] = _sdpa_causal(q[rows], k[rows], v[rows], scale)
+            if pre.fresh:  # its own rows are its whole context: causal, no mask
+                out[rows] = _sdpa(q[rows], k[rows], v[rows], None, scale, k_cache.shape[2],
+                                  decode=False)
                 continue
             out[rows] = self._attend(q[rows], flat_k, flat_v, pre.chunks, scale,
                                      k_cache.shape[2], decode=False)
@@ -229,8 +230,8 @@ def _gather(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-          num_kv_heads: int, decode: bool) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float, num_kv_heads: int, decode: bool) -> torch.Tensor:
     """torch's fused CPU flash attention (blocked, online softmax, fp32 accumulation) on one
     gathered chunk. The G query heads sharing a KV head become G query rows of that head."""
     n, H, D = q.shape
@@ -243,20 +244,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
         return out.reshape(n, H, D)
     # Prefill of one sequence, in 4-D with GQA done by SDPA: q [Q, H, D] -> [1, H, Q, D];
     # k, v [C, KVH, D] -> [1, KVH, C, D]; mask [Q, 1, 1, C] -> [1, 1, Q, C]. (3-D inputs
-    # silently took SDPA's unfused math path: 25% slower on a 128-token prompt.)
+    # silently took SDPA's unfused math path: 25% slower on a 128-token prompt.) No mask: a
+    # prompt's first chunk against its own k, v, with SDPA's causal mode.
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask.view(1, 1, n, -1), scale=scale, enable_gqa=True)  # [1, H, Q, D]
+        attn_mask=None if mask is None else mask.view(1, 1, n, -1), is_causal=mask is None,
+        scale=scale, enable_gqa=True)  # [1, H, Q, D]
     return out[0].transpose(0, 1)
-
-
-def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                 ) -> torch.Tensor:
-    """A prompt's first chunk against itself: q [Q, H, D]; k, v [Q, KVH, D] -> [Q, H, D]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype),
-        v.transpose(0, 1)[None].to(q.dtype), is_causal=True, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)  # [1, H, Q, D] -> [Q, H, D]
 
 
 def _slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
