@@ -1,5 +1,8 @@
-/* Paged decode attention for CPUs: one query row per sequence, K/V read in place from the
- * paged cache, fp32 math, GQA (the G query heads of a KV head share each K/V row read).
+/* Paged attention for CPUs, one query row at a time: K/V read in place from the paged cache,
+ * fp32 math, GQA (the G query heads of a KV head share each K/V row read). A row is a decode
+ * or one token of a prefill chunk: the caller gives each row its sequence's block table and
+ * the number of keys it sees (a prefill row: its own position + 1), so "sequence" below means
+ * one query row.
  *
  * Why C and not torch ops: on a CPU the torch path gathers every sequence's keys and values
  * into a dense copy and calls SDPA, whose per-(sequence, head) set-up dominates at short
@@ -137,18 +140,25 @@ static inline __m512 bf16x16_to_f32(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* Where key position p of this sequence lives (row of all KV heads). */
-static inline int64_t slot_of(const job_t *j, const int32_t *table, int64_t p) {
-    return (int64_t)table[p / j->block_size] * j->block_size + p % j->block_size;
+/* offs[t]: where key position lo + t's row (all KV heads) starts in a cache, in elements, for
+ * t < len - lo. Computed once per query row and shared by both passes and their prefetches
+ * (which each divided by block_size per position before; no measurable speed difference). */
+static inline void row_offsets(const job_t *j, const int32_t *table, int64_t lo, int64_t len,
+                               int64_t row_elems, int64_t *offs) {
+    int64_t b = lo / j->block_size, r = lo % j->block_size;
+    for (int64_t t = 0; t < len - lo; t++) {
+        offs[t] = ((int64_t)table[b] * j->block_size + r) * row_elems;
+        if (++r == j->block_size) r = 0, b++;
+    }
 }
 
 /* Ask for the row of key position p (all KV heads) ahead of its use. Blocks are scattered
  * over the cache, and with the math in between the loads, few rows were in flight: measured
  * 3-30 % faster with ~8 KB of rows requested ahead (bench_cpu_attention.py, cold caches). */
-static inline void prefetch_row(const job_t *j, const uint16_t *cache, const int32_t *table,
-                                int64_t p, int64_t len, int64_t row_elems) {
-    if (p >= len) return;
-    const char *row = (const char *)(cache + slot_of(j, table, p) * row_elems);
+static inline void prefetch_row(const uint16_t *cache, const int64_t *offs, int64_t t,
+                                int64_t n, int64_t row_elems) {
+    if (t >= n) return;
+    const char *row = (const char *)(cache + offs[t]);
     for (int64_t b = 0; b < row_elems * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
@@ -179,10 +189,10 @@ static inline __m512 dot_bf16(const uint16_t *q, const uint16_t *k, const int64_
  * chunk of positions and KV head, the heads' outputs stay in registers while the chunk's V
  * rows (hot in L1/L2 after the first KV head) stream past. acc [H, d] += w [H, n] . v. */
 static inline __attribute__((always_inline)) void pass2_registers(
-    const job_t *j, const int32_t *table, int64_t lo, int64_t len, const float *w, float *acc,
+    const job_t *j, const int64_t *offs, int64_t n, const float *w, float *acc,
     int64_t ahead, const int64_t d) {
     const int64_t kvh_n = j->num_kv_heads, g_n = j->num_heads / kvh_n, nv = d / 16;
-    const int64_t row_elems = kvh_n * d, n = len - lo;
+    const int64_t row_elems = kvh_n * d;
     const uint16_t *vc = j->v_cache;
     for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
         const int64_t c1 = c0 + CHUNK < n ? c0 + CHUNK : n;
@@ -191,8 +201,8 @@ static inline __attribute__((always_inline)) void pass2_registers(
             __m512 a[MAX_ACC];
             for (int64_t i = 0; i < g_n * nv; i++) a[i] = _mm512_loadu_ps(acc_kvh + 16 * i);
             for (int64_t t = c0; t < c1; t++) {
-                if (kvh == 0) prefetch_row(j, vc, table, lo + t + ahead, len, row_elems);
-                const uint16_t *v = vc + slot_of(j, table, lo + t) * row_elems + kvh * d;
+                if (kvh == 0) prefetch_row(vc, offs, t + ahead, n, row_elems);
+                const uint16_t *v = vc + offs[t] + kvh * d;
                 for (int64_t c = 0; c < nv; c++) {
                     const __m512 vf = bf16x16_to_f32(v + 16 * c);
                     for (int64_t g = 0; g < g_n; g++)
@@ -208,14 +218,14 @@ static inline __attribute__((always_inline)) void pass2_registers(
 /* Pass 2 otherwise (Llama-3-8B: 4 heads x 8): position by position, each V row converted
  * once and added into every head's output in memory (L1). */
 static inline __attribute__((always_inline)) void pass2_memory(
-    const job_t *j, const int32_t *table, int64_t lo, int64_t len, const float *w, float *acc,
+    const job_t *j, const int64_t *offs, int64_t n, const float *w, float *acc,
     int64_t ahead, const int64_t d) {
     const int64_t kvh_n = j->num_kv_heads, g_n = j->num_heads / kvh_n, nv = d / 16;
-    const int64_t row_elems = kvh_n * d, n = len - lo;
+    const int64_t row_elems = kvh_n * d;
     const uint16_t *vc = j->v_cache;
     for (int64_t t = 0; t < n; t++) {
-        prefetch_row(j, vc, table, lo + t + ahead, len, row_elems);
-        const uint16_t *row = vc + slot_of(j, table, lo + t) * row_elems;
+        prefetch_row(vc, offs, t + ahead, n, row_elems);
+        const uint16_t *row = vc + offs[t];
         for (int64_t kvh = 0; kvh < kvh_n; kvh++) {
             for (int64_t c = 0; c < nv; c++) {
                 const __m512 vf = bf16x16_to_f32(row + kvh * d + 16 * c);
@@ -235,7 +245,7 @@ static inline __attribute__((always_inline)) void pass2_memory(
  * finalize_parts. */
 static inline __attribute__((always_inline)) int attend_seq_bf16_d(
     const job_t *j, int64_t s, int64_t part, int64_t num_parts, float *buf, int64_t buf_len,
-    float *partial, const int64_t d) {
+    int64_t *offs, float *partial, const int64_t d) {
     const int64_t kvh_n = j->num_kv_heads, h_n = j->num_heads, g_n = h_n / kvh_n;
     const int64_t seq_len = j->seq_lens[s], row_elems = kvh_n * d;
     const int64_t first = (j->window > 0 && seq_len > j->window) ? seq_len - j->window : 0;
@@ -252,7 +262,7 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
     float *scores = buf + h_n * d; /* [H, n] */
     const uint16_t *kc = j->k_cache;
     const uint16_t *q = (const uint16_t *)j->q + s * j->q_row_stride;
-    const int32_t *table = j->block_tables + s * j->max_blocks;
+    row_offsets(j, j->block_tables + s * j->max_blocks, lo, len, row_elems, offs);
     const int64_t ahead_rows = 8192 / (row_elems * 2); /* rows prefetched ahead: ~8 KB */
     const int64_t ahead = ahead_rows < 2 ? 2 : (ahead_rows > 24 ? 24 : ahead_rows);
     /* pass 1: scores, each row of all heads read once; four positions at a time where a KV
@@ -263,8 +273,8 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
     for (; small_heads && t + 4 <= n; t += 4) {
         const uint16_t *rows[4];
         for (int r = 0; r < 4; r++) {
-            rows[r] = kc + slot_of(j, table, lo + t + r) * row_elems;
-            prefetch_row(j, kc, table, lo + t + r + ahead, len, row_elems);
+            rows[r] = kc + offs[t + r];
+            prefetch_row(kc, offs, t + r + ahead, n, row_elems);
         }
         for (int64_t h = 0; h < h_n; h++) {
             const int64_t off = (h / g_n) * d;
@@ -276,8 +286,8 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
         }
     }
     for (; t < n; t++) {
-        prefetch_row(j, kc, table, lo + t + ahead, len, row_elems);
-        const uint16_t *row = kc + slot_of(j, table, lo + t) * row_elems;
+        prefetch_row(kc, offs, t + ahead, n, row_elems);
+        const uint16_t *row = kc + offs[t];
         for (int64_t h = 0; h < h_n; h++)
             scores[h * n + t] = _mm512_reduce_add_ps(
                 dot_bf16(q + h * d, row + (h / g_n) * d, d)) * j->scale;
@@ -300,8 +310,8 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
         for (int64_t i = 0; i < n; i++) sc[i] *= inv;
     }
     memset(acc, 0, (size_t)(h_n * d) * sizeof(float));
-    if (small_heads) pass2_registers(j, table, lo, len, scores, acc, ahead, d);
-    else pass2_memory(j, table, lo, len, scores, acc, ahead, d);
+    if (small_heads) pass2_registers(j, offs, n, scores, acc, ahead, d);
+    else pass2_memory(j, offs, n, scores, acc, ahead, d);
     if (num_parts > 1) return 0;
     uint16_t *out = (uint16_t *)j->out + s * h_n * d;
     for (int64_t i = 0; i < h_n * d; i += 16)
@@ -311,12 +321,13 @@ static inline __attribute__((always_inline)) int attend_seq_bf16_d(
 }
 
 static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
-                           float *buf, int64_t buf_len, float *partial) {
+                           float *buf, int64_t buf_len, int64_t *offs, float *partial) {
     switch (j->head_dim) {
-    case 64: return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, partial, 64);
-    case 128: return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, partial, 128);
+    case 64: return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, offs, partial, 64);
+    case 128: return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, offs, partial, 128);
     default:
-        return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, partial, j->head_dim);
+        return attend_seq_bf16_d(j, s, part, num_parts, buf, buf_len, offs, partial,
+                                 j->head_dim);
     }
 }
 
@@ -354,11 +365,14 @@ static int use_bf16_kernel(const job_t *j) {
 #endif
 }
 
+/* `offs`: room for the longest sequence's row offsets (the bf16 kernel's). */
 static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts, float *buf,
-                      int64_t buf_len, float *partial) {
+                      int64_t buf_len, int64_t *offs, float *partial) {
 #ifdef HAVE_BF16_KERNEL
     if (use_bf16_kernel(j))
-        return attend_seq_bf16(j, s, part, num_parts, buf, buf_len, partial);
+        return attend_seq_bf16(j, s, part, num_parts, buf, buf_len, offs, partial);
+#else
+    (void)offs;
 #endif
     if (num_parts != 1) return 3; /* the portable loop does not split */
     switch (j->head_dim) {
@@ -408,17 +422,19 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
 #pragma omp parallel num_threads(num_threads)
     {
         float *buf = malloc((size_t)buf_len * sizeof(float));
-        int st = buf == NULL ? 2 : 0;
+        int64_t *offs = malloc((size_t)max_len * sizeof(int64_t));
+        int st = buf == NULL || offs == NULL ? 2 : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < num_items; item++)
             if (st == 0)
                 st = attend_seq(&j, item / num_parts, item % num_parts, num_parts, buf, buf_len,
-                                parts == NULL ? NULL : parts + item * stride);
+                                offs, parts == NULL ? NULL : parts + item * stride);
         if (parts != NULL) { /* after the barrier at the end of the loop above */
 #pragma omp for
             for (int64_t s = 0; s < num_seqs; s++) finalize_parts(&j, s, num_parts, parts);
         }
         free(buf);
+        free(offs);
 #pragma omp critical
         if (st > status) status = st;
     }

@@ -5,7 +5,8 @@ rows that costs ~0.7 ms per layer at 32 sequences of ~200 tokens (the copy, and 
 per sequence and head), ~40 % of the step. The C kernel reads K/V in place through the block
 table (fp32 math, GQA-grouped) on `num_threads` threads: sequences are spread over the
 threads, and with fewer sequences than threads (batch 1) each context is split across them
-and the parts' softmax states merged (flash-decoding; AVX-512 BF16 path only).
+and the parts' softmax states merged (flash-decoding; AVX-512 BF16 path only). The attention
+backend also gives it prefill rows, each as a row of its own with the keys up to its position.
 
 Built at first use into `<build_dir>/cpu_paged_decode-<hash>.so` by `cpu_build`
 (`-march=native`, on the machine that runs it). No compiler, or a failed build, leaves `load`

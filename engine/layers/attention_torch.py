@@ -7,10 +7,13 @@ batched across sequences; prefill chunks are handled per sequence. Everything th
 only on the batch layout (slot indices, masks) is computed once per step, in a plan shared by
 every layer: on a CPU the number of small ops, not FLOPs, sets the decode speed.
 
-With a `decode_kernel` (kernels/cpu_paged_decode.c, built when a C compiler is present) decode
-rows skip the gather and SDPA: the kernel reads K/V in place through the block tables, 2-6x
-faster per layer at 32 sequences (benchmarks/bench_cpu_attention.py). Prefill chunks always
-take the SDPA path.
+With a `decode_kernel` (kernels/cpu_paged_decode.c, built when a C compiler is present) the
+whole step skips the gather and SDPA: the kernel reads K/V in place through the block tables,
+one query row at a time, 2-6x faster per layer for 32 decodes (benchmarks/bench_cpu_attention.py).
+A prefill row is a query row too, attending to the keys up to its own position: torch's CPU
+flash attention is slow on short prompts (~45 GFLOP/s), and row by row was 2.0-2.6x faster for
+prompts of 64-512 tokens, 1.5x at 1,024, and still 1.08x at 4,096, where K/V stop fitting in
+L2 (bench_cpu_step_parts.py). Steps with a longer context take the SDPA path.
 """
 
 from __future__ import annotations
@@ -52,13 +55,25 @@ class _Chunk:
     mask: torch.Tensor  # broadcastable to the scores: True = attend
 
 
+# Past this many keys (any sequence of the step) prefill rows go to SDPA, which reuses K/V
+# across query rows; the kernel re-reads them per row (parity measured at 4,096).
+KERNEL_MAX_PREFILL_CONTEXT = 4096
+
+
 @dataclass(slots=True)
 class _DecodePlan:
     q_idx: torch.Tensor  # [S] rows of the decode queries in the flat batch
-    chunks: list[_Chunk]  # empty when the decode kernel reads the cache itself
-    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32, for the decode kernel
-    seq_lens: torch.Tensor | None = None  # [S] int32, for the decode kernel
-    num_threads: int = 1
+    chunks: list[_Chunk]
+
+
+@dataclass(slots=True)
+class _KernelPlan:
+    """Every query row of the step for the C kernel: row r attends to the first seq_lens[r]
+    keys of its sequence's block table (a prefill row's own position + 1)."""
+    block_tables: torch.Tensor  # [T, max_blocks] int32: its sequence's table, per row
+    seq_lens: torch.Tensor  # [T] int32
+    num_threads: int
+    q_idx: torch.Tensor | None = None  # [T] rows of the flat batch it takes; None = all
 
 
 @dataclass(slots=True)
@@ -76,6 +91,7 @@ class _Plan:
     decode: _DecodePlan | None
     prefills: list[_PrefillPlan]
     all_slots_valid: bool  # no -1 in the slot mapping
+    kernel: _KernelPlan | None = None  # the C kernel's rows (then `decode` is None)
 
 
 class TorchAttentionBackend:
@@ -99,10 +115,15 @@ class TorchAttentionBackend:
         if not isinstance(plan, _Plan):  # first layer of this step builds it
             plan = self.plan(meta, k_cache.shape[0], k_cache.shape[1], sliding_window, q.device)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.all_slots_valid)
-        decode = plan.decode
+        in_kernel, decode = plan.kernel, plan.decode
+        if in_kernel is not None and in_kernel.q_idx is None:  # every row
+            return self._kernel_rows(q, k_cache, v_cache, in_kernel, scale, sliding_window)
         if decode is not None and not plan.prefills:
             return self._decode(q, k_cache, v_cache, decode, scale, sliding_window)
         out = torch.empty_like(q)
+        if in_kernel is not None and in_kernel.q_idx is not None:
+            out[in_kernel.q_idx] = self._kernel_rows(q[in_kernel.q_idx], k_cache, v_cache,
+                                                     in_kernel, scale, sliding_window)
         if decode is not None:
             out[decode.q_idx] = self._decode(q[decode.q_idx], k_cache, v_cache, decode, scale,
                                              sliding_window)
@@ -122,17 +143,21 @@ class TorchAttentionBackend:
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 decode: _DecodePlan, scale: float, window: int | None) -> torch.Tensor:
         # q [S, H, D], one row per sequence -> [S, H, D]
+        return self._attend(q, k_cache.view(-1, *k_cache.shape[2:]),
+                            v_cache.view(-1, *v_cache.shape[2:]), decode.chunks, scale,
+                            k_cache.shape[2], decode=True)
+
+    def _kernel_rows(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     rows: _KernelPlan, scale: float, window: int | None) -> torch.Tensor:
+        # q [T, H, D] -> [T, H, D]
         kernel = self.decode_kernel
-        if kernel is None or decode.block_tables is None or decode.seq_lens is None:
-            return self._attend(q, k_cache.view(-1, *k_cache.shape[2:]),
-                                v_cache.view(-1, *v_cache.shape[2:]), decode.chunks, scale,
-                                k_cache.shape[2], decode=True)
+        assert kernel is not None
         if torch.compiler.is_compiling():  # dynamo cannot trace ctypes: the opaque custom op
             return torch.ops.tokenfleet.cpu_paged_decode(
-                str(kernel.library), q, k_cache, v_cache, decode.block_tables, decode.seq_lens,
-                scale, window or 0, decode.num_threads)
-        return kernel(q, k_cache, v_cache, decode.block_tables, decode.seq_lens, scale, window,
-                      decode.num_threads, tables_checked=True)
+                str(kernel.library), q, k_cache, v_cache, rows.block_tables, rows.seq_lens,
+                scale, window or 0, rows.num_threads)
+        return kernel(q, k_cache, v_cache, rows.block_tables, rows.seq_lens, scale, window,
+                      rows.num_threads, tables_checked=True)
 
     def _attend(self, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
                 chunks: list[_Chunk], scale: float, num_kv_heads: int, decode: bool
@@ -171,26 +196,53 @@ class TorchAttentionBackend:
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         assert qsl is not None and lens is not None, "torch backend needs host metadata"
         chunk = kv_chunk or self.kv_chunk
+        all_valid = bool((meta.slot_mapping >= 0).all())
         rows = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-        decode = (self._decode_plan(meta, rows, num_blocks, block_size, window, device, chunk)
-                  if rows else None)
+        prefill_seqs = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1]
+        kernel, decode = None, None
+        if self.decode_kernel is not None:
+            check_tables(meta.block_tables, meta.seq_lens, num_blocks, block_size)  # once a step
+            if all(lens[i] <= KERNEL_MAX_PREFILL_CONTEXT for i in prefill_seqs):
+                meta.backend_plan = _Plan(None, [], all_valid, self._kernel_plan(meta))
+                return meta.backend_plan
+            if rows:  # a long prompt goes to SDPA; the decodes stay in the kernel
+                rows_t = torch.tensor(rows, device=device)
+                kernel = _KernelPlan(meta.block_tables.index_select(0, rows_t).contiguous(),
+                                     meta.seq_lens.index_select(0, rows_t).contiguous(),
+                                     torch.get_num_threads(),
+                                     torch.tensor([qsl[i] for i in rows], device=device))
+        elif rows:
+            decode = self._decode_plan(meta, rows, block_size, window, device, chunk)
         prefills = [self._prefill_plan(meta, i, block_size, window, device, chunk)
-                    for i in range(len(lens)) if qsl[i + 1] - qsl[i] > 1]
-        meta.backend_plan = _Plan(decode, prefills, bool((meta.slot_mapping >= 0).all()))
+                    for i in prefill_seqs]
+        meta.backend_plan = _Plan(decode, prefills, all_valid, kernel)
         return meta.backend_plan
 
-    def _decode_plan(self, meta: AttentionMetadata, rows: list[int], num_blocks: int,
-                     block_size: int, window: int | None, device: torch.device,
-                     kv_chunk: int) -> _DecodePlan:
+    def _kernel_plan(self, meta: AttentionMetadata) -> _KernelPlan:
+        """Every row of the step."""
+        qsl = meta.query_start_loc_cpu
+        assert qsl is not None
+        num_rows = qsl[-1]
+        if num_rows == meta.num_seqs:  # decodes only: a row is a sequence
+            return _KernelPlan(meta.block_tables.contiguous(), meta.seq_lens.contiguous(),
+                               torch.get_num_threads())
+        device = meta.block_tables.device
+        q_lens = torch.tensor([qsl[i + 1] - qsl[i] for i in range(meta.num_seqs)],
+                              device=device)
+        row_seq = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), q_lens)
+        ends = torch.tensor(qsl[1:], device=device)  # [S] one past each sequence's last row
+        # row r of sequence s sees its keys up to its own position: seq_len - (rows after r)
+        rows_after = ends[row_seq] - 1 - torch.arange(num_rows, device=device)
+        seq_lens = (meta.seq_lens[row_seq] - rows_after).to(torch.int32)
+        return _KernelPlan(meta.block_tables.index_select(0, row_seq).contiguous(), seq_lens,
+                           torch.get_num_threads())
+
+    def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
+                     window: int | None, device: torch.device, kv_chunk: int) -> _DecodePlan:
         assert meta.query_start_loc_cpu is not None and meta.seq_lens_cpu is not None
         q_idx = torch.tensor([meta.query_start_loc_cpu[i] for i in rows], device=device)
         all_rows = len(rows) == meta.num_seqs
         tables = meta.block_tables if all_rows else meta.block_tables[rows]
-        if self.decode_kernel is not None:  # reads the cache itself: no slots, no masks
-            seq_lens_t = meta.seq_lens if all_rows else meta.seq_lens[rows]
-            check_tables(tables, seq_lens_t, num_blocks, block_size)  # once, for every layer
-            return _DecodePlan(q_idx, [], tables.contiguous(), seq_lens_t.contiguous(),
-                               torch.get_num_threads())
         lens = [meta.seq_lens_cpu[i] for i in rows]
         seq_lens = torch.tensor(lens, device=device)[:, None]  # [S, 1]
         lo = 0 if window is None else max(0, min(lens) - window)

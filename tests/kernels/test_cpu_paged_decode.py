@@ -83,6 +83,51 @@ def test_backend_mixed_step_matches_sdpa_path(kernel: CpuPagedDecode) -> None:
     torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("heads", "window"), [((9, 3, 64), None), ((9, 3, 64), 6),
+                                               ((8, 2, 128), None)],
+                         ids=["smollm2", "smollm2-window-6", "gqa4-d128"])
+def test_prefill_rows_in_the_kernel_match_reference(kernel: CpuPagedDecode, dtype: torch.dtype,
+                                                    heads: tuple[int, int, int],
+                                                    window: int | None) -> None:
+    """Every row of a step with fresh prompts, chunks that start mid-block after a cached
+    prefix, and decodes goes to the kernel, each prefill row causal at its own position."""
+    num_heads, num_kv_heads, head_dim = heads
+    b = make_paged_batch(context_lens=(0, 10, 0, 37, 5), query_lens=(12, 6, 1, 1, 33),
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         block_size=4, dtype=dtype, device="cpu", seed=17)
+    scale = head_dim ** -0.5
+    meta = _meta(b)
+    backend = TorchAttentionBackend(decode_kernel=kernel)
+    out = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, meta, scale, window)
+    plan = meta.backend_plan
+    assert plan.kernel is not None and plan.kernel.q_idx is None and not plan.prefills
+    assert plan.kernel.seq_lens.tolist() == [*range(1, 13), *range(11, 17), 1, 38,
+                                             *range(6, 39)]
+    expected = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                   b.query_start_loc, b.seq_lens, scale, window)
+    assert rel_err(out, expected) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_a_long_prompt_goes_to_sdpa_and_the_decodes_stay_in_the_kernel(
+        kernel: CpuPagedDecode, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenfleet.engine.layers import attention_torch
+
+    monkeypatch.setattr(attention_torch, "KERNEL_MAX_PREFILL_CONTEXT", 20)
+    b = make_paged_batch(context_lens=(0, 30, 3, 12), query_lens=(8, 1, 1, 9), num_heads=9,
+                         num_kv_heads=3, head_dim=64, block_size=4, dtype=torch.bfloat16,
+                         device="cpu", seed=19)
+    meta = _meta(b)
+    out = TorchAttentionBackend(decode_kernel=kernel).forward(
+        b.q, b.k, b.v, b.k_cache, b.v_cache, meta, 0.125, None)
+    plan = meta.backend_plan
+    assert plan.kernel is not None and plan.kernel.q_idx.tolist() == [8, 9]  # the decodes
+    assert [(p.start, p.end) for p in plan.prefills] == [(0, 8), (10, 19)]  # 21 keys: SDPA
+    expected = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                   b.query_start_loc, b.seq_lens, 0.125, None)
+    assert rel_err(out, expected) < 1e-2
+
+
 def test_compiled_call_matches_eager(kernel: CpuPagedDecode) -> None:
     """Under torch.compile the kernel is an opaque custom op (no graph break)."""
     b = _decode_batch((5, 33), 8, 2, 64, 16, torch.bfloat16, seed=3)
