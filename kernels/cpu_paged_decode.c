@@ -18,6 +18,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,8 +36,10 @@ typedef struct {
 typedef struct { /* one thread's scratch */
     float *buf; /* 2 * H * d + H + kvh_n * d + H * max_len floats */
     int64_t buf_len;
-    int64_t *offs; /* max_len row offsets (the bf16 kernel's) */
+    int64_t *offs, *next_offs; /* max_len key row offsets of this row and the next (bf16) */
     int64_t last_first_row; /* where the previous row's first key was: -1 none */
+    int64_t requested_first_row; /* the previous row requested K/V of the row whose first
+                                  * key is here: -1 none */
 } scratch_t;
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -183,6 +186,13 @@ static inline void prefetch_row(const uint16_t *cache, const int64_t *offs, int6
     for (int64_t b = 0; b < row_elems * 2; b += 64) prefetch_l1(row + b);
 }
 
+static inline void prefetch_row_l2(const uint16_t *cache, const int64_t *offs, int64_t t,
+                                   int64_t n, int64_t row_elems) {
+    if (t >= n) return;
+    const char *row = (const char *)(cache + offs[t]);
+    for (int64_t b = 0; b < row_elems * 2; b += 64) prefetch_l2(row + b);
+}
+
 static inline void prefetch_upfront(const uint16_t *cache, const int64_t *offs, int64_t n,
                                     int64_t row_elems) {
     const int64_t max_rows = UPFRONT_BYTES / (row_elems * 2);
@@ -220,7 +230,7 @@ static inline __m512 dot_bf16(const uint16_t *q, const uint16_t *k, const int64_
  * rows (hot in L1/L2 after the first KV head) stream past. acc [H, d] += w [H, n] . v. */
 static inline __attribute__((always_inline)) void pass2_registers(
     const job_t *j, const int64_t *offs, int64_t n, const float *w, float *acc,
-    int64_t ahead, const int64_t d, const int cold) {
+    int64_t ahead, const int64_t *next_offs, int64_t next_n, const int64_t d, const int cold) {
     const int64_t kvh_n = j->num_kv_heads, g_n = j->num_heads / kvh_n, nv = d / 16;
     const int64_t row_elems = kvh_n * d;
     const uint16_t *vc = j->v_cache;
@@ -231,7 +241,10 @@ static inline __attribute__((always_inline)) void pass2_registers(
             __m512 a[MAX_ACC];
             for (int64_t i = 0; i < g_n * nv; i++) a[i] = _mm512_loadu_ps(acc_kvh + 16 * i);
             for (int64_t t = c0; t < c1; t++) {
-                if (cold && kvh == 0) prefetch_row(vc, offs, t + ahead, n, row_elems);
+                if (cold && kvh == 0) {
+                    prefetch_row(vc, offs, t + ahead, n, row_elems);
+                    prefetch_row_l2(vc, next_offs, t, next_n, row_elems);
+                }
                 const uint16_t *v = vc + offs[t] + kvh * d;
                 for (int64_t c = 0; c < nv; c++) {
                     const __m512 vf = bf16x16_to_f32(v + 16 * c);
@@ -249,12 +262,15 @@ static inline __attribute__((always_inline)) void pass2_registers(
  * once and added into every head's output in memory (L1). */
 static inline __attribute__((always_inline)) void pass2_memory(
     const job_t *j, const int64_t *offs, int64_t n, const float *w, float *acc,
-    int64_t ahead, const int64_t d, const int cold) {
+    int64_t ahead, const int64_t *next_offs, int64_t next_n, const int64_t d, const int cold) {
     const int64_t kvh_n = j->num_kv_heads, g_n = j->num_heads / kvh_n, nv = d / 16;
     const int64_t row_elems = kvh_n * d;
     const uint16_t *vc = j->v_cache;
     for (int64_t t = 0; t < n; t++) {
-        if (cold) prefetch_row(vc, offs, t + ahead, n, row_elems);
+        if (cold) {
+            prefetch_row(vc, offs, t + ahead, n, row_elems);
+            prefetch_row_l2(vc, next_offs, t, next_n, row_elems);
+        }
         const uint16_t *row = vc + offs[t];
         for (int64_t kvh = 0; kvh < kvh_n; kvh++) {
             for (int64_t c = 0; c < nv; c++) {
@@ -271,18 +287,20 @@ static inline __attribute__((always_inline)) void pass2_memory(
 
 /* Keys lo..lo+n-1 of query row s (offsets in scratch->offs): writes the output or, with
  * several parts, the part's softmax state. `d` and `cold` are compile-time constants in each
- * copy (see attend_seq_bf16). */
+ * copy (see attend_seq_bf16). Cold: `upfront` requests this row's K/V first (unless the
+ * previous row did); the passes request the next row's first `next_n` K/V rows into L2 as
+ * they go, so that its memory reads overlap this row's math. */
 static inline __attribute__((always_inline)) void attend_rows_bf16(
     const job_t *j, int64_t s, int64_t n, int64_t num_parts, scratch_t *scratch,
-    float *partial, const int64_t d, const int cold) {
+    float *partial, int upfront, int64_t next_n, const int64_t d, const int cold) {
     const int64_t kvh_n = j->num_kv_heads, h_n = j->num_heads, g_n = h_n / kvh_n;
     const int64_t row_elems = kvh_n * d;
-    const int64_t *offs = scratch->offs;
+    const int64_t *offs = scratch->offs, *next_offs = scratch->next_offs;
     float *acc = num_parts > 1 ? partial + 2 * h_n : scratch->buf; /* [H, d] */
     float *scores = scratch->buf + h_n * d; /* [H, n] */
     const uint16_t *kc = j->k_cache;
     const uint16_t *q = (const uint16_t *)j->q + s * j->q_row_stride;
-    if (cold) prefetch_upfront(kc, offs, n, row_elems);
+    if (cold && upfront) prefetch_upfront(kc, offs, n, row_elems);
     const int64_t ahead_rows = 8192 / (row_elems * 2); /* rows prefetched ahead: ~8 KB */
     const int64_t ahead = ahead_rows < 2 ? 2 : (ahead_rows > 24 ? 24 : ahead_rows);
     /* pass 1: scores, each row of all heads read once; four positions at a time where a KV
@@ -294,7 +312,10 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
         const uint16_t *rows[4];
         for (int r = 0; r < 4; r++) {
             rows[r] = kc + offs[t + r];
-            if (cold) prefetch_row(kc, offs, t + r + ahead, n, row_elems);
+            if (cold) {
+                prefetch_row(kc, offs, t + r + ahead, n, row_elems);
+                prefetch_row_l2(kc, next_offs, t + r, next_n, row_elems);
+            }
         }
         for (int64_t h = 0; h < h_n; h++) {
             const int64_t off = (h / g_n) * d;
@@ -306,13 +327,19 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
         }
     }
     for (; t < n; t++) {
-        if (cold) prefetch_row(kc, offs, t + ahead, n, row_elems);
+        if (cold) {
+            prefetch_row(kc, offs, t + ahead, n, row_elems);
+            prefetch_row_l2(kc, next_offs, t, next_n, row_elems);
+        }
         const uint16_t *row = kc + offs[t];
         for (int64_t h = 0; h < h_n; h++)
             scores[h * n + t] = _mm512_reduce_add_ps(
                 dot_bf16(q + h * d, row + (h / g_n) * d, d)) * j->scale;
     }
-    if (cold) prefetch_upfront(j->v_cache, offs, n, row_elems); /* V during the softmax */
+    if (cold) { /* the next row's K rows past this one's; this row's V during the softmax */
+        for (int64_t r = n; r < next_n; r++) prefetch_row_l2(kc, next_offs, r, next_n, row_elems);
+        if (upfront) prefetch_upfront(j->v_cache, offs, n, row_elems);
+    }
     for (int64_t h = 0; h < h_n; h++) { /* softmax numerators */
         float *sc = scores + h * n, mx = -FLT_MAX, sum = 0.0f;
 #pragma omp simd reduction(max : mx)
@@ -331,8 +358,11 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
         for (int64_t i = 0; i < n; i++) sc[i] *= inv;
     }
     memset(acc, 0, (size_t)(h_n * d) * sizeof(float));
-    if (small_heads) pass2_registers(j, offs, n, scores, acc, ahead, d, cold);
-    else pass2_memory(j, offs, n, scores, acc, ahead, d, cold);
+    if (small_heads) pass2_registers(j, offs, n, scores, acc, ahead, next_offs, next_n, d, cold);
+    else pass2_memory(j, offs, n, scores, acc, ahead, next_offs, next_n, d, cold);
+    if (cold)
+        for (int64_t r = n; r < next_n; r++)
+            prefetch_row_l2(j->v_cache, next_offs, r, next_n, row_elems);
     if (num_parts > 1) return;
     uint16_t *out = (uint16_t *)j->out + s * h_n * d;
     for (int64_t i = 0; i < h_n * d; i += 16)
@@ -345,43 +375,69 @@ static inline __attribute__((always_inline)) void attend_rows_bf16(
 #define ATTEND_ROWS_COPY(NAME, COLD)                                                           \
     static __attribute__((noinline)) void NAME(const job_t *j, int64_t s, int64_t n,            \
                                                int64_t num_parts, scratch_t *scratch,          \
-                                               float *partial) {                               \
+                                               float *partial, int upfront, int64_t next_n) {  \
         switch (j->head_dim) {                                                                 \
-        case 64: attend_rows_bf16(j, s, n, num_parts, scratch, partial, 64, COLD); break;      \
-        case 128: attend_rows_bf16(j, s, n, num_parts, scratch, partial, 128, COLD); break;    \
-        default: attend_rows_bf16(j, s, n, num_parts, scratch, partial, j->head_dim, COLD);    \
+        case 64:                                                                               \
+            attend_rows_bf16(j, s, n, num_parts, scratch, partial, upfront, next_n, 64, COLD); \
+            break;                                                                             \
+        case 128:                                                                              \
+            attend_rows_bf16(j, s, n, num_parts, scratch, partial, upfront, next_n, 128, COLD);\
+            break;                                                                             \
+        default:                                                                               \
+            attend_rows_bf16(j, s, n, num_parts, scratch, partial, upfront, next_n,            \
+                             j->head_dim, COLD);                                               \
         }                                                                                      \
     }
 ATTEND_ROWS_COPY(attend_rows_cold, 1)
 ATTEND_ROWS_COPY(attend_rows_hot, 0)
 #undef ATTEND_ROWS_COPY
 
-/* Part `part` of `num_parts` of query row s's keys. One part: writes the output. Several (a
- * context split across threads when there are fewer rows than threads): writes the part's
- * softmax state to `partial` [H max, H sum, H x d unnormalized output] for finalize_parts. */
-static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
-                           scratch_t *scratch, float *partial) {
-    const int64_t h_n = j->num_heads, d = j->head_dim;
+/* The keys [*lo, *len) that part `part` of `num_parts` of query row s attends to. */
+static inline void key_range(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
+                             int64_t *lo, int64_t *len) {
     const int64_t seq_len = j->seq_lens[s];
     const int64_t first = (j->window > 0 && seq_len > j->window) ? seq_len - j->window : 0;
-    const int64_t lo = first + (seq_len - first) * part / num_parts;
-    const int64_t len = first + (seq_len - first) * (part + 1) / num_parts;
+    *lo = first + (seq_len - first) * part / num_parts;
+    *len = first + (seq_len - first) * (part + 1) / num_parts;
+}
+
+/* Part `part` of `num_parts` of query row s's keys. One part: writes the output. Several (a
+ * context split across threads when there are fewer rows than threads): writes the part's
+ * softmax state to `partial` [H max, H sum, H x d unnormalized output] for finalize_parts.
+ * `next_s`: the row this thread takes next (one part only), -1 none. */
+static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
+                           scratch_t *scratch, float *partial, int64_t next_s) {
+    const int64_t h_n = j->num_heads, d = j->head_dim, row_elems = j->num_kv_heads * d;
+    int64_t lo, len;
+    key_range(j, s, part, num_parts, &lo, &len);
     const int64_t n = len - lo;
-    if (seq_len - first <= 0 || 2 * h_n * d + h_n * n > scratch->buf_len) return 1;
+    if (j->seq_lens[s] <= 0 || lo < 0 || 2 * h_n * d + h_n * n > scratch->buf_len) return 1;
     if (n == 0) { /* an empty part: weight 0 in finalize_parts */
         for (int64_t h = 0; h < h_n; h++) partial[h] = -FLT_MAX, partial[h_n + h] = 0.0f;
         memset(partial + 2 * h_n, 0, (size_t)(h_n * d) * sizeof(float));
         return 0;
     }
-    row_offsets(j, j->block_tables + s * j->max_blocks, lo, len, j->num_kv_heads * d,
-                scratch->offs);
+    row_offsets(j, j->block_tables + s * j->max_blocks, lo, len, row_elems, scratch->offs);
     /* Cold unless the previous row on this thread started at the same key (the rows of a
      * prefill chunk; also a sequence sharing its first block, a cached prefix, with the
      * previous one: only a matter of speed). */
-    const int cold = scratch->offs[0] != scratch->last_first_row;
-    scratch->last_first_row = scratch->offs[0];
-    if (cold) attend_rows_cold(j, s, n, num_parts, scratch, partial);
-    else attend_rows_hot(j, s, n, num_parts, scratch, partial);
+    const int64_t first_row = scratch->offs[0];
+    const int cold = first_row != scratch->last_first_row;
+    const int upfront = first_row != scratch->requested_first_row;
+    scratch->last_first_row = first_row;
+    int64_t next_n = 0;
+    if (cold && next_s >= 0 && j->seq_lens[next_s] > 0) {
+        int64_t next_lo, next_len;
+        key_range(j, next_s, 0, 1, &next_lo, &next_len);
+        row_offsets(j, j->block_tables + next_s * j->max_blocks, next_lo, next_len, row_elems,
+                    scratch->next_offs);
+        if (scratch->next_offs[0] != first_row) /* else hot; at most what upfront takes */
+            next_n = next_len - next_lo < UPFRONT_BYTES / (row_elems * 2)
+                     ? next_len - next_lo : UPFRONT_BYTES / (row_elems * 2);
+    }
+    scratch->requested_first_row = next_n > 0 ? scratch->next_offs[0] : -1;
+    if (cold) attend_rows_cold(j, s, n, num_parts, scratch, partial, upfront, next_n);
+    else attend_rows_hot(j, s, n, num_parts, scratch, partial, 0, 0);
     return 0;
 }
 
@@ -420,9 +476,12 @@ static int use_bf16_kernel(const job_t *j) {
 }
 
 static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
-                      scratch_t *scratch, float *partial) {
+                      scratch_t *scratch, float *partial, int64_t next_s) {
 #ifdef HAVE_BF16_KERNEL
-    if (use_bf16_kernel(j)) return attend_seq_bf16(j, s, part, num_parts, scratch, partial);
+    if (use_bf16_kernel(j))
+        return attend_seq_bf16(j, s, part, num_parts, scratch, partial, next_s);
+#else
+    (void)next_s;
 #endif
     if (num_parts != 1) return 3; /* the portable loop does not split */
     float *buf = scratch->buf;
@@ -471,22 +530,35 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     }
     const int64_t stride = 2 * num_heads + num_heads * head_dim;
     int status = 0;
+    int64_t next_item = 0; /* thread t starts with row t; then one at a time, as they finish */
 #pragma omp parallel num_threads(num_threads)
     {
         scratch_t scratch = {malloc((size_t)buf_len * sizeof(float)), buf_len,
-                             malloc((size_t)max_len * sizeof(int64_t)), -1};
-        int st = scratch.buf == NULL || scratch.offs == NULL ? 2 : 0;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < num_items; item++)
+                             malloc((size_t)max_len * sizeof(int64_t)),
+                             malloc((size_t)max_len * sizeof(int64_t)), -1, -1};
+        int st = scratch.buf == NULL || scratch.offs == NULL || scratch.next_offs == NULL;
+        st *= 2;
+        /* Each thread claims its next row before it starts the current one, so that the
+         * current one can request the next one's K/V (attend_rows_bf16). */
+#pragma omp single
+        next_item = omp_get_num_threads(); /* the team OpenMP gave, maybe < num_threads */
+        int64_t item = omp_get_thread_num(); /* (after the barrier that ends `single`) */
+        while (item < num_items) {
+            const int64_t next = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
             if (st == 0)
                 st = attend_seq(&j, item / num_parts, item % num_parts, num_parts, &scratch,
-                                parts == NULL ? NULL : parts + item * stride);
-        if (parts != NULL) { /* after the barrier at the end of the loop above */
+                                parts == NULL ? NULL : parts + item * stride,
+                                num_parts == 1 && next < num_items ? next : -1);
+            item = next;
+        }
+        if (parts != NULL) {
+#pragma omp barrier
 #pragma omp for
             for (int64_t s = 0; s < num_seqs; s++) finalize_parts(&j, s, num_parts, parts);
         }
         free(scratch.buf);
         free(scratch.offs);
+        free(scratch.next_offs);
 #pragma omp critical
         if (st > status) status = st;
     }
