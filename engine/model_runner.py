@@ -65,7 +65,9 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.sampler = Sampler(self._cpu_row_stats() or torch_row_stats)
+        row_stats = self._cpu_row_stats()
+        self.sampler = (Sampler(row_stats, reads_bf16=True) if row_stats is not None
+                        else Sampler(torch_row_stats))
         self.num_kv_blocks = self._num_kv_blocks()
         self.backend = make_backend(config.attention_backend, self.device,
                                     self._cpu_decode_kernel())

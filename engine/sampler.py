@@ -56,8 +56,13 @@ class Sampler:
     log-normaliser come from `row_stats`, so a row's logprob is bit-identical whatever else
     is in the batch."""
 
-    def __init__(self, row_stats: RowStats = torch_row_stats):
+    def __init__(self, row_stats: RowStats = torch_row_stats, reads_bf16: bool = False):
+        """`reads_bf16`: `row_stats` reduces bf16 rows exactly as their float32 copy (the C
+        kernel does; torch's logsumexp on bf16 rounds to bf16). Then an all-greedy batch of
+        bf16 logits skips the float32 copy (~0.3 ms a step at 32 x 49,152), with results
+        bit-identical to the copy's."""
         self.row_stats = row_stats
+        self.reads_bf16 = reads_bf16
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [num_rows, vocab] in any float dtype (computed in float32)."""
@@ -65,6 +70,11 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {batch.num_rows} rows")
         if logits.shape[1] != batch.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab is {batch.vocab_size}")
+        if (self.reads_bf16 and logits.dtype == torch.bfloat16 and batch.banned is None
+                and batch.penalties is None and batch.warping is None and not batch.max_top_n):
+            # exact: a bf16 score minus a float32 log_norm is computed in float32 (top tokens
+            # take the float32 path: topk's order among ties need not match across dtypes)
+            return _output(logits, *self.row_stats(logits), 0)
         scores = logits.float()  # [n, vocab]; the steps below never write into it in place
         if batch.banned is not None:
             scores = scores.index_put(batch.banned, torch.tensor(_NEG_INF, device=scores.device))

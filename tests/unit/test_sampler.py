@@ -228,6 +228,28 @@ def test_greedy_fast_path_is_argmax_with_logprobs(sampler: Sampler) -> None:
     assert out.top_ids is None and out.top_logprobs is None
 
 
+def test_bf16_greedy_rows_skip_the_float_copy_with_identical_results(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = cpu_row_stats.load(tmp_path_factory.getbasetemp() / "kernels")
+    if kernel is None:
+        pytest.skip("no C compiler: the C row-stats kernel cannot be built")
+    logits = _logits(7, vocab=4099, seed=9).to(torch.bfloat16)
+    batch = _batch([SamplingParams() for _ in range(7)], vocab_size=4099)
+    copied = Sampler(kernel)(logits, batch)  # float32 copy first
+    calls: list[torch.dtype] = []
+    monkeypatch.setattr(torch.Tensor, "float", lambda self: calls.append(self.dtype) or
+                        self.to(torch.float32))
+    direct = Sampler(kernel, reads_bf16=True)(logits, batch)
+    assert calls == []  # no copy made
+    assert torch.equal(direct.token_ids, copied.token_ids)
+    assert torch.equal(direct.logprobs, copied.logprobs) and direct.logprobs.dtype == torch.float32
+    mixed = _batch([SamplingParams()] * 6 + [SamplingParams(temperature=0.7, seed=1)],
+                   vocab_size=4099)  # one sampled row: the copy again, greedy rows same
+    out = Sampler(kernel, reads_bf16=True)(logits, mixed)
+    assert calls == [torch.bfloat16]
+    assert torch.equal(out.logprobs[:6], copied.logprobs[:6])
+
+
 def test_temperature_zero_is_greedy_and_penalised_greedy_uses_penalised_logits(
         sampler: Sampler) -> None:
     logits = torch.zeros(2, VOCAB)
