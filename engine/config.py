@@ -110,8 +110,9 @@ class EngineConfig:
     # CPU decode steps through torch.compile (see compiled_decode.py): int4 decode ~1.5x and
     # bf16 ~1.2x faster here, for 1.5-3.5 min of compiling at start-up (two graphs).
     cpu_compile: bool = False
-    # CPU decode attention through kernels/cpu_paged_decode.c (built with the system C
-    # compiler at start-up, ~1 s; without one the engine keeps the torch gather + SDPA path).
+    # CPU attention (decodes, and prompts up to 4,096 keys) through kernels/cpu_paged_decode.c
+    # (built with the system C compiler at start-up, ~1 s; without one the engine keeps the
+    # torch gather + SDPA path).
     cpu_attention_kernel: bool = True
     # CPU: the sampler's argmax + logsumexp through kernels/cpu_row_stats.c (same build; a
     # greedy 32-row step's sampler 5.6 -> 0.5 ms, benchmarks/bench_cpu_step_parts.py).

@@ -497,6 +497,16 @@ static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts
     }
 }
 
+/* 1 when the AVX-512 BF16 path is built in: bf16 rows without it take the portable loop,
+ * slower than torch's SDPA for prefill rows (the attention backend asks). */
+int tf_paged_decode_fast_bf16(void) {
+#ifdef HAVE_BF16_KERNEL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Returns 0 on success; 1 bad lengths, 2 out of memory, 3 bad shapes.
  * Threads: OpenMP. The library links the soname libgomp.so.1, which in a process that
  * imported torch resolves to the libgomp torch already loaded: the kernel runs on torch's own

@@ -40,7 +40,10 @@ class CpuPagedDecode:
 
     def __init__(self, library: Path):
         self.library = library
-        fn = ctypes.CDLL(str(library)).tf_paged_decode
+        lib = ctypes.CDLL(str(library))
+        # the AVX-512 BF16 path is built in (else bf16 takes the slower portable loop)
+        self.fast_bf16 = bool(lib.tf_paged_decode_fast_bf16())
+        fn = lib.tf_paged_decode
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64,
                        ctypes.c_float, ctypes.c_int, ctypes.c_int]

@@ -67,9 +67,10 @@ class WorkerSettings:
     cpu_compile: bool = _setting(False, "CPU: run decode steps through torch.compile "
                                  "(int4 decode ~1.5x faster, bf16 ~1.2x; compiles for 1.5-3.5 "
                                  "min at start-up); ignored on CUDA, which replays CUDA graphs")
-    cpu_attention_kernel: bool = _setting(True, "CPU: decode attention in a C kernel built at "
-                                          "start-up with the system C compiler (~1 s; without "
-                                          "one, torch's gather + SDPA path)")
+    cpu_attention_kernel: bool = _setting(True, "CPU: attention (decodes, and prompts up to "
+                                          "4,096 keys) in a C kernel built at start-up with "
+                                          "the system C compiler (~1 s; without one, torch's "
+                                          "gather + SDPA path)")
     cpu_sampler_kernel: bool = _setting(True, "CPU: the sampler's argmax + logsumexp in a C "
                                         "kernel built the same way (without a compiler, "
                                         "torch's ops)")

@@ -13,7 +13,8 @@ one query row at a time, 2-6x faster per layer for 32 decodes (benchmarks/bench_
 A prefill row is a query row too, attending to the keys up to its own position: torch's CPU
 flash attention is slow on short prompts (~45 GFLOP/s), and row by row was 2.0-2.6x faster for
 prompts of 64-512 tokens, 1.5x at 1,024, and still 1.08x at 4,096, where K/V stop fitting in
-L2 (bench_cpu_step_parts.py). Steps with a longer context take the SDPA path.
+L2 (bf16 cache, AVX-512 BF16; measured in one process, and bench_cpu_step_parts.py for a
+whole prefill step). Longer prompts, and prompts over an fp32 cache, take the SDPA path.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class TorchAttentionBackend:
         # q [T, H, D]; k, v [T, KVH, D] -> out [T, H, D]
         plan = meta.backend_plan
         if not isinstance(plan, _Plan):  # first layer of this step builds it
-            plan = self.plan(meta, k_cache.shape[0], k_cache.shape[1], sliding_window, q.device)
+            plan = self.plan(meta, k_cache.shape[0], k_cache.shape[1], sliding_window, q.device,
+                             kv_dtype=k_cache.dtype)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping, plan.all_slots_valid)
         in_kernel, decode = plan.kernel, plan.decode
         if in_kernel is not None and in_kernel.q_idx is None:  # every row
@@ -188,11 +190,15 @@ class TorchAttentionBackend:
 
     # ---- the per-step plan ---------------------------------------------------------------
     def plan(self, meta: AttentionMetadata, num_blocks: int, block_size: int,
-             window: int | None, device: torch.device, kv_chunk: int | None = None) -> _Plan:
+             window: int | None, device: torch.device, kv_chunk: int | None = None,
+             kv_dtype: torch.dtype | None = None) -> _Plan:
         """Build this step's plan and keep it in `meta` for every layer. Called by the first
         layer, or ahead of a compiled decode step (which must not trace this Python);
         `kv_chunk` overrides the backend's chunk length (a compiled step reads the whole
-        context as one chunk, so the graph does not change with the number of chunks)."""
+        context as one chunk, so the graph does not change with the number of chunks).
+        Prefill rows go to the C kernel only for a bf16 cache (`kv_dtype`) on a CPU with its
+        AVX-512 BF16 path: its portable loop was slower than SDPA on them (fp32: 8.4 vs 6.3
+        ms for 16 x 128-token prompts)."""
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         assert qsl is not None and lens is not None, "torch backend needs host metadata"
         chunk = kv_chunk or self.kv_chunk
@@ -202,10 +208,12 @@ class TorchAttentionBackend:
         kernel, decode = None, None
         if self.decode_kernel is not None:
             check_tables(meta.block_tables, meta.seq_lens, num_blocks, block_size)  # once a step
-            if all(lens[i] <= KERNEL_MAX_PREFILL_CONTEXT for i in prefill_seqs):
+            prompts_fit = (self.decode_kernel.fast_bf16 and kv_dtype == torch.bfloat16
+                           and all(lens[i] <= KERNEL_MAX_PREFILL_CONTEXT for i in prefill_seqs))
+            if not prefill_seqs or prompts_fit:
                 meta.backend_plan = _Plan(None, [], all_valid, self._kernel_plan(meta))
                 return meta.backend_plan
-            if rows:  # a long prompt goes to SDPA; the decodes stay in the kernel
+            if rows:  # prompts go to SDPA (long, or no fast path); decodes stay in the kernel
                 rows_t = torch.tensor(rows, device=device)
                 kernel = _KernelPlan(meta.block_tables.index_select(0, rows_t).contiguous(),
                                      meta.seq_lens.index_select(0, rows_t).contiguous(),

@@ -101,9 +101,13 @@ def test_prefill_rows_in_the_kernel_match_reference(kernel: CpuPagedDecode, dtyp
     backend = TorchAttentionBackend(decode_kernel=kernel)
     out = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, meta, scale, window)
     plan = meta.backend_plan
-    assert plan.kernel is not None and plan.kernel.q_idx is None and not plan.prefills
-    assert plan.kernel.seq_lens.tolist() == [*range(1, 13), *range(11, 17), 1, 38,
-                                             *range(6, 39)]
+    assert plan.kernel is not None
+    if dtype == torch.bfloat16 and kernel.fast_bf16:  # every row in the kernel
+        assert plan.kernel.q_idx is None and not plan.prefills
+        assert plan.kernel.seq_lens.tolist() == [*range(1, 13), *range(11, 17), 1, 38,
+                                                 *range(6, 39)]
+    else:  # the portable loop is slower than SDPA on prompts: only the decodes
+        assert plan.kernel.q_idx.tolist() == [18, 19] and len(plan.prefills) == 3
     expected = paged_attention_ref(b.q, b.k_cache, b.v_cache, b.block_tables,
                                    b.query_start_loc, b.seq_lens, scale, window)
     assert rel_err(out, expected) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
