@@ -550,8 +550,7 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
         scratch_t scratch = {malloc((size_t)buf_len * sizeof(float)), buf_len,
                              malloc((size_t)max_len * sizeof(int64_t)),
                              malloc((size_t)max_len * sizeof(int64_t)), -1, -1};
-        int st = scratch.buf == NULL || scratch.offs == NULL || scratch.next_offs == NULL;
-        st *= 2;
+        int st = scratch.buf == NULL || scratch.offs == NULL || scratch.next_offs == NULL ? 2 : 0;
         /* Each thread claims its next row before it starts the current one, so that the
          * current one can request the next one's K/V (attend_rows_bf16). */
 #pragma omp single
