@@ -13,8 +13,9 @@
  * Layout (attention_metadata.py): k_cache, v_cache [num_blocks, block_size, num_kv_heads,
  * head_dim], contiguous; q [num_seqs, num_heads, head_dim] with heads contiguous (q_row_stride
  * elements between sequences); out [num_seqs, num_heads, head_dim] contiguous. Key p of
- * sequence s is in block block_tables[s, p / block_size], row p % block_size. Sequence s
- * attends to keys max(0, seq_lens[s] - window) .. seq_lens[s] - 1 (window 0 = no window).
+ * sequence s is in block block_tables[r, p / block_size], row p % block_size, with r =
+ * row_seqs[s] (or s when row_seqs is NULL). Sequence s attends to keys
+ * max(0, seq_lens[s] - window) .. seq_lens[s] - 1 (window 0 = no window).
  */
 #include <float.h>
 #include <math.h>
@@ -28,6 +29,7 @@ typedef struct {
     const void *q, *k_cache, *v_cache;
     void *out;
     const int32_t *block_tables, *seq_lens;
+    const int32_t *row_seqs; /* row r reads block table row row_seqs[r]; NULL: row r */
     int64_t num_heads, num_kv_heads, head_dim, block_size, max_blocks, q_row_stride, window;
     float scale;
     int is_bf16;
@@ -41,6 +43,11 @@ typedef struct { /* one thread's scratch */
     int64_t requested_first_row; /* the previous row requested K/V of the row whose first
                                   * key is here: -1 none */
 } scratch_t;
+
+/* Query row s's block table (the rows of one prompt share their sequence's). */
+static inline const int32_t *table_of(const job_t *j, int64_t s) {
+    return j->block_tables + (j->row_seqs != NULL ? j->row_seqs[s] : s) * j->max_blocks;
+}
 
 static inline float bf16_to_f32(uint16_t x) {
     uint32_t u = (uint32_t)x << 16;
@@ -90,7 +97,7 @@ static inline __attribute__((always_inline)) int attend_seq_d(
                 ? bf16_to_f32(((const uint16_t *)j->q)[off + i]) : ((const float *)j->q)[off + i]);
         m[h] = -FLT_MAX;
     }
-    const int32_t *table = j->block_tables + s * j->max_blocks;
+    const int32_t *table = table_of(j, s);
     for (int64_t t = 0; t < n; t++) { /* pass 1: scores q . k */
         const int64_t p = lo + t;
         const int64_t slot = (int64_t)table[p / j->block_size] * j->block_size + p % j->block_size;
@@ -421,7 +428,7 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
         memset(partial + 2 * h_n, 0, (size_t)(h_n * d) * sizeof(float));
         return 0;
     }
-    row_offsets(j, j->block_tables + s * j->max_blocks, lo, len, row_elems, scratch->offs);
+    row_offsets(j, table_of(j, s), lo, len, row_elems, scratch->offs);
     /* Cold unless the previous row on this thread started at the same key (the rows of a
      * prefill chunk; also a sequence sharing its first block, a cached prefix, with the
      * previous one: only a matter of speed). */
@@ -433,7 +440,7 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
     if (cold && next_s >= 0 && j->seq_lens[next_s] > 0) {
         int64_t next_lo, next_len;
         key_range(j, next_s, 0, 1, &next_lo, &next_len);
-        row_offsets(j, j->block_tables + next_s * j->max_blocks, next_lo, next_len, row_elems,
+        row_offsets(j, table_of(j, next_s), next_lo, next_len, row_elems,
                     scratch->next_offs);
         if (scratch->next_offs[0] != first_row) /* else hot; at most what upfront takes */
             next_n = next_len - next_lo < UPFRONT_BYTES / (row_elems * 2)
@@ -516,11 +523,13 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
                     const int32_t *block_tables, const int32_t *seq_lens, int64_t num_seqs,
                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                     int64_t block_size, int64_t max_blocks, int64_t q_row_stride,
-                    int64_t window, float scale, int is_bf16, int num_threads) {
+                    int64_t window, float scale, int is_bf16, int num_threads,
+                    const int32_t *row_seqs) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 || block_size <= 0)
         return 3;
-    const job_t j = {q, k_cache, v_cache, out, block_tables, seq_lens, num_heads, num_kv_heads,
-                     head_dim, block_size, max_blocks, q_row_stride, window, scale, is_bf16};
+    const job_t j = {q, k_cache, v_cache, out, block_tables, seq_lens, row_seqs, num_heads,
+                     num_kv_heads, head_dim, block_size, max_blocks, q_row_stride, window, scale,
+                     is_bf16};
     int64_t max_len = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (seq_lens[s] > max_len) max_len = seq_lens[s];

@@ -46,22 +46,24 @@ class CpuPagedDecode:
         fn = lib.tf_paged_decode
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64,
-                       ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                       ctypes.c_float, ctypes.c_int, ctypes.c_int, ptr]
         fn.restype = ctypes.c_int
         self._fn = fn
         _OPS[str(library)] = self
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 window: int | None, num_threads: int, tables_checked: bool = False
-                 ) -> torch.Tensor:
+                 window: int | None, num_threads: int, tables_checked: bool = False,
+                 row_seqs: torch.Tensor | None = None) -> torch.Tensor:
         """`tables_checked`: the caller ran `check_tables` on this step's tables already (the
-        attention backend does, once per step rather than once per layer)."""
-        # q [S, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [S, max_blocks]
-        # int32; seq_lens [S] int32 -> out [S, H, D]
-        _check_shapes(q, k_cache, v_cache, block_tables, seq_lens)
+        attention backend does, once per step rather than once per layer). `row_seqs`: query
+        row s reads block table row row_seqs[s] (a prompt's rows share their sequence's);
+        None: row s."""
+        # q [S, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [S or N,
+        # max_blocks] int32; seq_lens [S] int32; row_seqs [S] int32 in [0, N) -> out [S, H, D]
+        _check_shapes(q, k_cache, v_cache, block_tables, seq_lens, row_seqs)
         if not tables_checked:
-            check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1])
+            check_tables(block_tables, seq_lens, k_cache.shape[0], k_cache.shape[1], row_seqs)
         if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
             q = q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype)
@@ -70,14 +72,16 @@ class CpuPagedDecode:
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             block_tables.data_ptr(), seq_lens.data_ptr(), q.shape[0], q.shape[1],
             num_kv_heads, head_dim, block_size, block_tables.shape[1], q.stride(0),
-            window or 0, scale, int(q.dtype == torch.bfloat16), max(1, num_threads))
+            window or 0, scale, int(q.dtype == torch.bfloat16), max(1, num_threads),
+            None if row_seqs is None else row_seqs.data_ptr())
         if status:
             raise ValueError(f"cpu_paged_decode: {_STATUS.get(status, status)}")
         return out
 
 
 def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  row_seqs: torch.Tensor | None) -> None:
     if q.dtype not in (torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype \
             or v_cache.dtype != q.dtype:
         raise ValueError("cpu_paged_decode needs q and both caches in one of bf16/float32")
@@ -91,16 +95,26 @@ def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 \
             or not block_tables.is_contiguous() or not seq_lens.is_contiguous():
         raise ValueError("block_tables and seq_lens must be contiguous int32")
-    if block_tables.shape[0] != q.shape[0] or seq_lens.shape != (q.shape[0],):
-        raise ValueError("one block table row and one length per query row")
+    if seq_lens.shape != (q.shape[0],):
+        raise ValueError("one length per query row")
+    if row_seqs is None and block_tables.shape[0] != q.shape[0]:
+        raise ValueError("one block table row per query row, or row_seqs")
+    if row_seqs is not None and (row_seqs.dtype != torch.int32 or not row_seqs.is_contiguous()
+                                 or row_seqs.shape != (q.shape[0],)
+                                 or row_seqs.device.type != "cpu"):
+        raise ValueError("row_seqs must be a contiguous int32 CPU tensor, one per query row")
 
 
 def check_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int,
-                 block_size: int) -> None:
+                 block_size: int, row_seqs: torch.Tensor | None = None) -> None:
     """The values the C code trusts: an out-of-range block id would read outside the cache.
     (Two reductions; the checks measured 9 us a call: once per step, not once per layer.)"""
     if seq_lens.numel() == 0:
         return
+    if row_seqs is not None:
+        low, high = row_seqs.aminmax()
+        if int(low) < 0 or int(high) >= block_tables.shape[0]:
+            raise ValueError(f"row_seqs must be in [0, {block_tables.shape[0]})")
     if int(seq_lens.max()) > block_tables.shape[1] * block_size:
         raise ValueError("a sequence is longer than its block table")
     low, high = block_tables.aminmax()

@@ -69,12 +69,13 @@ class _DecodePlan:
 
 @dataclass(slots=True)
 class _KernelPlan:
-    """Every query row of the step for the C kernel: row r attends to the first seq_lens[r]
-    keys of its sequence's block table (a prefill row's own position + 1)."""
-    block_tables: torch.Tensor  # [T, max_blocks] int32: its sequence's table, per row
+    """Query rows of the step for the C kernel: row r attends to the first seq_lens[r] keys
+    of its sequence's block table (a prefill row: its own position + 1)."""
+    block_tables: torch.Tensor  # [S, max_blocks] int32
     seq_lens: torch.Tensor  # [T] int32
     num_threads: int
     q_idx: torch.Tensor | None = None  # [T] rows of the flat batch it takes; None = all
+    row_seqs: torch.Tensor | None = None  # [T] int32 table row of each row; None = row r
 
 
 @dataclass(slots=True)
@@ -155,11 +156,12 @@ class TorchAttentionBackend:
         kernel = self.decode_kernel
         assert kernel is not None
         if torch.compiler.is_compiling():  # dynamo cannot trace ctypes: the opaque custom op
+            assert rows.row_seqs is None, "only decode steps are compiled"
             return torch.ops.tokenfleet.cpu_paged_decode(
                 str(kernel.library), q, k_cache, v_cache, rows.block_tables, rows.seq_lens,
                 scale, window or 0, rows.num_threads)
         return kernel(q, k_cache, v_cache, rows.block_tables, rows.seq_lens, scale, window,
-                      rows.num_threads, tables_checked=True)
+                      rows.num_threads, tables_checked=True, row_seqs=rows.row_seqs)
 
     def _attend(self, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
                 chunks: list[_Chunk], scale: float, num_kv_heads: int, decode: bool
@@ -242,8 +244,9 @@ class TorchAttentionBackend:
         # row r of sequence s sees its keys up to its own position: seq_len - (rows after r)
         rows_after = ends[row_seq] - 1 - torch.arange(num_rows, device=device)
         seq_lens = (meta.seq_lens[row_seq] - rows_after).to(torch.int32)
-        return _KernelPlan(meta.block_tables.index_select(0, row_seq).contiguous(), seq_lens,
-                           torch.get_num_threads())
+        # row_seqs is in range by construction (check_tables ran on the tables themselves)
+        return _KernelPlan(meta.block_tables.contiguous(), seq_lens, torch.get_num_threads(),
+                           row_seqs=row_seq.to(torch.int32))
 
     def _decode_plan(self, meta: AttentionMetadata, rows: list[int], block_size: int,
                      window: int | None, device: torch.device, kv_chunk: int) -> _DecodePlan:

@@ -169,6 +169,19 @@ def test_bad_arguments_raise_value_error(kernel: CpuPagedDecode) -> None:
     zero[1] = 0
     with pytest.raises(ValueError, match="out of range"):
         kernel(b.q, b.k_cache, b.v_cache, b.block_tables, zero, 0.125, None, 1)
+    # rows sharing block table rows: checked like the tables (the C code trusts them)
+    both_first = torch.zeros(2, dtype=torch.int32)
+    same = kernel(b.q, b.k_cache, b.v_cache, b.block_tables[:1].contiguous(),
+                  torch.full((2,), 5, dtype=torch.int32), 0.125, None, 1, row_seqs=both_first)
+    for r in range(2):  # each row alone, with table row 0
+        alone = kernel(b.q[r:r + 1], *args[:2], b.block_tables[:1].contiguous(),
+                       torch.tensor([5], dtype=torch.int32), 0.125, None, 1)
+        assert torch.equal(same[r], alone[0])
+    with pytest.raises(ValueError, match="row_seqs must be in"):
+        kernel(b.q, *args[:3], b.seq_lens, 0.125, None, 1,
+               row_seqs=torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous int32"):
+        kernel(b.q, *args[:3], b.seq_lens, 0.125, None, 1, row_seqs=torch.tensor([0, 1]))
 
 
 def test_build_is_cached_and_survives_no_compiler(tmp_path: Path,
