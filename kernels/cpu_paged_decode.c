@@ -204,13 +204,16 @@ static inline void prefetch_row_l2(const uint16_t *cache, const int64_t *offs, i
     for (int64_t b = 0; b < row_elems * 2; b += 64) prefetch_l2(row + b);
 }
 
+/* How many of a row's n keys are asked for ahead of it (up to UPFRONT_BYTES of K or V). */
+static inline int64_t upfront_rows(int64_t n, int64_t row_elems) {
+    const int64_t max_rows = UPFRONT_BYTES / (row_elems * 2);
+    return n < max_rows ? n : max_rows;
+}
+
 static inline void prefetch_upfront(const uint16_t *cache, const int64_t *offs, int64_t n,
                                     int64_t row_elems) {
-    const int64_t max_rows = UPFRONT_BYTES / (row_elems * 2);
-    for (int64_t t = 0; t < (n < max_rows ? n : max_rows); t++) {
-        const char *row = (const char *)(cache + offs[t]);
-        for (int64_t b = 0; b < row_elems * 2; b += 64) prefetch_l2(row + b);
-    }
+    for (int64_t t = 0; t < upfront_rows(n, row_elems); t++)
+        prefetch_row_l2(cache, offs, t, n, row_elems);
 }
 
 /* The four sums of a, b, c, d, in lanes 0..3 (10 instructions instead of 4 full reductions). */
@@ -442,9 +445,8 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
         key_range(j, next_s, 0, 1, &next_lo, &next_len);
         row_offsets(j, table_of(j, next_s), next_lo, next_len, row_elems,
                     scratch->next_offs);
-        if (scratch->next_offs[0] != first_row) /* else hot; at most what upfront takes */
-            next_n = next_len - next_lo < UPFRONT_BYTES / (row_elems * 2)
-                     ? next_len - next_lo : UPFRONT_BYTES / (row_elems * 2);
+        if (scratch->next_offs[0] != first_row) /* else hot */
+            next_n = upfront_rows(next_len - next_lo, row_elems);
     }
     scratch->requested_first_row = next_n > 0 ? scratch->next_offs[0] : -1;
     if (cold) attend_rows_cold(j, s, n, num_parts, scratch, partial, upfront, next_n);

@@ -216,11 +216,12 @@ class TorchAttentionBackend:
                 meta.backend_plan = _Plan(None, [], all_valid, self._kernel_plan(meta))
                 return meta.backend_plan
             if rows:  # prompts go to SDPA (long, or no fast path); decodes stay in the kernel
-                rows_t = torch.tensor(rows, device=device)
-                kernel = _KernelPlan(meta.block_tables.index_select(0, rows_t).contiguous(),
+                rows_t = torch.tensor(rows, dtype=torch.int32, device=device)
+                kernel = _KernelPlan(meta.block_tables.contiguous(),
                                      meta.seq_lens.index_select(0, rows_t).contiguous(),
                                      torch.get_num_threads(),
-                                     torch.tensor([qsl[i] for i in rows], device=device))
+                                     torch.tensor([qsl[i] for i in rows], device=device),
+                                     row_seqs=rows_t)
         elif rows:
             decode = self._decode_plan(meta, rows, block_size, window, device, chunk)
         prefills = [self._prefill_plan(meta, i, block_size, window, device, chunk)
