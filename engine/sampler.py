@@ -59,8 +59,8 @@ class Sampler:
     def __init__(self, row_stats: RowStats = torch_row_stats, reads_bf16: bool = False):
         """`reads_bf16`: `row_stats` reduces bf16 rows exactly as their float32 copy (the C
         kernel does; torch's logsumexp on bf16 rounds to bf16). Then an all-greedy batch of
-        bf16 logits skips the float32 copy (~0.3 ms a step at 32 x 49,152), with results
-        bit-identical to the copy's."""
+        bf16 logits skips the float32 copy (the engine's 32-row sampler 0.81-0.97 -> 0.74 ms
+        a step), with results bit-identical to the copy's."""
         self.row_stats = row_stats
         self.reads_bf16 = reads_bf16
 
