@@ -19,7 +19,7 @@ from tokenfleet.engine.config import EngineConfig
 from tokenfleet.engine.detokenizer import IncrementalDetokenizer
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.hub import resolve_model
-from tokenfleet.engine.layers.cpu_prepack import cpu_prepack_supported, prepack_cpu_linears
+from tokenfleet.engine.layers.cpu_prepack import pack_cpu_linears
 from tokenfleet.engine.loader import load_model, load_model_config
 from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, needs_history
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
@@ -55,11 +55,8 @@ class LLMEngine:
             quantize_int8_weight_only(model, device, config.torch_dtype)
         elif config.quantize == "int4":
             quantize_int4_weight_only(model, device, config.torch_dtype)
-        elif config.cpu_prepack and cpu_prepack_supported(device, config.torch_dtype):
-            # Compiled decode packs the graph's frozen weights itself (dynamo cannot trace
-            # ours); the LM head runs outside the graph, so it is packed here either way
-            # (plain `mm` on the tied weight took 7.6 ms of a 49 ms step at 32 sequences).
-            prepack_cpu_linears(model, only={"lm_head"} if config.cpu_compile else None)
+        elif config.cpu_prepack:
+            pack_cpu_linears(model, config)
         self.runner = ModelRunner(config, mc, model)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)

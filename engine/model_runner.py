@@ -21,6 +21,7 @@ from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
 from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
+from tokenfleet.engine.layers.cpu_prepack import needs_freezing
 from tokenfleet.engine.models.registry import CausalLM
 from tokenfleet.engine.sampler import Sampler, SamplerOutput, torch_row_stats
 from tokenfleet.engine.sampling_batch import SamplingBatch
@@ -78,7 +79,8 @@ class ModelRunner:
             self._fuse_cpu_element_wise()
             self.compiled_decode = CompiledDecode(
                 model.forward, self.backend, self.num_kv_blocks, self.block_size,
-                model_config.sliding_window, freeze=config.quantize is None)
+                model_config.sliding_window,
+                freeze=config.quantize is None and needs_freezing(model))
             self.compiled_decode.warm_up(config.max_num_seqs)
         self.graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenfleet.engine.errors import ModelLoadError
+from tokenfleet.kernels.cpu_gemm import CpuGemm, cpu_gemm
 
 __all__ = ["Linear", "PackedLinear", "WeightLoader"]
 
@@ -31,7 +32,10 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 
 
 class Linear(nn.Module):
-    # oneDNN-packed copy of `weight` set by `prepack_cpu_linears` (CPU bf16 fast path)
+    # Packed copies of `weight` set by `prepack_cpu_linears` (CPU bf16): for our C kernel
+    # (`cpu_gemm` + `gemm_weight`), or else for oneDNN (`mkldnn_weight`).
+    cpu_gemm: CpuGemm | None = None
+    gemm_weight: torch.Tensor | None = None
     mkldnn_weight: torch.Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -55,6 +59,9 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, in_features] -> [T, out_features]
+        if self.cpu_gemm is not None:
+            assert self.gemm_weight is not None
+            return cpu_gemm(self.cpu_gemm, x, self.gemm_weight, self.bias, self.out_features)
         if self.mkldnn_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.mkldnn_weight, self.bias, "none",
                                                       [], "")

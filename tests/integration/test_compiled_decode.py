@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from tokenfleet.engine import LLMEngine, SamplingParams
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.outputs import StepOutput
+from tokenfleet.kernels import cpu_gemm
 
 
 def _run_staggered(engine: LLMEngine, prompts: list[list[int]], lengths: list[int]
@@ -68,21 +69,30 @@ def test_compiled_decode_matches_eager_and_never_recompiles(
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"], ids=["bf16", "int4"])
+@pytest.mark.parametrize("quantize,gemm_kernel", [(None, True), (None, False), ("int4", True)],
+                         ids=["bf16", "bf16-onednn", "int4"])
 def test_compiled_bf16_decode_tracks_eager_logits(tmp_path: Path,
                                                   make_tiny_llama: Callable[..., Path],
-                                                  quantize: str | None) -> None:
-    """bf16 (frozen weights; the LM head, outside the graph, packed by us) and bf16 + int4:
-    each compiled step's log-prob of its token equals the eager model's for the same context
-    up to bf16 rounding (teacher-forced on the compiled side's tokens)."""
+                                                  quantize: str | None, gemm_kernel: bool) -> None:
+    """bf16 (every linear on our GEMM kernel, an opaque op in the graph; or, without it, frozen
+    weights with the LM head outside the graph packed for oneDNN by us) and bf16 + int4: each
+    compiled step's log-prob of its token equals the eager model's for the same context up to
+    bf16 rounding (teacher-forced on the compiled side's tokens)."""
     model_dir = make_tiny_llama(tmp_path)
-    args: dict[str, Any] = {"dtype": "bfloat16", "quantize": quantize, "max_num_seqs": 2}
+    args: dict[str, Any] = {"dtype": "bfloat16", "quantize": quantize, "max_num_seqs": 2,
+                            "cpu_gemm_kernel": gemm_kernel}
     eager = LLMEngine.from_model(str(model_dir), **args)
     compiled = LLMEngine.from_model(str(model_dir), cpu_compile=True, **args)
-    if quantize is None:
-        lm_head = compiled.runner.model.lm_head
+    down_proj = compiled.runner.model.model.layers[0].mlp.down_proj
+    lm_head = compiled.runner.model.lm_head
+    if quantize is None and gemm_kernel and down_proj.cpu_gemm is None:
+        assert cpu_gemm.load(tmp_path) is None  # only where the kernel cannot be built
+    elif quantize is None and gemm_kernel:
+        assert lm_head.gemm_weight is not None and down_proj.gemm_weight is not None
+        assert down_proj.weight.numel() == 0  # one copy of the weights: no freezing
+    elif quantize is None:
         assert getattr(lm_head, "mkldnn_weight", None) is not None
-        assert compiled.runner.model.model.layers[0].mlp.down_proj.mkldnn_weight is None
+        assert down_proj.mkldnn_weight is None
     prompt = list(range(5, 25))
     compiled.add_request("a", prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
     got = []

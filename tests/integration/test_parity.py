@@ -103,3 +103,31 @@ def test_smollm2_answers_paris(smollm2_dir: Path) -> None:
                        chat=True)[0]
     assert "Paris" in out.text
     assert out.finish_reason in ("eos_token", "length")
+
+
+@pytest.mark.parametrize("variant", ["gqa", "qkv_bias", "untied"])
+def test_tiny_model_bf16_tracks_transformers(variant: str, make_tiny_llama: Any, tmp_path: Path
+                                             ) -> None:
+    """bf16 on CPU, linears on our GEMM kernel (where it builds) and on oneDNN: last-position
+    logits within bf16 error of HF's float32 ones, the kernel no further off than oneDNN."""
+    model_dir = make_tiny_llama(tmp_path, **VARIANTS[variant])
+    hf = _hf_model(model_dir)
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (5, 37, 90)]
+    errors = {}
+    for gemm_kernel in (True, False):
+        llm = LLM(str(model_dir), dtype="bfloat16", block_size=4, num_kv_blocks=256,
+                  cpu_gemm_kernel=gemm_kernel)
+        qkv = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
+        assert (qkv.cpu_gemm is not None) == (gemm_kernel and llm.engine.config.cpu_gemm_kernel
+                                              and _gemm_builds(tmp_path))
+        errors[gemm_kernel] = max(
+            float((llm.engine.score(p) - _hf_last_logits(hf, p)).abs().max()
+                  / _hf_last_logits(hf, p).abs().max()) for p in prompts)
+    assert errors[True] < 0.03 and errors[False] < 0.03, errors
+    assert errors[True] <= 1.5 * errors[False] + 2e-3, errors
+
+
+def _gemm_builds(tmp_path: Path) -> bool:
+    from tokenfleet.kernels import cpu_gemm
+    return cpu_gemm.load(tmp_path / "kernels") is not None
