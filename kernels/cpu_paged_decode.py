@@ -127,7 +127,14 @@ def load(build_dir: Path) -> CpuPagedDecode | None:
     return cpu_build.load(_SOURCE, build_dir, _COMPILE_FLAGS, CpuPagedDecode, _OPS)
 
 
-@torch.library.custom_op("tokenfleet::cpu_paged_decode", mutates_args=())
+# The low-level Library API, not `torch.library.custom_op`: a compiled decode step calls the op
+# once per layer, and custom_op's wrapper cost ~15 us more per call (measured with cpu_gemm).
+_LIB = torch.library.Library("tokenfleet", "FRAGMENT")
+_LIB.define("cpu_paged_decode(str library, Tensor q, Tensor k_cache, Tensor v_cache, "
+            "Tensor block_tables, Tensor seq_lens, float scale, int window, int num_threads) "
+            "-> Tensor")
+
+
 def _cpu_paged_decode_op(library: str, q: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor, scale: float, window: int,
@@ -137,8 +144,12 @@ def _cpu_paged_decode_op(library: str, q: torch.Tensor, k_cache: torch.Tensor,
                          num_threads, tables_checked=True)
 
 
-@_cpu_paged_decode_op.register_fake
-def _(library: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, window: int,
-      num_threads: int) -> torch.Tensor:
+def _cpu_paged_decode_fake(library: str, q: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, window: int,
+                           num_threads: int) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+_LIB.impl("cpu_paged_decode", _cpu_paged_decode_op, "CPU")
+torch.library.register_fake("tokenfleet::cpu_paged_decode", _cpu_paged_decode_fake, lib=_LIB)

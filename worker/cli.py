@@ -32,7 +32,7 @@ __all__ = ["build_parser", "main"]
 _ENGINE_OPTIONS = ("engine", "model", "cache_dir", "device", "dtype", "max_num_seqs",
                    "max_num_batched_tokens", "kv_cache_bytes", "num_kv_blocks", "block_size",
                    "num_threads", "quantize", "cpu_compile", "cpu_attention_kernel",
-                   "cpu_sampler_kernel",
+                   "cpu_sampler_kernel", "cpu_gemm_kernel",
                    "attention_backend",
                    "gpu_memory_utilization", "cuda_graph_max_batch", "async_decode",
                    "sim_step_ms", "sim_vocab_size", "sim_max_model_len")

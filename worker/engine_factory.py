@@ -44,6 +44,7 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         cpu_compile=settings.cpu_compile and device == "cpu",
         cpu_attention_kernel=settings.cpu_attention_kernel,
         cpu_sampler_kernel=settings.cpu_sampler_kernel,
+        cpu_gemm_kernel=settings.cpu_gemm_kernel,
     )
     return engine
 
