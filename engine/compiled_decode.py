@@ -11,10 +11,12 @@ compile: one graph serves every batch of two or more sequences and one serves a 
 makes later starts faster. The attention plan (slots, masks) is built outside the graph from host
 metadata, with the whole context as one chunk, so the graph does not change as contexts grow.
 
-bf16 weights without quantization are *frozen* (inductor's `freezing`: weights become constants
-that inductor packs for oneDNN itself), which is what our eager prepack does by hand; dynamo
-cannot trace the hand-packed tensors. Prefill and mixed steps stay eager: their shapes vary too
-much to compile once, and their GEMMs are compute-bound anyway.
+bf16 linears on our GEMM kernel (kernels/cpu_gemm.c) are the opaque op `tokenfleet::cpu_gemm`
+on weights packed once at load. Without that kernel, bf16 weights are *frozen* (inductor's
+`freezing`: weights become constants that inductor packs for oneDNN itself), which is what our
+eager oneDNN prepack does by hand; dynamo cannot trace oneDNN's packed tensors. Prefill and
+mixed steps stay eager: their shapes vary too much to compile once, and their GEMMs are
+compute-bound anyway.
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ class EngineConfig:
     # kernels) instead of oneDNN: a 32-sequence decode step's GEMMs ~1.4x, batch 1 ~1.6x faster.
     cpu_gemm_kernel: bool = True
     # CPU decode steps through torch.compile (see compiled_decode.py): int4 decode ~1.5x and
-    # bf16 ~1.2x faster here, for 1.5-3.5 min of compiling at start-up (two graphs).
+    # bf16 ~1.2x faster here, for ~1.5 min of compiling at start-up (two graphs; ~3.5 min
+    # in bf16 on oneDNN, whose weights inductor freezes and packs).
     cpu_compile: bool = False
     # CPU attention (decodes, and prompts up to 4,096 keys) through kernels/cpu_paged_decode.c
     # (built with the system C compiler at start-up, ~1 s; without one the engine keeps the

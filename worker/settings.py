@@ -65,8 +65,9 @@ class WorkerSettings:
                              "CPU with dtype bfloat16; int4 = Q4_1's grid, 32-channel groups)",
                              choices=("none", "int8", "int4"))
     cpu_compile: bool = _setting(False, "CPU: run decode steps through torch.compile "
-                                 "(int4 decode ~1.5x faster, bf16 ~1.2x; compiles for 1.5-3.5 "
-                                 "min at start-up); ignored on CUDA, which replays CUDA graphs")
+                                 "(int4 decode ~1.5x faster, bf16 ~1.2x; compiles for ~1.5 min "
+                                 "at start-up, ~3.5 in bf16 without the GEMM kernel); ignored "
+                                 "on CUDA, which replays CUDA graphs")
     cpu_attention_kernel: bool = _setting(True, "CPU: attention (decodes, and prompts up to "
                                           "4,096 keys) in a C kernel built at start-up with "
                                           "the system C compiler (~1 s; without one, torch's "
