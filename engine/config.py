@@ -108,7 +108,7 @@ class EngineConfig:
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     cpu_prepack: bool = True  # packed bf16 weights on CPU (see layers/cpu_prepack.py)
     # CPU bf16 linears through kernels/cpu_gemm.c (AVX-512 BF16 CPUs; same build as the other
-    # kernels) instead of oneDNN: a 32-sequence decode step's GEMMs ~1.4x, batch 1 ~1.6x faster.
+    # kernels) instead of oneDNN: a 32-sequence decode step's GEMMs 1.24x, batch 1's 1.44x faster.
     cpu_gemm_kernel: bool = True
     # CPU decode steps through torch.compile (see compiled_decode.py): int4 decode ~1.5x and
     # bf16 ~1.2x faster here, for ~1.5 min of compiling at start-up (two graphs; ~3.5 min

@@ -1,9 +1,9 @@
 /* bf16 GEMM for CPU linears: out [M, N] = x [M, K] @ w [N, K]^T (+ bias), AVX-512 BF16.
  *
  * Why: a decode step multiplies 1-64 activation rows by every weight matrix once. oneDNN's
- * packed bf16 GEMM reached ~250-300 GFLOP/s at M = 32 and ~17 GB/s at M = 1 on this class of
- * CPU; this kernel ~350 GFLOP/s and ~30 GB/s on the same weights (cpu_gemm.py's docstring has
- * the measurement). Large M (prefill) runs as fast as oneDNN.
+ * packed bf16 GEMM reached ~290 GFLOP/s at M = 32 and read weights at ~19 GB/s at M = 1 on
+ * the 2-core dev VM; this kernel ~360 GFLOP/s and ~27 GB/s on the same weights (cpu_gemm.py's
+ * docstring has the measurement). Large M (prefill) runs as fast as oneDNN (~400 GFLOP/s).
  *
  * Layout. The weight is packed once into panels of 48 output columns, and within a panel
  * k-pair by k-pair: packed[p][kp][c][j] = w[48p + c][2kp + j] (zero past N). One k-pair of

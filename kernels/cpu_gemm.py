@@ -1,10 +1,10 @@
 """bf16 linears on CPU: `cpu_gemm.c` (AVX-512 BF16), built with the system C compiler.
 
 A decode step multiplies a few activation rows (1-64) by every weight matrix once. oneDNN's
-packed bf16 GEMM is tuned for larger M: on the 2-core CI VM, the default model's 121 GEMMs of
-a 32-sequence step took 32-35 ms with oneDNN and 24-25 ms with this kernel (~250 vs ~350
-GFLOP/s), and a batch-1 step's 14.6 vs 9.0 ms (~18 vs ~30 GB/s of weights); at M = 2,048 both
-are at ~350 GFLOP/s (`benchmarks/bench_cpu_gemm.py`).
+packed bf16 GEMM is tuned for larger M: on the 2-core dev VM, the default model's 121 GEMMs of
+a 32-sequence step took 29.7 ms with oneDNN and 24.0 ms with this kernel (290 vs 359
+GFLOP/s), a batch-1 step's 14.4 vs 10.0 ms (weights read at ~19 vs ~27 GB/s); at M = 2,048
+both run at ~400 GFLOP/s (`benchmarks/bench_cpu_gemm.py`, `benchmarks/RESULTS.md`).
 
 `pack(weight)` copies a [N, K] bf16 weight into the kernel's panel layout once (see the C
 file); `__call__(x, packed, bias, n)` runs x [M, K] @ weight^T (+ bias) -> [M, N] bf16. Only

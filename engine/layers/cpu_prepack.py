@@ -3,7 +3,7 @@
 Plain `F.linear` re-reads a row-major bf16 matrix for each GEMV and reaches ~12–23 GB/s on
 this class of CPU. Two packed layouts, picked per engine:
 - our C kernel's panels (`kernels/cpu_gemm.c`, where the CPU has AVX-512 BF16): the faster one
-  at decode sizes (a 32-sequence step's GEMMs ~1.4x, a batch-1 step's ~1.6x faster than
+  at decode sizes (a 32-sequence step's GEMMs 1.24x, a batch-1 step's 1.44x faster than
   oneDNN's), equal on prefill; dynamo traces it as an opaque custom op, so `cpu_compile`
   keeps these weights too;
 - oneDNN's blocked layout otherwise (1.3–1.7× faster than row-major, DESIGN.md §6b); dynamo
@@ -30,12 +30,11 @@ from tokenfleet.kernels.cpu_gemm import CpuGemm
 __all__ = ["cpu_prepack_supported", "needs_freezing", "pack_cpu_linears", "prepack_cpu_linears"]
 
 
-def pack_cpu_linears(model: nn.Module, config: EngineConfig) -> str | None:
+def pack_cpu_linears(model: nn.Module, config: EngineConfig) -> None:
     """The engine's choice: our kernel's layout when `cpu_gemm_kernel` is on and it builds here,
-    else oneDNN's. Returns "cpu_gemm", "onednn", or None (not a CPU bf16 model)."""
-    device = torch.device(config.device)
-    if not cpu_prepack_supported(device, config.torch_dtype):
-        return None
+    else oneDNN's; nothing unless the model is bf16 on a CPU oneDNN supports."""
+    if not cpu_prepack_supported(torch.device(config.device), config.torch_dtype):
+        return
     gemm = (cpu_gemm.load(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
             if config.cpu_gemm_kernel else None)
     # With oneDNN, compiled decode packs the graph's frozen weights itself (dynamo cannot
@@ -43,7 +42,6 @@ def pack_cpu_linears(model: nn.Module, config: EngineConfig) -> str | None:
     # either way (plain `mm` on the tied weight took 7.6 ms of a 49 ms step at 32 sequences).
     only = {"lm_head"} if config.cpu_compile and gemm is None else None
     prepack_cpu_linears(model, gemm, only)
-    return "onednn" if gemm is None else "cpu_gemm"
 
 
 def cpu_prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
