@@ -34,8 +34,6 @@
 
 int tf_gemm_fast_bf16(void) { return TF_FAST; }
 
-int64_t tf_gemm_packed_numel(int64_t n, int64_t k) { return (n + NP - 1) / NP * NP * k; }
-
 /* w [n, k] (row stride ldw) -> packed [ceil(n / 48)][k / 2][48][2]; k even. */
 int tf_gemm_pack(const uint16_t *w, int64_t n, int64_t k, int64_t ldw, uint16_t *out) {
   if (k <= 0 || k % 2 || n <= 0) return 3;
