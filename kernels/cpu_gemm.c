@@ -9,8 +9,8 @@
  * k-pair by k-pair: packed[p][kp][c][j] = w[48p + c][2kp + j] (zero past N). One k-pair of
  * a panel is 48 x 2 bf16 = three 64-byte vectors, each holding 16 columns' (k, k+1) pairs:
  * exactly what vdpbf16ps multiplies with a broadcast (x[r][k], x[r][k+1]) pair. A panel is
- * read front to back, so the hardware prefetcher streams it; the next panel is requested into
- * L2 while the current one's first row block runs.
+ * read front to back, so the hardware prefetcher streams it (requesting the next panel into
+ * L2 by hand, during the first or spread over all row blocks, measured no different).
  *
  * Tile: 8 rows x 48 columns = 24 fp32 accumulators in registers; a row block's 8 broadcasts
  * share each loaded weight vector. The rows of x are read in place (a row stride, unit
@@ -52,11 +52,6 @@ int tf_gemm_pack(const uint16_t *w, int64_t n, int64_t k, int64_t ldw, uint16_t 
 }
 
 #if TF_FAST
-static inline void prefetch_l2(const void *p) {
-  /* asm, not _mm_prefetch: GCC may delete prefetch-only code (see cpu_paged_decode.c) */
-  __asm__ volatile("prefetcht1 %0" : : "m"(*(const char *)p));
-}
-
 static inline __m512 bf16_to_f32(__m256i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
@@ -65,7 +60,6 @@ typedef struct {
   const uint16_t *x; /* the tile's first row */
   int64_t ldx;
   const uint16_t *panel; /* [k2][48][2] */
-  const uint16_t *next;  /* the next panel, requested into L2 (NULL: none) */
   int64_t k2;
   const uint16_t *bias; /* this panel's 48 entries, or NULL */
   uint16_t *out;        /* the tile's first output */
@@ -89,12 +83,10 @@ typedef struct {
     _mm256_mask_storeu_epi16(o + 32, t->cols[2], (__m256i)_mm512_cvtneps_pbh(c##r##2));   \
   }
 
-/* One tile of `rows` (1..8) rows; `prefetch`: request the next panel while streaming this
- * one. Both are constants in each caller below, so every copy keeps only its own rows'
- * accumulators (written out as 24 named variables: an array of them was spilled to the
- * stack on every k step). */
-static inline __attribute__((always_inline)) void tile(const tile_args *t, const int rows,
-                                                       const int prefetch) {
+/* One tile of `rows` (1..8) rows. `rows` is a constant in each caller below, so every copy
+ * keeps only its own rows' accumulators (written out as 24 named variables: an array of them
+ * was stored to the stack on every k step). */
+static inline __attribute__((always_inline)) void tile(const tile_args *t, const int rows) {
   __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0;
   if (t->bias) {
     z0 = bf16_to_f32(_mm256_maskz_loadu_epi16(t->cols[0], t->bias));
@@ -109,29 +101,20 @@ static inline __attribute__((always_inline)) void tile(const tile_args *t, const
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
     __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
     __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
-    if (prefetch) {
-      const char *n = (const char *)(t->next + kp * NP * 2);
-      prefetch_l2(n);
-      prefetch_l2(n + 64);
-      prefetch_l2(n + 128);
-    }
     ACC_STEP(0) ACC_STEP(1) ACC_STEP(2) ACC_STEP(3) ACC_STEP(4) ACC_STEP(5) ACC_STEP(6) ACC_STEP(7)
   }
   ACC_STORE(0) ACC_STORE(1) ACC_STORE(2) ACC_STORE(3)
   ACC_STORE(4) ACC_STORE(5) ACC_STORE(6) ACC_STORE(7)
 }
 
-#define DEFINE_TILE(R, P) \
-  static __attribute__((noinline)) void tile_##R##_##P(const tile_args *t) { tile(t, R, P); }
-#define DEFINE_TILES(R) DEFINE_TILE(R, 0) DEFINE_TILE(R, 1)
-DEFINE_TILES(1) DEFINE_TILES(2) DEFINE_TILES(3) DEFINE_TILES(4)
-DEFINE_TILES(5) DEFINE_TILES(6) DEFINE_TILES(7) DEFINE_TILES(8)
+#define DEFINE_TILE(R) \
+  static __attribute__((noinline)) void tile_##R(const tile_args *t) { tile(t, R); }
+DEFINE_TILE(1) DEFINE_TILE(2) DEFINE_TILE(3) DEFINE_TILE(4)
+DEFINE_TILE(5) DEFINE_TILE(6) DEFINE_TILE(7) DEFINE_TILE(8)
 
 typedef void (*tile_fn)(const tile_args *);
-static const tile_fn TILES[2][MR + 1] = {
-    {0, tile_1_0, tile_2_0, tile_3_0, tile_4_0, tile_5_0, tile_6_0, tile_7_0, tile_8_0},
-    {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1, tile_7_1, tile_8_1},
-};
+static const tile_fn TILES[MR + 1] = {0,      tile_1, tile_2, tile_3, tile_4,
+                                      tile_5, tile_6, tile_7, tile_8};
 
 /* Panels [p0, p1) for rows [m0, m1): panel by panel, all row blocks of a panel in a row. */
 static void run_part(const uint16_t *x, int64_t ldx, const uint16_t *packed, const uint16_t *bias,
@@ -144,7 +127,6 @@ static void run_part(const uint16_t *x, int64_t ldx, const uint16_t *packed, con
     t.k2 = k2;
     t.ldo = ldo;
     t.panel = packed + p * panel_len;
-    t.next = p + 1 < p1 ? t.panel + panel_len : 0;
     t.bias = bias ? bias + p * NP : 0;
     for (int v = 0; v < 3; v++) {
       int64_t valid = n - p * NP - 16 * v;
@@ -155,7 +137,7 @@ static void run_part(const uint16_t *x, int64_t ldx, const uint16_t *packed, con
       int rows = m1 - m < MR ? (int)(m1 - m) : MR;
       t.x = x + m * ldx;
       t.out = out + m * ldo + p * NP;
-      TILES[t.next != 0 && m == m0][rows](&t);
+      TILES[rows](&t);
     }
   }
 }
