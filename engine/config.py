@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from tokenfleet.engine.errors import UnsupportedModelError, ValidationError
+from tokenfleet.engine.hub import DEFAULT_CACHE_DIR
 
 __all__ = ["ATTENTION_BACKENDS", "EngineConfig", "ModelConfig"]
 
@@ -160,3 +161,8 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def kernel_dir(self) -> Path:
+        """Where the CPU's C kernels are built and cached: `<cache_dir>/kernels`."""
+        return Path(self.cache_dir or DEFAULT_CACHE_DIR) / "kernels"

@@ -8,7 +8,6 @@ sequence whose prefill is complete, or its decode row), and samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -16,7 +15,6 @@ import torch
 from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
-from tokenfleet.engine.hub import DEFAULT_CACHE_DIR
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
@@ -107,14 +105,14 @@ class ModelRunner:
         if self.device.type != "cpu" or not config.cpu_attention_kernel \
                 or config.torch_dtype not in (torch.bfloat16, torch.float32):
             return None
-        return cpu_paged_decode.load(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
+        return cpu_paged_decode.load(config.kernel_dir)
 
     def _cpu_row_stats(self) -> CpuRowStats | None:
         """The C kernel for the sampler's argmax + logsumexp; None off CPU, when disabled, or
         when it cannot be built here."""
         if self.device.type != "cpu" or not self.config.cpu_sampler_kernel:
             return None
-        return cpu_row_stats.load(Path(self.config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
+        return cpu_row_stats.load(self.config.kernel_dir)
 
     def _kv_bytes_per_block(self) -> int:
         mc = self.model_config

@@ -160,6 +160,8 @@ int tf_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *packed, const u
     run_part(x, ldx, packed, bias, out, ldo, n, k2, 0, num_panels, 0, m);
     return 0;
   }
+  /* rows per part, whole tiles */
+  const int64_t part_rows = ((m + row_parts - 1) / row_parts + MR - 1) / MR * MR;
 #pragma omp parallel num_threads(threads)
   {
     int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
@@ -169,9 +171,7 @@ int tf_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *packed, const u
     while (i0 < i1) {
       int64_t part = i0 / num_panels, p0 = i0 % num_panels;
       int64_t p1 = (part + 1) * num_panels < i1 ? num_panels : i1 - part * num_panels;
-      int64_t rows_per_part = (m + row_parts - 1) / row_parts;
-      rows_per_part = (rows_per_part + MR - 1) / MR * MR;
-      int64_t m0 = part * rows_per_part, m1 = m0 + rows_per_part < m ? m0 + rows_per_part : m;
+      int64_t m0 = part * part_rows, m1 = m0 + part_rows < m ? m0 + part_rows : m;
       if (m0 < m1) run_part(x, ldx, packed, bias, out, ldo, n, k2, p0, p1, m0, m1);
       i0 = part * num_panels + p1;
     }

@@ -16,13 +16,11 @@ module shares it (a tied LM head shares the embedding).
 from __future__ import annotations
 
 from collections.abc import Container
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from tokenfleet.engine.config import EngineConfig
-from tokenfleet.engine.hub import DEFAULT_CACHE_DIR
 from tokenfleet.engine.layers.linear import Linear
 from tokenfleet.kernels import cpu_gemm
 from tokenfleet.kernels.cpu_gemm import CpuGemm
@@ -35,8 +33,7 @@ def pack_cpu_linears(model: nn.Module, config: EngineConfig) -> None:
     else oneDNN's; nothing unless the model is bf16 on a CPU oneDNN supports."""
     if not cpu_prepack_supported(torch.device(config.device), config.torch_dtype):
         return
-    gemm = (cpu_gemm.load(Path(config.cache_dir or DEFAULT_CACHE_DIR) / "kernels")
-            if config.cpu_gemm_kernel else None)
+    gemm = cpu_gemm.load(config.kernel_dir) if config.cpu_gemm_kernel else None
     # With oneDNN, compiled decode packs the graph's frozen weights itself (dynamo cannot
     # trace oneDNN's packed tensors); the LM head runs outside the graph, so it is packed here
     # either way (plain `mm` on the tied weight took 7.6 ms of a 49 ms step at 32 sequences).

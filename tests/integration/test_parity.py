@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tokenfleet.engine import LLM, SamplingParams
+from tokenfleet.kernels import cpu_gemm
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,7 +130,6 @@ def test_tiny_model_bf16_tracks_transformers(variant: str, make_tiny_llama: Any,
 
 
 def _gemm_builds(tmp_path: Path) -> bool:
-    from tokenfleet.kernels import cpu_gemm
     return cpu_gemm.load(tmp_path / "kernels") is not None
 
 
