@@ -2,7 +2,7 @@
 
     python benchmarks/bench_engine.py [--model smollm2] [--dtype bfloat16]
         [--prompt-len 128] [--new-tokens 128] [--hf-batches 1,8,32] [--batches 1,8,32,64]
-        [--engines bf16,bf16+compile,int4+compile,bf16+compile+onednn]
+        [--engines bf16,bf16+compile,int4+compile,int4+compile+stock]
 
 Prints output tokens/s for each batch size and the ratios engine/HF. Prompts are random
 token ids (no EOS stops: both sides generate exactly --new-tokens tokens per request).
@@ -67,14 +67,15 @@ def bench_engine(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dict
 
 
 def engine_args(spec: str) -> dict[str, Any]:
-    """"bf16", "int4", "int8", each optionally "+compile" and/or "+onednn" (bf16 linears on
-    oneDNN instead of our C GEMM kernel): our engine's configurations."""
+    """"bf16", "int4", "int8", each optionally "+compile" and/or "+stock" (linears on the stock
+    kernels instead of our C GEMM kernels: bf16 on oneDNN, int4/int8 on torch's; "+onednn" is
+    the older name, in earlier RESULTS.md commands): our engine's configurations."""
     quant, *extras = spec.split("+")
-    if quant not in ("bf16", "int8", "int4") or not set(extras) <= {"compile", "onednn"}:
+    if quant not in ("bf16", "int8", "int4") or not set(extras) <= {"compile", "stock", "onednn"}:
         raise SystemExit(f"bad engine spec {spec!r}: use bf16|int8|int4, optionally +compile "
-                         "and/or +onednn")
+                         "and/or +stock")
     return {"quantize": None if quant == "bf16" else quant, "cpu_compile": "compile" in extras,
-            "cpu_gemm_kernel": "onednn" not in extras}
+            "cpu_gemm_kernel": not {"stock", "onednn"} & set(extras)}
 
 
 def main() -> None:
@@ -87,8 +88,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--engines", default="bf16",
                     help="our configurations, comma-separated: bf16|int8|int4, each optionally "
-                         "+compile and/or +onednn (bf16 linears on oneDNN, not our GEMM kernel; "
-                         "e.g. bf16,bf16+compile,int4+compile); HF stays in --dtype")
+                         "+compile and/or +stock (linears on oneDNN / torch's int4 and int8 "
+                         "kernels, not ours; e.g. bf16,bf16+compile,int4+compile); HF stays in "
+                         "--dtype")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)

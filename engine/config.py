@@ -108,8 +108,9 @@ class EngineConfig:
     cache_dir: Path | None = None
     num_threads: int | None = None  # CPU intra-op threads; None = torch's default
     cpu_prepack: bool = True  # packed bf16 weights on CPU (see layers/cpu_prepack.py)
-    # CPU bf16 linears through kernels/cpu_gemm.c (AVX-512 BF16 CPUs; same build as the other
-    # kernels) instead of oneDNN: a 32-sequence decode step's GEMMs 1.24x, batch 1's 1.44x faster.
+    # CPU linears through our C kernels (AVX-512 BF16 CPUs; same build as the other kernels):
+    # bf16 in kernels/cpu_gemm.c instead of oneDNN (a 32-sequence decode step's GEMMs 1.24x,
+    # batch 1's 1.44x faster); int4/int8 in kernels/cpu_qgemm.c instead of torch's kernels.
     cpu_gemm_kernel: bool = True
     # CPU decode steps through torch.compile (see compiled_decode.py): int4 decode ~1.5x and
     # bf16 ~1.2x faster here, for ~1.5 min of compiling at start-up (two graphs; ~3.5 min

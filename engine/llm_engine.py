@@ -31,6 +31,7 @@ from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
 from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence
 from tokenfleet.engine.stop_matcher import StopMatcher
 from tokenfleet.engine.tokenizer import Tokenizer
+from tokenfleet.kernels import cpu_qgemm
 
 __all__ = ["LLMEngine"]
 
@@ -51,10 +52,11 @@ class LLMEngine:
         model = load_model(config.model_dir, mc, config.torch_dtype, torch.device(config.device),
                            config.max_model_len)
         device = torch.device(config.device)
-        if config.quantize == "int8":
-            quantize_int8_weight_only(model, device, config.torch_dtype)
-        elif config.quantize == "int4":
-            quantize_int4_weight_only(model, device, config.torch_dtype)
+        if config.quantize is not None:
+            qgemm = cpu_qgemm.load(config.kernel_dir) \
+                if config.cpu_gemm_kernel and device.type == "cpu" else None
+            quantize = {"int8": quantize_int8_weight_only, "int4": quantize_int4_weight_only}
+            quantize[config.quantize](model, device, config.torch_dtype, qgemm)
         elif config.cpu_prepack:
             pack_cpu_linears(model, config)
         self.runner = ModelRunner(config, mc, model)

@@ -1,11 +1,12 @@
 """Build a C kernel into a shared library with the system C compiler, once per machine type.
 
 `build(source, build_dir, compile_flags)` returns `<build_dir>/<stem>-<hash>.so`, compiled if
-it is not there yet. The hash covers the source, the flags, the compiler's version and the
-CPU's feature flags: `-march=native` builds for the machine that runs the build, so a cache
-directory shared by machines with different CPUs gets one library per CPU type instead of
-handing one of them instructions it lacks (SIGILL). A second process reuses the file; builds
-end in an atomic rename, so two processes building at once both end up with a whole library.
+it is not there yet. The hash covers the source (and the local headers it includes), the
+flags, the compiler's version and the CPU's feature flags: `-march=native` builds for the
+machine that runs the build, so a cache directory shared by machines with different CPUs
+gets one library per CPU type instead of handing one of them instructions it lacks (SIGILL).
+A second process reuses the file; builds end in an atomic rename, so two processes building
+at once both end up with a whole library.
 No compiler, or a failed build, returns None: the callers then keep their torch path.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,7 +41,7 @@ def build(source: Path, build_dir: Path, compile_flags: Sequence[str]) -> Path |
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                  timeout=30, check=True).stdout
         digest = hashlib.sha256("\0".join(
-            [source.read_text(), *compile_flags, *LINK_FLAGS, version, _cpu_features()]
+            [_source_text(source), *compile_flags, *LINK_FLAGS, version, _cpu_features()]
         ).encode()).hexdigest()
         library = Path(build_dir) / f"{source.stem}-{digest[:16]}.so"
         if not library.exists():
@@ -60,6 +62,13 @@ def load(source: Path, build_dir: Path, compile_flags: Sequence[str],
         return loaded.get(str(library)) or open_library(library)
     except OSError:  # a library that does not load (a truncated file, a foreign one)
         return None
+
+
+def _source_text(source: Path) -> str:
+    """The source followed by each local header it includes (`#include "x.h"`, same folder)."""
+    text = source.read_text()
+    headers = re.findall(r'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return "\0".join([text, *((source.parent / h).read_text() for h in headers)])
 
 
 def _cpu_features() -> str:

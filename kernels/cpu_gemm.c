@@ -17,11 +17,10 @@
  * column stride). Accumulation is fp32 over the whole K; the result is rounded to bf16
  * (round to nearest even) after the bias is added, as F.linear does.
  *
- * Threads: panels are split into contiguous ranges, one per thread (each thread streams its
- * own part of the weight). When there are too few panels for the threads, rows are split too.
+ * Threads: see cpu_gemm_split.h (contiguous panel ranges; rows too when panels are few).
  */
 #include <stdint.h>
-#include <omp.h>
+#include "cpu_gemm_split.h"
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define TF_FAST 1
@@ -116,27 +115,32 @@ typedef void (*tile_fn)(const tile_args *);
 static const tile_fn TILES[MR + 1] = {0,      tile_1, tile_2, tile_3, tile_4,
                                       tile_5, tile_6, tile_7, tile_8};
 
+typedef struct {
+  const uint16_t *x, *packed, *bias;
+  uint16_t *out;
+  int64_t ldx, ldo, n, k2;
+} gemm_args;
+
 /* Panels [p0, p1) for rows [m0, m1): panel by panel, all row blocks of a panel in a row. */
-static void run_part(const uint16_t *x, int64_t ldx, const uint16_t *packed, const uint16_t *bias,
-                     uint16_t *out, int64_t ldo, int64_t n, int64_t k2, int64_t p0, int64_t p1,
-                     int64_t m0, int64_t m1) {
-  const int64_t panel_len = k2 * NP * 2;
+static void run_part(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
+  const gemm_args *a = ctx;
+  const int64_t panel_len = a->k2 * NP * 2;
   for (int64_t p = p0; p < p1; p++) {
     tile_args t;
-    t.ldx = ldx;
-    t.k2 = k2;
-    t.ldo = ldo;
-    t.panel = packed + p * panel_len;
-    t.bias = bias ? bias + p * NP : 0;
+    t.ldx = a->ldx;
+    t.k2 = a->k2;
+    t.ldo = a->ldo;
+    t.panel = a->packed + p * panel_len;
+    t.bias = a->bias ? a->bias + p * NP : 0;
     for (int v = 0; v < 3; v++) {
-      int64_t valid = n - p * NP - 16 * v;
+      int64_t valid = a->n - p * NP - 16 * v;
       t.cols[v] = valid >= 16 ? (__mmask16)0xFFFF
                   : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
     }
     for (int64_t m = m0; m < m1; m += MR) {
       int rows = m1 - m < MR ? (int)(m1 - m) : MR;
-      t.x = x + m * ldx;
-      t.out = out + m * ldo + p * NP;
+      t.x = a->x + m * a->ldx;
+      t.out = a->out + m * a->ldo + p * NP;
       TILES[rows](&t);
     }
   }
@@ -150,32 +154,8 @@ int tf_gemm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *packed, const u
 #if TF_FAST
   if (k <= 0 || k % 2 || n <= 0 || m < 0) return 3;
   if (m == 0) return 0;
-  const int64_t num_panels = (n + NP - 1) / NP, k2 = k / 2;
-  int threads = num_threads < 1 ? 1 : num_threads;
-  /* Split rows too when the panels alone leave threads idle (a 576-wide matrix on 16 threads). */
-  int64_t row_parts = 1;
-  while (row_parts < threads && num_panels * row_parts < 4 * threads && m > MR * row_parts)
-    row_parts *= 2;
-  if (threads == 1) {
-    run_part(x, ldx, packed, bias, out, ldo, n, k2, 0, num_panels, 0, m);
-    return 0;
-  }
-  /* rows per part, whole tiles */
-  const int64_t part_rows = ((m + row_parts - 1) / row_parts + MR - 1) / MR * MR;
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-    int64_t items = num_panels * row_parts;
-    int64_t i0 = items * tid / team, i1 = items * (tid + 1) / team;
-    /* Items are row-part-major: a thread's range is contiguous panels of one or two parts. */
-    while (i0 < i1) {
-      int64_t part = i0 / num_panels, p0 = i0 % num_panels;
-      int64_t p1 = (part + 1) * num_panels < i1 ? num_panels : i1 - part * num_panels;
-      int64_t m0 = part * part_rows, m1 = m0 + part_rows < m ? m0 + part_rows : m;
-      if (m0 < m1) run_part(x, ldx, packed, bias, out, ldo, n, k2, p0, p1, m0, m1);
-      i0 = part * num_panels + p1;
-    }
-  }
+  const gemm_args args = {x, packed, bias, out, ldx, ldo, n, k / 2};
+  tf_split(&args, run_part, (n + NP - 1) / NP, m, MR, num_threads);
   return 0;
 #else
   (void)x; (void)ldx; (void)packed; (void)bias; (void)out; (void)ldo; (void)m; (void)n; (void)k;

@@ -75,9 +75,10 @@ class WorkerSettings:
     cpu_sampler_kernel: bool = _setting(True, "CPU: the sampler's argmax + logsumexp in a C "
                                         "kernel built the same way (without a compiler, "
                                         "torch's ops)")
-    cpu_gemm_kernel: bool = _setting(True, "CPU bf16: linears in a C GEMM kernel built the "
-                                     "same way, on CPUs with AVX-512 BF16 (decode GEMMs 1.2-1.4x "
-                                     "faster than oneDNN; elsewhere, or off, oneDNN)")
+    cpu_gemm_kernel: bool = _setting(True, "CPU: linears in C GEMM kernels built the same way, "
+                                     "on CPUs with AVX-512 BF16 (bf16 decode GEMMs 1.2-1.4x faster "
+                                     "than oneDNN, int4/int8 1.4-2.9x faster than torch's; "
+                                     "elsewhere, or off, oneDNN and torch's)")
     attention_backend: str = _setting("auto", "attention kernels: auto (triton on CUDA, torch on "
                                       "CPU), torch, triton, flash_attn (needs flash-attn and "
                                       "block_size 256)",

@@ -1,0 +1,263 @@
+/* Weight-only int4 and int8 GEMMs for CPU linears: out [M, N] = x [M, K] @ w [N, K]^T (+ bias),
+ * bf16 activations and output, fp32 accumulation, AVX-512 BF16.
+ *
+ * Why: torch's own kernels for these formats (`_weight_int4pack_mm_for_cpu`,
+ * `_weight_int8pack_mm`) were slower than plain bf16 on our bf16 kernel at every batch size
+ * above 1 on the dev VM (a 32-row step's int4 layers 2.1x slower, the int8 LM head 6.5x), so
+ * quantizing only paid at batch 1. Here the weights are widened to bf16 in registers and fed
+ * to the same vdpbf16ps tile as cpu_gemm.c.
+ *
+ * int4 (llama.cpp's Q4_1 grid: w = d * q + m, q in 0..15, groups of 32 along K, d and m fp16).
+ * A nibble q becomes the bf16 number 128 + q by OR-ing in 0x4300 (128.0's bits: the nibble
+ * lands in the low mantissa bits, whose unit at that exponent is 1), so the group's dot
+ * product is A = sum x (128 + q) and sum x w = d (A - 128 xs) + m xs, with xs the group's sum
+ * of x (computed once per call). Each group's A is summed in its own fp32 registers, then
+ * folded into the row's total. Packed per panel of 48 columns and per group, 960 bytes:
+ * bytes [0, 768) nibbles: 8 double k-pairs x 3 vectors x 32 bytes; byte j of vector v of
+ * double k-pair dk holds column 16v + j/2 at k = 4dk + j%2 (low nibble) and k + 2 (high);
+ * [768, 864) d and [864, 960) m as fp16, 48 each. One 32-byte load widens (vpmovzxbw) to two
+ * weight vectors: k-pair 2dk (low nibbles) and 2dk + 1 (high).
+ *
+ * int8 (symmetric, one fp32 scale per output column): packed like cpu_gemm.c's bf16 layout,
+ * [panel][k-pair][48 columns][2], as int8; 16 bytes -> 16 int32 -> fp32 -> bf16, exact. The
+ * scale multiplies the fp32 sum at the end.
+ *
+ * Tile: 4 rows x 48 columns (int4 needs 12 group + 12 total accumulators). A row's result
+ * does not depend on the other rows, so outputs are batch invariant.
+ */
+#include <stdint.h>
+#include "cpu_gemm_split.h"
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define TF_FAST 1
+#else
+#define TF_FAST 0
+#endif
+
+#define NP 48 /* columns per panel */
+#define QR 4  /* rows per tile */
+#define GROUP 32
+#define Q4_GROUP_BYTES 960
+#define Q4_SCALES 768
+
+int tf_qgemm_fast_bf16(void) { return TF_FAST; }
+
+#if TF_FAST
+typedef struct {
+  const uint16_t *x, *bias;
+  const uint8_t *packed;
+  const float *xsum, *scales;
+  uint16_t *out;
+  int64_t ldx, ldo, n, k;
+} qgemm_args;
+
+typedef struct {
+  const qgemm_args *a;
+  const uint16_t *x, *bias;
+  const uint8_t *panel;
+  const float *xsum, *scales;
+  uint16_t *out;
+  __mmask16 cols[3];
+} qtile;
+
+static inline __m512 bf16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+static inline void start_totals(const qtile *t, __m512 *z) {
+  for (int v = 0; v < 3; v++)
+    z[v] = t->bias ? bf16_to_f32(_mm256_maskz_loadu_epi16(t->cols[v], t->bias + 16 * v))
+                   : _mm512_setzero_ps();
+}
+
+static inline void store_row(const qtile *t, int r, __m512 c0, __m512 c1, __m512 c2) {
+  uint16_t *o = t->out + r * t->a->ldo;
+  _mm256_mask_storeu_epi16(o, t->cols[0], (__m256i)_mm512_cvtneps_pbh(c0));
+  _mm256_mask_storeu_epi16(o + 16, t->cols[1], (__m256i)_mm512_cvtneps_pbh(c1));
+  _mm256_mask_storeu_epi16(o + 32, t->cols[2], (__m256i)_mm512_cvtneps_pbh(c2));
+}
+
+static inline __m512bh bcast_pair(const uint16_t *x) {
+  return (__m512bh)_mm512_set1_epi32(*(const int32_t *)x);
+}
+
+/* ---- int4 ---------------------------------------------------------------------------- */
+#define Q4_DECL(r) __m512 t##r##0 = z[0], t##r##1 = z[1], t##r##2 = z[2], a##r##0, a##r##1, a##r##2;
+#define Q4_ZERO(r) if (rows > r) { a##r##0 = a##r##1 = a##r##2 = _mm512_setzero_ps(); }
+#define Q4_DOT(r, v)                                                                \
+  if (rows > r) {                                                                   \
+    const uint16_t *xr = x + r * ldx + GROUP * g + 4 * dk;                          \
+    a##r##v = _mm512_dpbf16_ps(a##r##v, bcast_pair(xr), lo);                        \
+    a##r##v = _mm512_dpbf16_ps(a##r##v, bcast_pair(xr + 2), hi);                    \
+  }
+#define Q4_FOLD(r, v)                                                               \
+  if (rows > r) {                                                                   \
+    __m512 xs = _mm512_set1_ps(t->xsum[r * groups + g]);                            \
+    t##r##v = _mm512_fmadd_ps(_mm512_fnmadd_ps(xs, c128, a##r##v), d, t##r##v);     \
+    t##r##v = _mm512_fmadd_ps(xs, mn, t##r##v);                                     \
+  }
+#define Q4_VECTOR(v)                                                                \
+  {                                                                                 \
+    __m512i w = _mm512_cvtepu8_epi16(                                               \
+        _mm256_loadu_si256((const __m256i *)(gp + (dk * 3 + v) * 32)));             \
+    __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(w, low4, b128, 0xEA);         \
+    __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w, 4), b128);         \
+    Q4_DOT(0, v) Q4_DOT(1, v) Q4_DOT(2, v) Q4_DOT(3, v)                             \
+  }
+#define Q4_FOLD_VECTOR(v)                                                           \
+  {                                                                                 \
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sp + 16 * v))); \
+    __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sp + 48 + 16 * v))); \
+    Q4_FOLD(0, v) Q4_FOLD(1, v) Q4_FOLD(2, v) Q4_FOLD(3, v)                         \
+  }
+
+static inline __attribute__((always_inline)) void q4_tile(const qtile *t, const int rows) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), b128 = _mm512_set1_epi16(0x4300);
+  const __m512 c128 = _mm512_set1_ps(128.0f);
+  __m512 z[3];
+  start_totals(t, z);
+  Q4_DECL(0) Q4_DECL(1) Q4_DECL(2) Q4_DECL(3)
+  const uint16_t *x = t->x;
+  const int64_t ldx = t->a->ldx, groups = t->a->k / GROUP;
+  for (int64_t g = 0; g < groups; g++) {
+    const uint8_t *gp = t->panel + g * Q4_GROUP_BYTES;
+    const uint16_t *sp = (const uint16_t *)(gp + Q4_SCALES);
+    Q4_ZERO(0) Q4_ZERO(1) Q4_ZERO(2) Q4_ZERO(3)
+    for (int dk = 0; dk < 8; dk++) {
+      Q4_VECTOR(0) Q4_VECTOR(1) Q4_VECTOR(2)
+    }
+    Q4_FOLD_VECTOR(0) Q4_FOLD_VECTOR(1) Q4_FOLD_VECTOR(2)
+  }
+  if (rows > 0) store_row(t, 0, t00, t01, t02);
+  if (rows > 1) store_row(t, 1, t10, t11, t12);
+  if (rows > 2) store_row(t, 2, t20, t21, t22);
+  if (rows > 3) store_row(t, 3, t30, t31, t32);
+}
+
+/* ---- int8 ---------------------------------------------------------------------------- */
+#define Q8_DECL(r) __m512 a##r##0 = zero, a##r##1 = zero, a##r##2 = zero;
+#define Q8_DOT(r, v) \
+  if (rows > r) a##r##v = _mm512_dpbf16_ps(a##r##v, bcast_pair(x + r * ldx + 2 * kp), w##v);
+#define Q8_WEIGHTS(v)                                                                   \
+  __m512bh w##v = _mm512_cvtne2ps_pbh(                                                  \
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 32 * v + 16)))), \
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 32 * v)))));
+#define Q8_OUT(r)                                                                       \
+  if (rows > r)                                                                         \
+    store_row(t, r, _mm512_fmadd_ps(a##r##0, s[0], z[0]), _mm512_fmadd_ps(a##r##1, s[1], z[1]), \
+              _mm512_fmadd_ps(a##r##2, s[2], z[2]));
+
+static inline __attribute__((always_inline)) void q8_tile(const qtile *t, const int rows) {
+  const __m512 zero = _mm512_setzero_ps();
+  Q8_DECL(0) Q8_DECL(1) Q8_DECL(2) Q8_DECL(3)
+  const uint16_t *x = t->x;
+  const int64_t ldx = t->a->ldx, k2 = t->a->k / 2;
+  for (int64_t kp = 0; kp < k2; kp++) {
+    const int8_t *wk = (const int8_t *)t->panel + kp * NP * 2;
+    Q8_WEIGHTS(0) Q8_WEIGHTS(1) Q8_WEIGHTS(2)
+    Q8_DOT(0, 0) Q8_DOT(0, 1) Q8_DOT(0, 2) Q8_DOT(1, 0) Q8_DOT(1, 1) Q8_DOT(1, 2)
+    Q8_DOT(2, 0) Q8_DOT(2, 1) Q8_DOT(2, 2) Q8_DOT(3, 0) Q8_DOT(3, 1) Q8_DOT(3, 2)
+  }
+  __m512 z[3], s[3];
+  start_totals(t, z);
+  for (int v = 0; v < 3; v++) s[v] = _mm512_maskz_loadu_ps(t->cols[v], t->scales + 16 * v);
+  Q8_OUT(0) Q8_OUT(1) Q8_OUT(2) Q8_OUT(3)
+}
+
+#define DEFINE_TILES(kind)                                                                     \
+  static __attribute__((noinline)) void kind##_1(const qtile *t) { kind##_tile(t, 1); }      \
+  static __attribute__((noinline)) void kind##_2(const qtile *t) { kind##_tile(t, 2); }      \
+  static __attribute__((noinline)) void kind##_3(const qtile *t) { kind##_tile(t, 3); }      \
+  static __attribute__((noinline)) void kind##_4(const qtile *t) { kind##_tile(t, 4); }      \
+  typedef char kind##_tiles_defined
+DEFINE_TILES(q4);
+DEFINE_TILES(q8);
+
+typedef void (*qtile_fn)(const qtile *);
+static const qtile_fn Q4_TILES[QR + 1] = {0, q4_1, q4_2, q4_3, q4_4};
+static const qtile_fn Q8_TILES[QR + 1] = {0, q8_1, q8_2, q8_3, q8_4};
+
+static void run_part(const qgemm_args *a, const qtile_fn *tiles, int64_t panel_bytes,
+                     int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
+  const int64_t groups = a->k / GROUP;
+  for (int64_t p = p0; p < p1; p++) {
+    qtile t;
+    t.a = a;
+    t.panel = a->packed + p * panel_bytes;
+    t.bias = a->bias ? a->bias + p * NP : 0;
+    t.scales = a->scales ? a->scales + p * NP : 0;
+    for (int v = 0; v < 3; v++) {
+      int64_t valid = a->n - p * NP - 16 * v;
+      t.cols[v] = valid >= 16 ? (__mmask16)0xFFFF
+                  : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
+    }
+    for (int64_t m = m0; m < m1; m += QR) {
+      int rows = m1 - m < QR ? (int)(m1 - m) : QR;
+      t.x = a->x + m * a->ldx;
+      t.xsum = a->xsum ? a->xsum + m * groups : 0;
+      t.out = a->out + m * a->ldo + p * NP;
+      tiles[rows](&t);
+    }
+  }
+}
+
+static void q4_part(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
+  const qgemm_args *a = ctx;
+  run_part(a, Q4_TILES, a->k / GROUP * Q4_GROUP_BYTES, p0, p1, m0, m1);
+}
+
+static void q8_part(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
+  const qgemm_args *a = ctx;
+  run_part(a, Q8_TILES, a->k * NP, p0, p1, m0, m1);
+}
+
+/* xsum [m, k / 32]: each group's sum of x, in one fixed order (a row's result must not depend
+ * on the batch). */
+static void group_sums(const qgemm_args *a, float *xsum, int64_t m, int num_threads) {
+  const int64_t groups = a->k / GROUP;
+#pragma omp parallel for num_threads(num_threads) if (m * a->k > (1 << 16))
+  for (int64_t r = 0; r < m; r++)
+    for (int64_t g = 0; g < groups; g++) {
+      const uint16_t *xg = a->x + r * a->ldx + g * GROUP;
+      __m512 s = _mm512_add_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i *)xg)),
+                               bf16_to_f32(_mm256_loadu_si256((const __m256i *)(xg + 16))));
+      xsum[r * groups + g] = _mm512_reduce_add_ps(s);
+    }
+}
+#endif
+
+/* int4: packed [ceil(n / 48)][k / 32][960] (see above); xsum: m * k / 32 floats of scratch.
+ * Returns 0, or 3 for an unsupported shape or build. */
+int tf_qgemm_q4(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *bias,
+                float *xsum, uint16_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                int num_threads) {
+#if TF_FAST
+  if (k <= 0 || k % GROUP || n <= 0 || m < 0) return 3;
+  if (m == 0) return 0;
+  const qgemm_args args = {x, bias, packed, xsum, 0, out, ldx, ldo, n, k};
+  group_sums(&args, xsum, m, num_threads < 1 ? 1 : num_threads);
+  tf_split(&args, q4_part, (n + NP - 1) / NP, m, QR, num_threads);
+  return 0;
+#else
+  (void)x; (void)ldx; (void)packed; (void)bias; (void)xsum; (void)out; (void)ldo; (void)m;
+  (void)n; (void)k; (void)num_threads;
+  return 3;
+#endif
+}
+
+/* int8: packed [ceil(n / 48)][k / 2][48][2] int8; scales: ceil(n / 48) * 48 floats. */
+int tf_qgemm_q8(const uint16_t *x, int64_t ldx, const int8_t *packed, const float *scales,
+                const uint16_t *bias, uint16_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
+                int num_threads) {
+#if TF_FAST
+  if (k <= 0 || k % 2 || n <= 0 || m < 0) return 3;
+  if (m == 0) return 0;
+  const qgemm_args args = {x, bias, (const uint8_t *)packed, 0, scales, out, ldx, ldo, n, k};
+  tf_split(&args, q8_part, (n + NP - 1) / NP, m, QR, num_threads);
+  return 0;
+#else
+  (void)x; (void)ldx; (void)packed; (void)scales; (void)bias; (void)out; (void)ldo; (void)m;
+  (void)n; (void)k; (void)num_threads;
+  return 3;
+#endif
+}
