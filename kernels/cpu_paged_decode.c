@@ -416,11 +416,11 @@ static inline void key_range(const job_t *j, int64_t s, int64_t part, int64_t nu
 }
 
 /* Part `part` of `num_parts` of query row s's keys. One part: writes the output. Several (a
- * context split across threads when there are fewer rows than threads): writes the part's
- * softmax state to `partial` [H max, H sum, H x d unnormalized output] for finalize_parts.
- * `next_s`: the row this thread takes next (one part only), -1 none. */
+ * long context, see parts_of): writes the part's softmax state to `partial` [H max, H sum,
+ * H x d unnormalized output] for finalize_parts. `next`: the part this thread takes next
+ * (its row, part and part count; row -1: none), whose first K/V rows it requests. */
 static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
-                           scratch_t *scratch, float *partial, int64_t next_s) {
+                           scratch_t *scratch, float *partial, const int64_t next[3]) {
     const int64_t h_n = j->num_heads, d = j->head_dim, row_elems = j->num_kv_heads * d;
     int64_t lo, len;
     key_range(j, s, part, num_parts, &lo, &len);
@@ -440,10 +440,10 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
     const int upfront = first_row != scratch->requested_first_row;
     scratch->last_first_row = first_row;
     int64_t next_n = 0;
-    if (cold && next_s >= 0 && j->seq_lens[next_s] > 0) {
+    if (cold && next[0] >= 0 && j->seq_lens[next[0]] > 0) {
         int64_t next_lo, next_len;
-        key_range(j, next_s, 0, 1, &next_lo, &next_len);
-        row_offsets(j, table_of(j, next_s), next_lo, next_len, row_elems,
+        key_range(j, next[0], next[1], next[2], &next_lo, &next_len);
+        row_offsets(j, table_of(j, next[0]), next_lo, next_len, row_elems,
                     scratch->next_offs);
         if (scratch->next_offs[0] != first_row) /* else hot */
             next_n = upfront_rows(next_len - next_lo, row_elems);
@@ -456,9 +456,8 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
 
 /* Sequence s's output from its parts' softmax states (flash-decoding's merge): with M the
  * largest part max, out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p. */
-static void finalize_parts(const job_t *j, int64_t s, int64_t num_parts, const float *parts) {
+static void finalize_parts(const job_t *j, int64_t s, int64_t num_parts, const float *first) {
     const int64_t h_n = j->num_heads, d = j->head_dim, stride = 2 * h_n + h_n * d;
-    const float *first = parts + s * num_parts * stride;
     uint16_t *out = (uint16_t *)j->out + s * h_n * d;
     for (int64_t h = 0; h < h_n; h++) {
         float mx = -FLT_MAX, total = 0.0f, o[256] = {0};
@@ -474,9 +473,6 @@ static void finalize_parts(const job_t *j, int64_t s, int64_t num_parts, const f
         for (int64_t i = 0; i < d; i++) out[h * d + i] = f32_to_bf16(o[i] / total);
     }
 }
-/* Split a context across threads only into parts of at least this many keys: at batch 1 on
- * 2 threads, 1.1-2x faster from 256 keys up (bench_cpu_attention.py A/B). */
-#define MIN_PART_KEYS 128
 #endif
 
 static int use_bf16_kernel(const job_t *j) {
@@ -488,13 +484,37 @@ static int use_bf16_kernel(const job_t *j) {
 #endif
 }
 
+/* A decode row's keys are split into parts of at least PART_KEYS keys by their number alone,
+ * never by the batch or the thread count: its output is then the same, bit for bit, in any
+ * batch and on any number of threads (batch invariance; a merge of parts sums in another
+ * order than one pass). Parts let a lone long sequence use every thread (flash-decoding), and
+ * long contexts balance better over the threads at any batch size (bench_cpu_attention.py:
+ * 1,024-4,096 keys 0.70-0.88x the time of splitting only when rows < threads). A prompt's
+ * rows (several rows of one sequence in the call) are never split: their parts would start
+ * at different keys row by row and lose the K/V the previous row left in cache (a 2,048-row
+ * prompt took 2.2x as long). A prompt row computed alone (a one-token chunk) is split like a
+ * decode row. */
+#define PART_KEYS 128
+#define MAX_PARTS 32
+
+static int64_t parts_of(const job_t *j, int64_t s, int64_t num_rows) {
+    if (!use_bf16_kernel(j)) return 1; /* the portable loop does not split */
+    const int32_t *rs = j->row_seqs;
+    if (rs != NULL && ((s > 0 && rs[s - 1] == rs[s]) || (s + 1 < num_rows && rs[s + 1] == rs[s])))
+        return 1; /* one of a prompt's rows */
+    const int64_t seq_len = j->seq_lens[s];
+    const int64_t first = (j->window > 0 && seq_len > j->window) ? seq_len - j->window : 0;
+    const int64_t parts = (seq_len - first) / PART_KEYS;
+    return parts < 1 ? 1 : (parts > MAX_PARTS ? MAX_PARTS : parts);
+}
+
 static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
-                      scratch_t *scratch, float *partial, int64_t next_s) {
+                      scratch_t *scratch, float *partial, const int64_t next[3]) {
 #ifdef HAVE_BF16_KERNEL
     if (use_bf16_kernel(j))
-        return attend_seq_bf16(j, s, part, num_parts, scratch, partial, next_s);
+        return attend_seq_bf16(j, s, part, num_parts, scratch, partial, next);
 #else
-    (void)next_s;
+    (void)part, (void)partial, (void)next;
 #endif
     if (num_parts != 1) return 3; /* the portable loop does not split */
     float *buf = scratch->buf;
@@ -538,54 +558,72 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     const int64_t buf_len = 2 * num_heads * head_dim + num_heads + num_kv_heads * head_dim
                             + num_heads * max_len;
     if (num_threads < 1) num_threads = 1;
-    /* Fewer sequences than threads: split each context into parts (flash-decoding). */
-    int64_t num_parts = 1;
-    if (use_bf16_kernel(&j) && num_seqs > 0 && num_seqs < num_threads) {
-        num_parts = (num_threads + num_seqs - 1) / num_seqs;
-        if (num_parts > max_len / MIN_PART_KEYS) num_parts = max_len / MIN_PART_KEYS;
-        if (num_parts < 1) num_parts = 1;
-    }
-    const int64_t num_items = num_seqs * num_parts;
+    /* Items: the parts of every row, row by row (item_start[s] is row s's first). */
+    int64_t *item_start = malloc((size_t)(num_seqs + 1) * sizeof(int64_t));
+    if (item_start == NULL) return 2;
+    item_start[0] = 0;
+    for (int64_t s = 0; s < num_seqs; s++) item_start[s + 1] = item_start[s] + parts_of(&j, s, num_seqs);
+    const int64_t num_items = item_start[num_seqs];
     if (num_threads > num_items) num_threads = num_items > 0 ? (int)num_items : 1;
-    float *parts = NULL;
-    if (num_parts > 1) {
-        parts = malloc((size_t)(num_items * (2 * num_heads + num_heads * head_dim))
-                       * sizeof(float));
-        if (parts == NULL) return 2;
-    }
     const int64_t stride = 2 * num_heads + num_heads * head_dim;
+    int64_t *item_seq = NULL;
+    float *parts = NULL;
+    if (num_items > num_seqs) {
+        item_seq = malloc((size_t)num_items * sizeof(int64_t));
+        parts = malloc((size_t)(num_items * stride) * sizeof(float));
+        if (item_seq == NULL || parts == NULL) {
+            free(item_start), free(item_seq), free(parts);
+            return 2;
+        }
+        for (int64_t s = 0; s < num_seqs; s++)
+            for (int64_t i = item_start[s]; i < item_start[s + 1]; i++) item_seq[i] = s;
+    }
     int status = 0;
-    int64_t next_item = 0; /* thread t starts with row t; then one at a time, as they finish */
+    int64_t next_item = 0; /* thread t starts with item t; then one at a time, as they finish */
 #pragma omp parallel num_threads(num_threads)
     {
         scratch_t scratch = {malloc((size_t)buf_len * sizeof(float)), buf_len,
                              malloc((size_t)max_len * sizeof(int64_t)),
                              malloc((size_t)max_len * sizeof(int64_t)), -1, -1};
         int st = scratch.buf == NULL || scratch.offs == NULL || scratch.next_offs == NULL ? 2 : 0;
-        /* Each thread claims its next row before it starts the current one, so that the
+        /* Each thread claims its next item before it starts the current one, so that the
          * current one can request the next one's K/V (attend_rows_bf16). */
 #pragma omp single
         next_item = omp_get_num_threads(); /* the team OpenMP gave, maybe < num_threads */
         int64_t item = omp_get_thread_num(); /* (after the barrier that ends `single`) */
         while (item < num_items) {
             const int64_t next = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+            const int64_t s = item_seq ? item_seq[item] : item;
+            const int64_t num_parts = item_start[s + 1] - item_start[s];
+            int64_t after[3] = {-1, 0, 1};
+            if (next < num_items) {
+                after[0] = item_seq ? item_seq[next] : next;
+                after[1] = next - item_start[after[0]];
+                after[2] = item_start[after[0] + 1] - item_start[after[0]];
+            }
             if (st == 0)
-                st = attend_seq(&j, item / num_parts, item % num_parts, num_parts, &scratch,
-                                parts == NULL ? NULL : parts + item * stride,
-                                num_parts == 1 && next < num_items ? next : -1);
+                st = attend_seq(&j, s, item - item_start[s], num_parts, &scratch,
+                                num_parts > 1 ? parts + item * stride : NULL, after);
             item = next;
         }
+#ifdef HAVE_BF16_KERNEL /* (without it nothing is split: parts is NULL) */
         if (parts != NULL) {
 #pragma omp barrier
 #pragma omp for
-            for (int64_t s = 0; s < num_seqs; s++) finalize_parts(&j, s, num_parts, parts);
+            for (int64_t s = 0; s < num_seqs; s++)
+                if (item_start[s + 1] - item_start[s] > 1)
+                    finalize_parts(&j, s, item_start[s + 1] - item_start[s],
+                                   parts + item_start[s] * stride);
         }
+#endif
         free(scratch.buf);
         free(scratch.offs);
         free(scratch.next_offs);
 #pragma omp critical
         if (st > status) status = st;
     }
+    free(item_start);
+    free(item_seq);
     free(parts);
     return status;
 }

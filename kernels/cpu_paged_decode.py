@@ -4,7 +4,8 @@ The torch CPU path gathers each sequence's K/V into a dense copy and calls SDPA;
 rows that costs ~0.7 ms per layer at 32 sequences of ~200 tokens (the copy, and SDPA's set-up
 per sequence and head), ~40 % of the step. The C kernel reads K/V in place through the block
 table (fp32 math, GQA-grouped) on `num_threads` threads: sequences are spread over the
-threads, and with fewer sequences than threads (batch 1) each context is split across them
+threads; a decode row's context of 256 keys or more is split into parts of >= 128 keys by its
+length alone (never by the batch or the thread count: a row's result is the same in any batch)
 and the parts' softmax states merged (flash-decoding; AVX-512 BF16 path only). The attention
 backend also gives it prefill rows, each as a row of its own with the keys up to its position.
 

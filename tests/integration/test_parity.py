@@ -135,10 +135,11 @@ def _gemm_builds(tmp_path: Path) -> bool:
 
 def test_bf16_on_the_gemm_kernel_is_batch_invariant(make_tiny_llama: Any, tmp_path: Path) -> None:
     """With linears on our GEMM kernel (each output summed in one order whatever the batch)
-    and the C attention kernel (a row at a time), a request's tokens and log-probs are the
-    same bits alone or among others, chunked prefill included. Contexts stay under 256 keys:
-    past that a lone sequence's decode is split across threads (flash-decoding), which sums
-    in another order."""
+    and the C attention kernel (a row at a time; a long decode row split into parts by its
+    length alone), a request's tokens and log-probs are the same bits alone or among others,
+    chunked prefill included. The 300-token prompt's decode rows (300-340 keys) are split in
+    two; before 2026-11-27 a lone sequence's were split by the thread count instead, which
+    made this test fail."""
     if not _gemm_builds(tmp_path):
         pytest.skip("no GEMM kernel here (AVX-512 BF16): oneDNN picks kernels by batch size")
     # Wider than the other tiny models: at a hidden size of 64 oneDNN happens to be batch
@@ -146,7 +147,7 @@ def test_bf16_on_the_gemm_kernel_is_batch_invariant(make_tiny_llama: Any, tmp_pa
     model_dir = make_tiny_llama(tmp_path, hidden_size=576, intermediate_size=1536,
                                 num_attention_heads=9, num_key_value_heads=3)
     torch.manual_seed(1)
-    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (6, 45, 130)]
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (6, 45, 300)]
     fillers = [torch.randint(3, 1000, (n,)).tolist() for n in (70, 20, 99, 150, 33)]
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     args: dict[str, Any] = {"dtype": "bfloat16", "block_size": 4, "num_kv_blocks": 512,

@@ -203,8 +203,9 @@ def test_build_is_cached_and_survives_no_compiler(tmp_path: Path,
 def test_split_context_matches_reference(kernel: CpuPagedDecode, contexts: tuple[int, ...],
                                          window: int | None, num_threads: int,
                                          heads: tuple[int, int, int]) -> None:
-    """Fewer sequences than threads: each context is split across threads and the parts'
-    softmax states merged (bf16 with AVX-512 BF16; elsewhere the unsplit loop runs)."""
+    """Long contexts are split into parts by their length and the parts' softmax states merged
+    (bf16 with AVX-512 BF16; elsewhere the unsplit loop runs): right on any thread count, and
+    the same bits on every thread count."""
     num_heads, num_kv_heads, head_dim = heads
     b = _decode_batch(contexts, num_heads, num_kv_heads, head_dim, block_size=16,
                       dtype=torch.bfloat16, seed=21)
@@ -213,6 +214,31 @@ def test_split_context_matches_reference(kernel: CpuPagedDecode, contexts: tuple
                                    b.query_start_loc, b.seq_lens, scale, window)
     out = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, window,
                  num_threads)
-    unsplit = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, window, 1)
+    one_thread = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, window, 1)
     assert rel_err(out, expected) < 1e-2
-    assert rel_err(out, unsplit) < 1e-2
+    assert torch.equal(out, one_thread)
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)], ids=["smollm2", "gqa4-d128"])
+def test_a_decode_row_does_not_depend_on_its_batch(kernel: CpuPagedDecode,
+                                                   heads: tuple[int, int, int]) -> None:
+    """Batch invariance: a decode row's output is the same bits alone, among other decode rows,
+    beside a prompt's rows, and on 1-3 threads (its parts depend on its length alone)."""
+    num_heads, num_kv_heads, head_dim = heads
+    b = _decode_batch((1500, 700, 40, 2100, 300), num_heads, num_kv_heads, head_dim,
+                      block_size=16, dtype=torch.bfloat16, seed=5)
+    scale = head_dim ** -0.5
+    batch = kernel(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, scale, None, 2)
+    for i in range(5):
+        for threads in (1, 2, 3):
+            alone = kernel(b.q[i:i + 1], b.k_cache, b.v_cache, b.block_tables[i:i + 1],
+                           b.seq_lens[i:i + 1], scale, None, threads)
+            assert torch.equal(alone[0], batch[i]), (i, threads)
+    # Sequence 1's decode row after eight prompt rows of sequence 3 (rows of one sequence are
+    # never split, so the call splits only the decode row).
+    prompt_lens = torch.arange(2093, 2101, dtype=torch.int32)
+    q = torch.cat([b.q[3:4].expand(8, -1, -1), b.q[1:2]]).contiguous()
+    mixed = kernel(q, b.k_cache, b.v_cache, b.block_tables,
+                   torch.cat([prompt_lens, b.seq_lens[1:2]]).contiguous(), scale, None, 2,
+                   row_seqs=torch.tensor([3] * 8 + [1], dtype=torch.int32))
+    assert torch.equal(mixed[8], batch[1])
