@@ -1,20 +1,23 @@
 """CPU decode attention: the C kernel (kernels/cpu_paged_decode.c) vs the torch path it replaces.
 
     python benchmarks/bench_cpu_attention.py [--batches 1,8,32] [--contexts 256,1024,4096]
-        [--shapes smollm2,llama3-8b] [--layers 30]
+        [--shapes smollm2,llama3-8b] [--layers 30] [--against OLD.c]
 
 Times one decode step's attention over `--layers` layers, each with its own paged cache, so
 the K/V reads come from memory as they do in the engine rather than from a warm L2 (fewer
 layers where their caches would pass `--cache-gib`; at least 2). Both
 sides get the same step: blocks scattered over the cache, bf16, the backend's per-step plan
 built once per step (as the engine does) and shared by the layers. Prints µs per layer call
-and the ratio torch / kernel.
+and the ratio torch / kernel. `--against OLD.c` compares the kernel with another build of
+its source instead of torch (e.g. `git show REV:kernels/cpu_paged_decode.c > /tmp/old.c`),
+alternating the two over `--ab-rounds` rounds and printing medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +26,8 @@ import torch
 
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
-from tokenfleet.kernels import cpu_paged_decode
+from tokenfleet.kernels import cpu_build, cpu_paged_decode
+from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
 
 SHAPES = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}  # heads, kv heads, head_dim
 BLOCK_SIZE = 16
@@ -73,14 +77,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cache-gib", type=float, default=3.0)
+    ap.add_argument("--against", type=Path, help="another kernel source to compare with")
+    ap.add_argument("--ab-rounds", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as build_dir:
         kernel = cpu_paged_decode.load(Path(build_dir))
-        if kernel is None:
-            raise SystemExit("no C compiler here: nothing to compare")
+        other = None if args.against is None else cpu_build.load(
+            args.against, Path(build_dir), cpu_paged_decode._COMPILE_FLAGS, CpuPagedDecode, {})
+        if kernel is None or (args.against is not None and other is None):
+            raise SystemExit("no C compiler here (or the other source does not build)")
+        baseline = "torch" if other is None else "other"
         print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
               f"threads, bf16, {args.layers} layers with their own caches; µs per layer call")
-        print(f"{'shape':>10} {'batch':>5} {'context':>7} {'torch':>9} {'kernel':>9} {'ratio':>7}")
+        print(f"{'shape':>10} {'batch':>5} {'context':>7} {baseline:>9} {'kernel':>9} "
+              f"{'ratio':>7}")
         for name in args.shapes.split(","):
             num_heads, num_kv_heads, head_dim = SHAPES[name]
             for batch in map(int, args.batches.split(",")):
@@ -91,9 +101,14 @@ def main() -> None:
                     caches, meta = _step(batch, context, num_kv_heads, head_dim, num_layers, 1)
                     q = torch.randn(batch, num_heads, head_dim).bfloat16()
                     kv = torch.zeros(batch, num_kv_heads, head_dim).bfloat16()
-                    theirs = _time_step(TorchAttentionBackend(), caches, meta, q, kv, args.rounds)
-                    ours = _time_step(TorchAttentionBackend(decode_kernel=kernel), caches, meta,
-                                      q, kv, args.rounds)
+                    backends = (TorchAttentionBackend(decode_kernel=other),
+                                TorchAttentionBackend(decode_kernel=kernel))
+                    times: tuple[list[float], list[float]] = ([], [])
+                    for _ in range(1 if other is None else args.ab_rounds):
+                        for i, backend in enumerate(backends):
+                            times[i].append(_time_step(backend, caches, meta, q, kv,
+                                                       args.rounds))
+                    theirs, ours = (statistics.median(t) for t in times)
                     print(f"{name:>10} {batch:5d} {context:7d} {theirs * 1e6:9.1f} "
                           f"{ours * 1e6:9.1f} {theirs / ours:6.2f}x", flush=True)
 
