@@ -22,8 +22,9 @@
  * [panel][k-pair][48 columns][2], as int8; 16 bytes -> 16 int32 -> fp32 -> bf16, exact. The
  * scale multiplies the fp32 sum at the end.
  *
- * Tile: 4 rows x 48 columns (int4 needs 12 group + 12 total accumulators). A row's result
- * does not depend on the other rows, so outputs are batch invariant.
+ * Tiles: int4 4 rows x 48 columns (12 group + 12 running accumulators); int8 8 x 48 (24
+ * accumulators), each widened weight vector serving 8 rows. A row's result does not depend on
+ * the other rows, so outputs are batch invariant.
  */
 #include <stdint.h>
 #include "cpu_gemm_split.h"
@@ -35,7 +36,8 @@
 #endif
 
 #define NP 48 /* columns per panel */
-#define QR 4  /* rows per tile */
+#define Q4_ROWS 4 /* rows per int4 tile (12 group + 12 running accumulators) */
+#define Q8_ROWS 8 /* rows per int8 tile (24 accumulators, like cpu_gemm.c's) */
 #define GROUP 32
 #define Q4_GROUP_BYTES 960
 #define Q4_SCALES 768
@@ -150,7 +152,7 @@ static inline __attribute__((always_inline)) void q4_tile(const qtile *t, const 
 
 static inline __attribute__((always_inline)) void q8_tile(const qtile *t, const int rows) {
   const __m512 zero = _mm512_setzero_ps();
-  Q8_DECL(0) Q8_DECL(1) Q8_DECL(2) Q8_DECL(3)
+  Q8_DECL(0) Q8_DECL(1) Q8_DECL(2) Q8_DECL(3) Q8_DECL(4) Q8_DECL(5) Q8_DECL(6) Q8_DECL(7)
   const uint16_t *x = t->x;
   const int64_t ldx = t->a->ldx, k2 = t->a->k / 2;
   for (int64_t kp = 0; kp < k2; kp++) {
@@ -158,27 +160,26 @@ static inline __attribute__((always_inline)) void q8_tile(const qtile *t, const 
     Q8_WEIGHTS(0) Q8_WEIGHTS(1) Q8_WEIGHTS(2)
     Q8_DOT(0, 0) Q8_DOT(0, 1) Q8_DOT(0, 2) Q8_DOT(1, 0) Q8_DOT(1, 1) Q8_DOT(1, 2)
     Q8_DOT(2, 0) Q8_DOT(2, 1) Q8_DOT(2, 2) Q8_DOT(3, 0) Q8_DOT(3, 1) Q8_DOT(3, 2)
+    Q8_DOT(4, 0) Q8_DOT(4, 1) Q8_DOT(4, 2) Q8_DOT(5, 0) Q8_DOT(5, 1) Q8_DOT(5, 2)
+    Q8_DOT(6, 0) Q8_DOT(6, 1) Q8_DOT(6, 2) Q8_DOT(7, 0) Q8_DOT(7, 1) Q8_DOT(7, 2)
   }
   __m512 z[3], s[3];
   start_totals(t, z);
   for (int v = 0; v < 3; v++) s[v] = _mm512_maskz_loadu_ps(t->cols[v], t->scales + 16 * v);
-  Q8_OUT(0) Q8_OUT(1) Q8_OUT(2) Q8_OUT(3)
+  Q8_OUT(0) Q8_OUT(1) Q8_OUT(2) Q8_OUT(3) Q8_OUT(4) Q8_OUT(5) Q8_OUT(6) Q8_OUT(7)
 }
 
-#define DEFINE_TILES(kind)                                                                     \
-  static __attribute__((noinline)) void kind##_1(const qtile *t) { kind##_tile(t, 1); }      \
-  static __attribute__((noinline)) void kind##_2(const qtile *t) { kind##_tile(t, 2); }      \
-  static __attribute__((noinline)) void kind##_3(const qtile *t) { kind##_tile(t, 3); }      \
-  static __attribute__((noinline)) void kind##_4(const qtile *t) { kind##_tile(t, 4); }      \
-  typedef char kind##_tiles_defined
-DEFINE_TILES(q4);
-DEFINE_TILES(q8);
+#define DEFINE_TILE(kind, R) \
+  static __attribute__((noinline)) void kind##_##R(const qtile *t) { kind##_tile(t, R); }
+DEFINE_TILE(q4, 1) DEFINE_TILE(q4, 2) DEFINE_TILE(q4, 3) DEFINE_TILE(q4, 4)
+DEFINE_TILE(q8, 1) DEFINE_TILE(q8, 2) DEFINE_TILE(q8, 3) DEFINE_TILE(q8, 4)
+DEFINE_TILE(q8, 5) DEFINE_TILE(q8, 6) DEFINE_TILE(q8, 7) DEFINE_TILE(q8, 8)
 
 typedef void (*qtile_fn)(const qtile *);
-static const qtile_fn Q4_TILES[QR + 1] = {0, q4_1, q4_2, q4_3, q4_4};
-static const qtile_fn Q8_TILES[QR + 1] = {0, q8_1, q8_2, q8_3, q8_4};
+static const qtile_fn Q4_TILES[Q4_ROWS + 1] = {0, q4_1, q4_2, q4_3, q4_4};
+static const qtile_fn Q8_TILES[Q8_ROWS + 1] = {0, q8_1, q8_2, q8_3, q8_4, q8_5, q8_6, q8_7, q8_8};
 
-static void run_part(const qgemm_args *a, const qtile_fn *tiles, int64_t panel_bytes,
+static void run_part(const qgemm_args *a, const qtile_fn *tiles, int64_t mr, int64_t panel_bytes,
                      int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
   const int64_t groups = a->k / GROUP;
   for (int64_t p = p0; p < p1; p++) {
@@ -192,8 +193,8 @@ static void run_part(const qgemm_args *a, const qtile_fn *tiles, int64_t panel_b
       t.cols[v] = valid >= 16 ? (__mmask16)0xFFFF
                   : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
     }
-    for (int64_t m = m0; m < m1; m += QR) {
-      int rows = m1 - m < QR ? (int)(m1 - m) : QR;
+    for (int64_t m = m0; m < m1; m += mr) {
+      int rows = m1 - m < mr ? (int)(m1 - m) : (int)mr;
       t.x = a->x + m * a->ldx;
       t.xsum = a->xsum ? a->xsum + m * groups : 0;
       t.out = a->out + m * a->ldo + p * NP;
@@ -204,12 +205,12 @@ static void run_part(const qgemm_args *a, const qtile_fn *tiles, int64_t panel_b
 
 static void q4_part(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
   const qgemm_args *a = ctx;
-  run_part(a, Q4_TILES, a->k / GROUP * Q4_GROUP_BYTES, p0, p1, m0, m1);
+  run_part(a, Q4_TILES, Q4_ROWS, a->k / GROUP * Q4_GROUP_BYTES, p0, p1, m0, m1);
 }
 
 static void q8_part(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_t m1) {
   const qgemm_args *a = ctx;
-  run_part(a, Q8_TILES, a->k * NP, p0, p1, m0, m1);
+  run_part(a, Q8_TILES, Q8_ROWS, a->k * NP, p0, p1, m0, m1);
 }
 
 /* xsum [m, k / 32]: each group's sum of x, in one fixed order (a row's result must not depend
@@ -237,7 +238,7 @@ int tf_qgemm_q4(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uin
   if (m == 0) return 0;
   const qgemm_args args = {x, bias, packed, xsum, 0, out, ldx, ldo, n, k};
   group_sums(&args, xsum, m, num_threads < 1 ? 1 : num_threads);
-  tf_split(&args, q4_part, (n + NP - 1) / NP, m, QR, num_threads);
+  tf_split(&args, q4_part, (n + NP - 1) / NP, m, Q4_ROWS, num_threads);
   return 0;
 #else
   (void)x; (void)ldx; (void)packed; (void)bias; (void)xsum; (void)out; (void)ldo; (void)m;
@@ -254,7 +255,7 @@ int tf_qgemm_q8(const uint16_t *x, int64_t ldx, const int8_t *packed, const floa
   if (k <= 0 || k % 2 || n <= 0 || m < 0) return 3;
   if (m == 0) return 0;
   const qgemm_args args = {x, bias, (const uint8_t *)packed, 0, scales, out, ldx, ldo, n, k};
-  tf_split(&args, q8_part, (n + NP - 1) / NP, m, QR, num_threads);
+  tf_split(&args, q8_part, (n + NP - 1) / NP, m, Q8_ROWS, num_threads);
   return 0;
 #else
   (void)x; (void)ldx; (void)packed; (void)scales; (void)bias; (void)out; (void)ldo; (void)m;
