@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,21 +17,9 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
                                 reason="no C compiler: the kernel cannot be built")
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> CpuGemm:
-    k = cpu_gemm.load(tmp_path_factory.mktemp("kernels"))
-    if k is None:
-        assert not _has_avx512_bf16(), "the CPU has AVX-512 BF16 but the kernel did not build"
-        pytest.skip("this CPU has no AVX-512 BF16: linears stay on oneDNN")
-    return k
+def kernel(load_bf16_kernel: Callable[..., CpuGemm]) -> CpuGemm:
+    return load_bf16_kernel(cpu_gemm.load, "linears stay on oneDNN")
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:

@@ -19,21 +19,9 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
                                 reason="no C compiler: the kernels cannot be built")
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> CpuQGemm:
-    k = cpu_qgemm.load(tmp_path_factory.mktemp("kernels"))
-    if k is None:
-        assert not _has_avx512_bf16(), "the CPU has AVX-512 BF16 but the kernels did not build"
-        pytest.skip("this CPU has no AVX-512 BF16: quantized linears stay on torch's kernels")
-    return k
+def kernel(load_bf16_kernel: Callable[..., CpuQGemm]) -> CpuQGemm:
+    return load_bf16_kernel(cpu_qgemm.load, "quantized linears stay on torch's kernels")
 
 
 def _gen(seed: int) -> torch.Generator:
