@@ -17,18 +17,11 @@
  * column stride). Accumulation is fp32 over the whole K; the result is rounded to bf16
  * (round to nearest even) after the bias is added, as F.linear does.
  *
- * Threads: see cpu_gemm_split.h (contiguous panel ranges; rows too when panels are few).
+ * Threads: see cpu_gemm_common.h (contiguous panel ranges; rows too when panels are few).
  */
 #include <stdint.h>
-#include "cpu_gemm_split.h"
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define TF_FAST 1
-#else
-#define TF_FAST 0
-#endif
+#include "cpu_gemm_common.h"
 
-#define NP 48 /* columns per panel */
 #define MR 8  /* rows per tile */
 
 int tf_gemm_fast_bf16(void) { return TF_FAST; }
@@ -51,10 +44,6 @@ int tf_gemm_pack(const uint16_t *w, int64_t n, int64_t k, int64_t ldw, uint16_t 
 }
 
 #if TF_FAST
-static inline __m512 bf16_to_f32(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
 typedef struct {
   const uint16_t *x; /* the tile's first row */
   int64_t ldx;
@@ -132,11 +121,7 @@ static void run_part(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_
     t.ldo = a->ldo;
     t.panel = a->packed + p * panel_len;
     t.bias = a->bias ? a->bias + p * NP : 0;
-    for (int v = 0; v < 3; v++) {
-      int64_t valid = a->n - p * NP - 16 * v;
-      t.cols[v] = valid >= 16 ? (__mmask16)0xFFFF
-                  : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
-    }
+    tf_panel_masks(a->n, p, t.cols);
     for (int64_t m = m0; m < m1; m += MR) {
       int rows = m1 - m < MR ? (int)(m1 - m) : MR;
       t.x = a->x + m * a->ldx;

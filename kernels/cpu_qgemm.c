@@ -27,15 +27,8 @@
  * the other rows, so outputs are batch invariant.
  */
 #include <stdint.h>
-#include "cpu_gemm_split.h"
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define TF_FAST 1
-#else
-#define TF_FAST 0
-#endif
+#include "cpu_gemm_common.h"
 
-#define NP 48 /* columns per panel */
 #define Q4_ROWS 4 /* rows per int4 tile (12 group + 12 running accumulators) */
 #define Q8_ROWS 8 /* rows per int8 tile (24 accumulators, like cpu_gemm.c's) */
 #define GROUP 32
@@ -61,10 +54,6 @@ typedef struct {
   uint16_t *out;
   __mmask16 cols[3];
 } qtile;
-
-static inline __m512 bf16_to_f32(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
 
 static inline void start_totals(const qtile *t, __m512 *z) {
   for (int v = 0; v < 3; v++)
@@ -188,11 +177,7 @@ static void run_part(const qgemm_args *a, const qtile_fn *tiles, int64_t mr, int
     t.panel = a->packed + p * panel_bytes;
     t.bias = a->bias ? a->bias + p * NP : 0;
     t.scales = a->scales ? a->scales + p * NP : 0;
-    for (int v = 0; v < 3; v++) {
-      int64_t valid = a->n - p * NP - 16 * v;
-      t.cols[v] = valid >= 16 ? (__mmask16)0xFFFF
-                  : valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
-    }
+    tf_panel_masks(a->n, p, t.cols);
     for (int64_t m = m0; m < m1; m += mr) {
       int rows = m1 - m < mr ? (int)(m1 - m) : (int)mr;
       t.x = a->x + m * a->ldx;
