@@ -36,8 +36,8 @@ static inline void tf_panel_masks(int64_t n, int64_t p, __mmask16 cols[3]) {
 /* Computes panels [p0, p1) for rows [m0, m1). */
 typedef void (*tf_part_fn)(const void *ctx, int64_t p0, int64_t p1, int64_t m0, int64_t m1);
 
-static inline void tf_split(const void *ctx, tf_part_fn part, int64_t num_panels, int64_t m, int64_t mr,
-                     int num_threads) {
+static inline void tf_split(const void *ctx, tf_part_fn part, int64_t num_panels, int64_t m,
+                            int64_t mr, int num_threads) {
   int threads = num_threads < 1 ? 1 : num_threads;
   if (threads == 1) {
     part(ctx, 0, num_panels, 0, m);

@@ -488,9 +488,9 @@ static int use_bf16_kernel(const job_t *j) {
  * never by the batch or the thread count: its output is then the same, bit for bit, in any
  * batch and on any number of threads (batch invariance; a merge of parts sums in another
  * order than one pass). Parts let a lone long sequence use every thread (flash-decoding), and
- * long contexts balance better over the threads at any batch size (bench_cpu_attention.py:
- * 1,024-4,096 keys 0.70-0.88x the time of splitting only when rows < threads). A prompt's
- * rows (several rows of one sequence in the call) are never split: their parts would start
+ * long contexts balance better over the threads at any batch size (bench_cpu_attention.py
+ * --against: 1,024-4,096 keys 0.70-0.92x the time of splitting only when rows < threads).
+ * A prompt's rows (several rows of one sequence in the call) are never split: parts would start
  * at different keys row by row and lose the K/V the previous row left in cache (a 2,048-row
  * prompt took 2.2x as long). A prompt row computed alone (a one-token chunk) is split like a
  * decode row. */
@@ -562,7 +562,8 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     int64_t *item_start = malloc((size_t)(num_seqs + 1) * sizeof(int64_t));
     if (item_start == NULL) return 2;
     item_start[0] = 0;
-    for (int64_t s = 0; s < num_seqs; s++) item_start[s + 1] = item_start[s] + parts_of(&j, s, num_seqs);
+    for (int64_t s = 0; s < num_seqs; s++)
+        item_start[s + 1] = item_start[s] + parts_of(&j, s, num_seqs);
     const int64_t num_items = item_start[num_seqs];
     if (num_threads > num_items) num_threads = num_items > 0 ? (int)num_items : 1;
     const int64_t stride = 2 * num_heads + num_heads * head_dim;

@@ -130,10 +130,9 @@ static inline __attribute__((always_inline)) void q4_tile(const qtile *t, const 
 #define Q8_DECL(r) __m512 a##r##0 = zero, a##r##1 = zero, a##r##2 = zero;
 #define Q8_DOT(r, v) \
   if (rows > r) a##r##v = _mm512_dpbf16_ps(a##r##v, bcast_pair(x + r * ldx + 2 * kp), w##v);
-#define Q8_WEIGHTS(v)                                                                   \
-  __m512bh w##v = _mm512_cvtne2ps_pbh(                                                  \
-      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 32 * v + 16)))), \
-      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wk + 32 * v)))));
+#define Q8_HALF(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define Q8_WEIGHTS(v) \
+  __m512bh w##v = _mm512_cvtne2ps_pbh(Q8_HALF(wk + 32 * v + 16), Q8_HALF(wk + 32 * v));
 #define Q8_OUT(r)                                                                       \
   if (rows > r)                                                                         \
     store_row(t, r, _mm512_fmadd_ps(a##r##0, s[0], z[0]), _mm512_fmadd_ps(a##r##1, s[1], z[1]), \

@@ -6,8 +6,9 @@ BF16; d and m kept in fp16 like the GGUF's), else torch's `_weight_int4pack_mm_f
 and the zero in bf16), which was 1.4× slower at batch 1 and 1.8× at 32 rows on the dev VM.
 The grid is llama.cpp's Q4_1 (w = d·q + m, q in 0..15, blocks of 32 along the input
 dimension), so weights that came from a Q4_1 GGUF — the default model — are represented
-exactly again, up to the bf16 rounding of scale and zero. Other weights lose what any 4-bit
-quantization loses (TGI's `--quantize awq/gptq` are the GPU analogues).
+exactly again, up to the rounding of scale and zero (fp16 on our kernel, bf16 on torch's).
+Other weights lose what any 4-bit quantization loses (TGI's `--quantize awq/gptq` are the GPU
+analogues).
 
 The LM head gets weight-only int8 instead (per output channel): the output projection is the
 layer most sensitive to quantization (llama.cpp's Q4_1 files keep it in Q8_0 too). Layers whose
