@@ -27,6 +27,7 @@
  * the other rows, so outputs are batch invariant.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include "cpu_gemm_common.h"
 
 #define Q4_ROWS 4 /* rows per int4 tile (12 group + 12 running accumulators) */
@@ -212,20 +213,22 @@ static void group_sums(const qgemm_args *a, float *xsum, int64_t m, int num_thre
 }
 #endif
 
-/* int4: packed [ceil(n / 48)][k / 32][960] (see above); xsum: m * k / 32 floats of scratch.
- * Returns 0, or 3 for an unsupported shape or build. */
+/* int4: packed [ceil(n / 48)][k / 32][960] (see above). Returns 0, 2 when out of memory, or
+ * 3 for an unsupported shape or build. */
 int tf_qgemm_q4(const uint16_t *x, int64_t ldx, const uint8_t *packed, const uint16_t *bias,
-                float *xsum, uint16_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k,
-                int num_threads) {
+                uint16_t *out, int64_t ldo, int64_t m, int64_t n, int64_t k, int num_threads) {
 #if TF_FAST
   if (k <= 0 || k % GROUP || n <= 0 || m < 0) return 3;
   if (m == 0) return 0;
+  float *xsum = malloc((size_t)(m * (k / GROUP)) * sizeof(float)); /* [m, k / 32] */
+  if (xsum == NULL) return 2;
   const qgemm_args args = {x, bias, packed, xsum, 0, out, ldx, ldo, n, k};
   group_sums(&args, xsum, m, num_threads < 1 ? 1 : num_threads);
   tf_split(&args, q4_part, (n + NP - 1) / NP, m, Q4_ROWS, num_threads);
+  free(xsum);
   return 0;
 #else
-  (void)x; (void)ldx; (void)packed; (void)bias; (void)xsum; (void)out; (void)ldo; (void)m;
+  (void)x; (void)ldx; (void)packed; (void)bias; (void)out; (void)ldo; (void)m;
   (void)n; (void)k; (void)num_threads;
   return 3;
 #endif

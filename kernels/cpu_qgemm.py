@@ -43,7 +43,7 @@ class CpuQGemm:
         self.fast_bf16 = bool(lib.tf_qgemm_fast_bf16())
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self._q4 = lib.tf_qgemm_q4
-        self._q4.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint]
+        self._q4.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, cint]
         self._q4.restype = cint
         self._q8 = lib.tf_qgemm_q8
         self._q8.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint]
@@ -103,10 +103,11 @@ class CpuQGemm:
                                            _Q4_GROUP_BYTES) or k % GROUP_SIZE:
             raise ValueError(f"int4 packed weight {tuple(packed.shape)} {packed.dtype} does not "
                              f"fit x {tuple(x.shape)} and {n} outputs")
-        xsum = torch.empty(m, k // GROUP_SIZE, dtype=torch.float32)
         out = torch.empty(m, n, dtype=torch.bfloat16)
         status = self._q4(x.data_ptr(), x.stride(0), packed.data_ptr(), _ptr(bias),
-                          xsum.data_ptr(), out.data_ptr(), n, m, n, k, torch.get_num_threads())
+                          out.data_ptr(), n, m, n, k, torch.get_num_threads())
+        if status == 2:
+            raise MemoryError("cpu_qgemm: out of memory for the group sums")
         if status:
             raise ValueError("cpu_qgemm: unsupported shape or a build without AVX-512 BF16")
         return out

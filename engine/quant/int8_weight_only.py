@@ -31,15 +31,14 @@ class Int8WeightOnlyLinear(nn.Module):
         w = weight.detach().float()  # [out, in]
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # [out]
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.qgemm = qgemm
         self.out_features = w.shape[0]
-        if qgemm is not None and w.shape[1] % 2 == 0:
+        self.qgemm = qgemm if w.shape[1] % 2 == 0 else None  # our kernel takes k-pairs
+        if self.qgemm is not None:
             padded = -(-self.out_features // PANEL_COLUMNS) * PANEL_COLUMNS
-            self.register_buffer("packed_q8", qgemm.pack_q8(q))
+            self.register_buffer("packed_q8", self.qgemm.pack_q8(q))
             self.register_buffer("scales", torch.nn.functional.pad(
                 scales, (0, padded - self.out_features)).contiguous())
         else:
-            self.qgemm = None
             self.register_buffer("weight_int8", q.contiguous())
             self.register_buffer("scales", scales.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
