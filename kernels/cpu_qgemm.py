@@ -1,10 +1,11 @@
 """Weight-only int4 / int8 linears on CPU: `cpu_qgemm.c` (AVX-512 BF16), bf16 activations.
 
-torch's CPU kernels for these formats only pay at batch 1: on the dev VM a 32-row step's int4
-layers ran 2.1x slower than bf16 on our bf16 kernel and the int8 LM head 6.5x slower
-(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), so quantized models lost most of the
-batching gain. These kernels widen the weights to bf16 in registers and run the bf16 GEMM's
-vdpbf16ps tile (`benchmarks/bench_cpu_gemm.py --quant` has the measurement).
+torch's CPU kernels for these formats only pay at batch 1: on the dev VM a 32-row step of the
+default model's linears (int4 layers + int8 LM head) took 64-71 ms on them against 24 ms in
+bf16 on our bf16 kernel (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`;
+`benchmarks/RESULTS.md`), so quantized models lost most of the batching gain. These kernels
+widen the weights to bf16 in registers and run the bf16 GEMM's vdpbf16ps tile
+(`benchmarks/bench_cpu_gemm.py --quant` has the measurement).
 
 - int4 (`pack_q4` / `q4`): llama.cpp's Q4_1 grid, w = d·q + m with q in 0..15 and one fp16 d
   and m per 32 input channels; d and m are kept in fp16 (the GGUF's own precision).

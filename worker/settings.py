@@ -77,7 +77,7 @@ class WorkerSettings:
                                         "torch's ops)")
     cpu_gemm_kernel: bool = _setting(True, "CPU: linears in C GEMM kernels built the same way, "
                                      "on CPUs with AVX-512 BF16 (bf16 decode GEMMs 1.2-1.4x faster "
-                                     "than oneDNN, int4/int8 1.4-2.9x faster than torch's; "
+                                     "than oneDNN, int4/int8 1.4-2.7x faster than torch's; "
                                      "elsewhere, or off, oneDNN and torch's)")
     attention_backend: str = _setting("auto", "attention kernels: auto (triton on CUDA, torch on "
                                       "CPU), torch, triton, flash_attn (needs flash-attn and "

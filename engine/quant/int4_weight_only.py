@@ -3,7 +3,8 @@
 Decode at batch 1 on a CPU reads every weight once per token: 5 bits instead of 16 move
 ~3.2× fewer bytes. The matmul is our kernel (`kernels/cpu_qgemm.c`, where the CPU has AVX-512
 BF16; d and m kept in fp16 like the GGUF's), else torch's `_weight_int4pack_mm_for_cpu` (d
-and the zero in bf16), which was 1.4× slower at batch 1 and 1.8× at 32 rows on the dev VM.
+and the zero in bf16): with the int8 LM head, 1.4-1.6x slower at one row and 2.3-2.4x at 32
+on the dev VM (`benchmarks/bench_cpu_gemm.py --quant`).
 The grid is llama.cpp's Q4_1 (w = d·q + m, q in 0..15, blocks of 32 along the input
 dimension), so weights that came from a Q4_1 GGUF — the default model — are represented
 exactly again, up to the rounding of scale and zero (fp16 on our kernel, bf16 on torch's).

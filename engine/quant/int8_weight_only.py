@@ -2,8 +2,8 @@
 
 Decode at small batch is bound by reading weights: int8 halves the bytes of bf16. The matmul
 is our kernel (`kernels/cpu_qgemm.c`, where the CPU has AVX-512 BF16), else torch's
-`_weight_int8pack_mm` (fast only with bf16 activations, so bf16 is required), which was 2.9×
-slower than ours at batch 1 and at 32 rows on the default model's LM head (dev VM).
+`_weight_int8pack_mm` (fast only with bf16 activations, so bf16 is required), slower than
+ours (`benchmarks/bench_cpu_gemm.py --quant` times them with the int4 layers).
 Like TGI's `--quantize eetq`/bitsandbytes-int8, outputs are close to, not equal to, bf16's.
 """
 
