@@ -14,7 +14,7 @@ from tokenfleet.kernels.launch_checks import (
     check_tensor,
 )
 
-__all__ = ["store_kv"]
+__all__ = ["check_store_kv_args", "store_kv"]
 
 
 @triton.jit
@@ -45,6 +45,27 @@ def _store_kv_kernel(
     tl.store(dst_v, tl.load(src_v, mask=ok), mask=ok)
 
 
+def check_store_kv_args(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Raise KernelArgumentError unless the arguments fit `store_kv`."""
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_same_shape("v_cache", v_cache, "k_cache", k_cache)
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    check_tensor("k", k, ndim=3, dtypes=[k_cache.dtype], shape=(None, num_kv_heads, head_dim))
+    check_same_shape("v", v, "k", k)
+    if v.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise KernelArgumentError("v and v_cache: last dimension must be contiguous (stride 1)")
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=[torch.int64],
+                 shape=(k.shape[0],))
+    check_device([("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
+                  ("slot_mapping", slot_mapping)])
+
+
 def store_kv(
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -57,17 +78,9 @@ def store_kv(
     Semantics of `reference.store_kv_ref`; K/V must already have the cache's dtype. Slots are
     not range-checked on the device (that would need a sync): the engine owns them.
     """
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
-    check_same_shape("v_cache", v_cache, "k_cache", k_cache)
-    _, page_size, num_kv_heads, head_dim = k_cache.shape
-    check_tensor("k", k, ndim=3, dtypes=[k_cache.dtype], shape=(None, num_kv_heads, head_dim))
-    check_same_shape("v", v, "k", k)
-    if v.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise KernelArgumentError("v and v_cache: last dimension must be contiguous (stride 1)")
-    num_tokens = k.shape[0]
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=[torch.int64], shape=(num_tokens,))
-    check_device([("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
-                  ("slot_mapping", slot_mapping)])
+    check_store_kv_args(k, v, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    page_size = k_cache.shape[1]
     if num_tokens == 0:
         return
     heads_padded = triton.next_power_of_2(num_kv_heads)

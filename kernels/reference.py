@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["paged_attention_ref", "rms_norm_ref", "rotary_ref", "store_kv_ref"]
+__all__ = [
+    "paged_attention_ref",
+    "rms_norm_ref",
+    "rotary_ref",
+    "rotary_store_kv_ref",
+    "store_kv_ref",
+]
 
 
 def paged_attention_ref(
@@ -110,6 +116,22 @@ def rotary_ref(
         return torch.cat([rotated, xf[..., 2 * half :]], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def rotary_store_kv_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [num_tokens] int64
+    cos_sin_cache: torch.Tensor,  # [max_pos, rotary_dim] float32
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> torch.Tensor:  # rotated q [num_tokens, num_heads, head_dim]
+    """rotary_ref, then store_kv_ref of the rotated k and v; returns the rotated q."""
+    q_rot, k_rot = rotary_ref(q, k, positions, cos_sin_cache)
+    store_kv_ref(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from tokenfleet.kernels.paged_batch import PagedBatch, make_paged_batch
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 from tokenfleet.kernels.rotary import rotary
+from tokenfleet.kernels.rotary_store_kv import rotary_store_kv
 from tokenfleet.kernels.silu_mul import silu_mul
 
 __all__ = [
@@ -95,6 +96,7 @@ def run_kernel_checks(
         ("rms_norm + residual", lambda: _check_rms_norm(shape, dtype, device, seed, True)),
         ("silu_mul", lambda: _check_silu_mul(shape, dtype, device, seed)),
         ("rotary llama3", lambda: _check_rotary(shape, dtype, device, seed)),
+        ("rotary + store_kv", lambda: _check_rotary_store_kv(shape, dtype, device, seed)),
     ]
     results = []
     for name, check in checks:
@@ -168,6 +170,19 @@ def _check_rotary(shape: CheckShape, dtype: torch.dtype, device: torch.device | 
     q_ref, k_ref = reference.rotary_ref(b.q, b.k, b.positions, cache)
     rotary(b.q, b.k, b.positions, cache)
     return max(rel_err(b.q, q_ref), rel_err(b.k, k_ref))
+
+
+def _check_rotary_store_kv(shape: CheckShape, dtype: torch.dtype,
+                           device: torch.device | str, seed: int) -> float:
+    b = _batch(shape, dtype, device, seed, decode=False)
+    b.slot_mapping[1::4] = -1  # skipped tokens: q still rotates, their slots stay
+    cache = build_cos_sin_cache(shape.head_dim, b.max_seq_len, 500000.0, LLAMA3_8B_ROPE,
+                                device=device)
+    k_ref, v_ref = b.k_cache.clone(), b.v_cache.clone()
+    q_ref = reference.rotary_store_kv_ref(b.q, b.k, b.v, b.positions, cache, k_ref, v_ref,
+                                          b.slot_mapping)
+    rotary_store_kv(b.q, b.k, b.v, b.positions, cache, b.k_cache, b.v_cache, b.slot_mapping)
+    return max(rel_err(b.q, q_ref), rel_err(b.k_cache, k_ref), rel_err(b.v_cache, v_ref))
 
 
 def _short(dtype: torch.dtype) -> str:

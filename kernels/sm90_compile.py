@@ -50,6 +50,7 @@ def variants() -> list[Variant]:
     )
     from tokenfleet.kernels.rms_norm import _rms_norm_kernel
     from tokenfleet.kernels.rotary import _rotary_kernel
+    from tokenfleet.kernels.rotary_store_kv import _rotary_store_kv_kernel
 
     def attention(name: str, dtype: str, group: int, head_dim: int, max_query_len: int,
                   splits: int, window: bool) -> Variant:
@@ -65,6 +66,16 @@ def variants() -> list[Variant]:
                       USE_WINDOW=window, UPCAST=False,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         return Variant(name, paged_attention_kernel, types, consts, t.num_warps, t.num_stages)
+
+    def rotary_store_kv(name: str, rotary_dim: int) -> Variant:
+        types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "positions_ptr": "*i64",
+                 "cos_sin_ptr": "*fp32", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+                 "slot_mapping_ptr": "*i64"}
+        consts = dict(NUM_HEADS=32, HEADS_PADDED=32, NUM_KV_HEADS=8, KV_HEADS_PADDED=8,
+                      HEAD_DIM=128, HEAD_DIM_PADDED=128, HALF=rotary_dim // 2,
+                      HALF_PADDED=rotary_dim // 2, TAIL_PADDED=max(128 - rotary_dim, 1),
+                      PAGE_SIZE=16)
+        return Variant(name, _rotary_store_kv_kernel, types, consts, num_warps=4)
 
     return [
         attention("attention decode", "bf16", 4, 128, 1, 1, False),
@@ -92,6 +103,8 @@ def variants() -> list[Variant]:
                  "cos_sin_ptr": "*fp32"},
                 dict(NUM_HEADS=32, HEADS_PADDED=32, NUM_KV_HEADS=8, KV_HEADS_PADDED=8,
                      HALF=64, HALF_PADDED=64), num_warps=4),
+        rotary_store_kv("rotary + store_kv", 128),
+        rotary_store_kv("rotary + store_kv partial", 64),
     ]
 
 

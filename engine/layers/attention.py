@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
@@ -12,7 +12,11 @@ from torch import nn
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
+from tokenfleet.engine.layers.rotary import RopeTable
 from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
+
+if TYPE_CHECKING:
+    from tokenfleet.engine.layers.attention_triton import TritonAttentionBackend
 
 __all__ = ["Attention", "AttentionBackend", "make_backend"]
 
@@ -20,6 +24,7 @@ __all__ = ["Attention", "AttentionBackend", "make_backend"]
 class AttentionBackend(Protocol):
     name: str
     supports_cuda_graphs: bool  # forward reads no host-side per-step values
+    fuses_rotary: bool  # TritonAttentionBackend.forward_rotated: rotary + KV store fused
 
     def decode_launch_config(self, num_seqs: int, num_kv_heads: int, head_dim: int,
                              max_seq_len: int, device: torch.device
@@ -73,12 +78,22 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, rope: RopeTable | None = None) -> torch.Tensor:
+        """Rotary embedding (when `rope` is given), KV store, attention."""
         # q [T, H*D] -> [T, H, D]; k, v [T, KVH*D]; returns [T, H*D]
         T = q.shape[0]
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
-                                   self.sliding_window)
+        if rope is not None and rope.in_kernel and self.backend.fuses_rotary:
+            # One kernel rotates q and k and stores K/V: one launch a layer instead of two.
+            fused = cast("TritonAttentionBackend", self.backend)
+            out = fused.forward_rotated(q, k, v, rope.positions, rope.cos_sin,
+                                        self.k_cache, self.v_cache, meta, self.scale,
+                                        self.sliding_window)
+        else:
+            if rope is not None:
+                q, k = rope.apply(q, k)
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
+                                       self.sliding_window)
         return out.reshape(T, self.num_heads * self.head_dim)

@@ -33,6 +33,7 @@ FLASH_ATTN_BLOCK_MULTIPLE = 256
 class FlashAttentionBackend:
     name = "flash_attn"
     supports_cuda_graphs = True  # decode steps use flash_attn_with_kvcache: no host lengths
+    fuses_rotary = False
 
     def __init__(self, flash_attn: Any = None) -> None:
         """`flash_attn`: the module providing the two functions (default: `import flash_attn`)."""

@@ -99,6 +99,7 @@ class _Plan:
 class TorchAttentionBackend:
     name = "torch"
     supports_cuda_graphs = False  # plans its chunks from host-side lengths every step
+    fuses_rotary = False
 
     def __init__(self, kv_chunk: int = 1024, decode_kernel: CpuPagedDecode | None = None):
         self.kv_chunk = kv_chunk

@@ -63,6 +63,11 @@ class RopeTable(NamedTuple):
     # The compiled rotation (cpu_fused.py), outside a dynamo trace only.
     rotate_qk: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    @property
+    def in_kernel(self) -> bool:
+        """Rotation by the Triton kernel (CUDA): no cos/sin rows gathered."""
+        return self.cos is None
+
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q [T, num_heads, head_dim]; k [T, num_kv_heads, head_dim]
         if self.cos is None or self.sin is None:

@@ -37,9 +37,7 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: RopeTable, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, hidden] -> qkv [T, q_size + 2 * kv_size]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        T = x.shape[0]
-        q, k = rope.apply(q.view(T, -1, self.attn.head_dim), k.view(T, -1, self.attn.head_dim))
-        out = self.attn(q.reshape(T, self.q_size), k.reshape(T, self.kv_size), v, meta)
+        out = self.attn(q, k, v, meta, rope)
         return self.o_proj(out)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tokenfleet.engine import LLM, SamplingParams
@@ -26,10 +27,15 @@ def test_triton_backend_matches_torch_backend(tiny_llama_dir: Path) -> None:
     assert outputs["triton"] == outputs["torch"]
 
 
-def test_fused_norm_and_rotary_kernels_in_the_model(tiny_llama_dir: Path) -> None:
-    """The CUDA path's Triton RMSNorm(+residual), in-place rotary on q/k views of the fused
-    qkv output and SiLU·mul, run inside the model (interpreted on CPU), give the torch path's
-    tokens."""
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_norm_and_rotary_kernels_in_the_model(
+    tiny_llama_dir: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA path's Triton RMSNorm(+residual), rotary and SiLU·mul, run inside the model
+    (interpreted on CPU), give the torch path's tokens. With the Triton attention backend the
+    rotary runs fused with the KV store (one kernel per layer); with the torch backend it
+    rotates q/k views of the fused qkv output in place."""
+    from tokenfleet.engine.layers import attention_triton
     from tokenfleet.engine.layers.norm import RMSNorm
     from tokenfleet.engine.layers.rotary import RotaryEmbedding
     from tokenfleet.engine.models.llama import LlamaMLP
@@ -37,12 +43,26 @@ def test_fused_norm_and_rotary_kernels_in_the_model(tiny_llama_dir: Path) -> Non
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 13)]
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, attention_backend="triton")
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, attention_backend="torch")
     expected = [c.token_ids for c in LLM(str(tiny_llama_dir), **args).generate(prompts, params)]
-    llm = LLM(str(tiny_llama_dir), **args)
+    llm = LLM(str(tiny_llama_dir), **{**args, "attention_backend": backend})
     fused = [m for m in llm.engine.runner.model.modules()
              if isinstance(m, RMSNorm | RotaryEmbedding | LlamaMLP)]
     assert len(fused) > 3
     for m in fused:
         m.use_kernel = True
+    num_fused_calls = 0
+    real_rotary_store_kv = attention_triton.rotary_store_kv
+
+    def counting(*a: torch.Tensor) -> None:
+        nonlocal num_fused_calls
+        num_fused_calls += 1
+        real_rotary_store_kv(*a)
+
+    monkeypatch.setattr(attention_triton, "rotary_store_kv", counting)
     assert [c.token_ids for c in llm.generate(prompts, params)] == expected
+    num_layers = sum(isinstance(m, Attention) for m in llm.engine.runner.model.modules())
+    if backend == "triton":
+        assert num_fused_calls >= num_layers * 5  # every layer, every step
+    else:
+        assert num_fused_calls == 0
