@@ -174,12 +174,17 @@ def _check_kernels(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _bench_attention(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    from tokenfleet.kernels.attention_bench import CPU_CASES, bench_paged_attention
+    from tokenfleet.kernels.attention_bench import (
+        CPU_CASES,
+        bench_paged_attention,
+        bench_rotary_store_kv,
+    )
 
     if plan["device"] == "cuda":
-        rows = bench_paged_attention("cuda")
+        rows = bench_paged_attention("cuda") + bench_rotary_store_kv("cuda")
     else:
-        rows = bench_paged_attention("cpu", heads=(4, 2, 16), cases=CPU_CASES)
+        rows = (bench_paged_attention("cpu", heads=(4, 2, 16), cases=CPU_CASES)
+                + bench_rotary_store_kv("cpu", heads=(4, 2, 16), batches=(2,)))
     for row in rows:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return rows
@@ -281,6 +286,11 @@ def _print_table(report: dict[str, Any]) -> None:
               f"| {o.get('tok_s', float('nan')) / h.get('tok_s', float('nan')):.2f} "
               f"| {floor_ms / ms:.2f} |")
     for row in report.get("attention_bench") or []:
+        if "fused_us" in row:
+            print(f"{row['case']} per layer (32 in one graph): two kernels "
+                  f"{row['two_kernels_us']:.2f} us, fused {row['fused_us']:.2f} us "
+                  f"(ratio {row['two_over_fused']:.2f})")
+            continue
         print(f"attention {row['case']}: ours {row['ours_ms']:.3f} ms "
               f"({row['ours_GB_s']:.0f} GB/s KV, {row['ours_TFLOP_s']:.1f} TFLOP/s), no-split "
               f"{row['ours_no_split_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms "

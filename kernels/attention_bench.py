@@ -5,6 +5,8 @@
 SDPA runs on the same values in a contiguous [batch, heads, seq, head_dim] layout, so it
 reads no block table: it is the bar a paged kernel should get close to. Decode cases report
 achieved KV bandwidth (every K and V byte read once), prefill cases TFLOP/s.
+`bench_rotary_store_kv` times the fused rotary + KV store against the two kernels it replaces,
+32 layers' worth captured in one CUDA graph as a decode step runs them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokenfleet.kernels.kv_store import store_kv
 from tokenfleet.kernels.paged_attention import paged_attention
 from tokenfleet.kernels.paged_batch import make_paged_batch
 from tokenfleet.kernels.reference import store_kv_ref
+from tokenfleet.kernels.rope_cache import build_cos_sin_cache
+from tokenfleet.kernels.rotary import rotary
+from tokenfleet.kernels.rotary_store_kv import rotary_store_kv
 
-__all__ = ["GPU_CASES", "bench_paged_attention", "time_ms"]
+__all__ = ["GPU_CASES", "bench_paged_attention", "bench_rotary_store_kv", "time_ms"]
 
 # (name, batch, cached context per sequence, new tokens per sequence)
 GPU_CASES = (("decode b1 ctx8192", 1, 8192, 1), ("decode b128 ctx1024", 128, 1024, 1),
@@ -79,11 +85,58 @@ def bench_paged_attention(
     return rows
 
 
+def bench_rotary_store_kv(
+    device: torch.device | str,
+    heads: tuple[int, int, int] = (32, 8, 128),  # num_heads, num_kv_heads, head_dim
+    batches: tuple[int, ...] = (1, 128),
+    num_layers: int = 32,
+) -> list[dict[str, Any]]:
+    """Per layer of a decode step: rotary + store_kv (two launches) vs the fused kernel."""
+    num_heads, num_kv_heads, head_dim = heads
+    rows = []
+    for batch in batches:
+        b = make_paged_batch(context_lens=(100,) * batch, query_lens=(1,) * batch,
+                             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                             block_size=16, dtype=torch.bfloat16, device=device)
+        cos_sin = build_cos_sin_cache(head_dim, b.max_seq_len, 500000.0, None, device=device)
+
+        def two(b: Any = b, cos_sin: torch.Tensor = cos_sin) -> None:
+            rotary(b.q, b.k, b.positions, cos_sin)
+            store_kv(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+
+        def fused(b: Any = b, cos_sin: torch.Tensor = cos_sin) -> None:
+            rotary_store_kv(b.q, b.k, b.v, b.positions, cos_sin, b.k_cache, b.v_cache,
+                            b.slot_mapping)
+
+        row: dict[str, Any] = {"case": f"rotary+store_kv b{batch}",
+                               "two_kernels_us": _per_layer_us(two, device, num_layers),
+                               "fused_us": _per_layer_us(fused, device, num_layers)}
+        row["two_over_fused"] = row["two_kernels_us"] / row["fused_us"]
+        rows.append(row)
+    return rows
+
+
+def _per_layer_us(fn: Callable[[], Any], device: torch.device | str, num_layers: int) -> float:
+    # On the GPU: num_layers calls in one CUDA graph, as a captured decode step has them.
+    if torch.device(device).type != "cuda":
+        return time_ms(fn, device) * 1e3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(num_layers):
+            fn()
+    return time_ms(graph.replay, device) * 1e3 / num_layers
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs a GPU (or run the CPU smoke case through benchmarks/gpu_check.py --dry-run)")
         return 2
-    for row in bench_paged_attention("cuda"):
+    for row in [*bench_paged_attention("cuda"), *bench_rotary_store_kv("cuda")]:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return 0
 
