@@ -42,6 +42,10 @@ typedef struct { /* one thread's scratch */
     int64_t last_first_row; /* where the previous row's first key was: -1 none */
     int64_t requested_first_row; /* the previous row requested K/V of the row whose first
                                   * key is here: -1 none */
+    float *parts; /* MAX_PARTS part states of a prompt row (attend_seq_in_parts); lazy */
+    int in_parts; /* computing a prompt row's parts after the same prompt's previous row: its
+                   * K/V are hot (that row read them), so no prefetches */
+    const int32_t *last_table; /* block table of the previous row on this thread */
 } scratch_t;
 
 /* Query row s's block table (the rows of one prompt share their sequence's). */
@@ -436,7 +440,7 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
      * prefill chunk; also a sequence sharing its first block, a cached prefix, with the
      * previous one: only a matter of speed). */
     const int64_t first_row = scratch->offs[0];
-    const int cold = first_row != scratch->last_first_row;
+    const int cold = first_row != scratch->last_first_row && !scratch->in_parts;
     const int upfront = first_row != scratch->requested_first_row;
     scratch->last_first_row = first_row;
     int64_t next_n = 0;
@@ -460,17 +464,24 @@ static void finalize_parts(const job_t *j, int64_t s, int64_t num_parts, const f
     const int64_t h_n = j->num_heads, d = j->head_dim, stride = 2 * h_n + h_n * d;
     uint16_t *out = (uint16_t *)j->out + s * h_n * d;
     for (int64_t h = 0; h < h_n; h++) {
-        float mx = -FLT_MAX, total = 0.0f, o[256] = {0};
+        float mx = -FLT_MAX, total = 0.0f;
         for (int64_t p = 0; p < num_parts; p++)
             mx = first[p * stride + h] > mx ? first[p * stride + h] : mx;
+        __m512 o[16]; /* d <= 256 (use_bf16_kernel) */
+        for (int64_t c = 0; c < d / 16; c++) o[c] = _mm512_setzero_ps();
         for (int64_t p = 0; p < num_parts; p++) {
             const float *part = first + p * stride;
             if (part[h_n + h] == 0.0f) continue; /* empty part */
             const float w = expf(part[h] - mx);
             total += w * part[h_n + h];
-            for (int64_t i = 0; i < d; i++) o[i] += w * part[2 * h_n + h * d + i];
+            const __m512 wv = _mm512_set1_ps(w);
+            for (int64_t c = 0; c < d / 16; c++)
+                o[c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(part + 2 * h_n + h * d + 16 * c), o[c]);
         }
-        for (int64_t i = 0; i < d; i++) out[h * d + i] = f32_to_bf16(o[i] / total);
+        const __m512 inv = _mm512_set1_ps(1.0f / total);
+        for (int64_t c = 0; c < d / 16; c++)
+            _mm256_storeu_si256((__m256i *)(out + h * d + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], inv)));
     }
 }
 #endif
@@ -484,28 +495,38 @@ static int use_bf16_kernel(const job_t *j) {
 #endif
 }
 
-/* A decode row's keys are split into parts of at least PART_KEYS keys by their number alone,
- * never by the batch or the thread count: its output is then the same, bit for bit, in any
- * batch and on any number of threads (batch invariance; a merge of parts sums in another
- * order than one pass). Parts let a lone long sequence use every thread (flash-decoding), and
- * long contexts balance better over the threads at any batch size (bench_cpu_attention.py
- * --against: 1,024-4,096 keys 0.70-0.92x the time of splitting only when rows < threads).
- * A prompt's rows (several rows of one sequence in the call) are never split: parts would start
- * at different keys row by row and lose the K/V the previous row left in cache (a 2,048-row
- * prompt took 2.2x as long). A prompt row computed alone (a one-token chunk) is split like a
- * decode row. */
+/* A row's keys are split into parts of at least PART_KEYS keys by their number alone, never
+ * by the batch, the thread count or the chunk the row came in: its output is then the same,
+ * bit for bit, in any batch, on any number of threads, and whether its prompt was computed in
+ * one chunk, in several, or its last token alone (batch invariance; a merge of parts sums in
+ * another order than one pass). A decode row's parts run in parallel: a lone long sequence
+ * uses every thread (flash-decoding), and long contexts balance better over the threads at
+ * any batch size (bench_cpu_attention.py --against: 1,024-4,096 keys 0.70-0.92x the time of
+ * splitting only when rows < threads). A prompt's rows (several rows of one sequence in the
+ * call) compute their parts one after another on one thread (attend_seq_in_parts): spread
+ * over threads, parts would start at different keys row by row and lose the K/V the previous
+ * row left in cache (a 2,048-row prompt took 2.2x as long). */
 #define PART_KEYS 128
 #define MAX_PARTS 32
 
-static int64_t parts_of(const job_t *j, int64_t s, int64_t num_rows) {
+static int64_t parts_of(const job_t *j, int64_t s) {
     if (!use_bf16_kernel(j)) return 1; /* the portable loop does not split */
-    const int32_t *rs = j->row_seqs;
-    if (rs != NULL && ((s > 0 && rs[s - 1] == rs[s]) || (s + 1 < num_rows && rs[s + 1] == rs[s])))
-        return 1; /* one of a prompt's rows */
     const int64_t seq_len = j->seq_lens[s];
     const int64_t first = (j->window > 0 && seq_len > j->window) ? seq_len - j->window : 0;
     const int64_t parts = (seq_len - first) / PART_KEYS;
     return parts < 1 ? 1 : (parts > MAX_PARTS ? MAX_PARTS : parts);
+}
+
+/* One of a prompt's rows: its neighbour in the call is a row of the same sequence. */
+static int is_prompt_row(const job_t *j, int64_t s, int64_t num_rows) {
+    const int32_t *rs = j->row_seqs;
+    return rs != NULL
+           && ((s > 0 && rs[s - 1] == rs[s]) || (s + 1 < num_rows && rs[s + 1] == rs[s]));
+}
+
+/* Work items of row s: its parts (a decode row), or 1 (a prompt row: parts in sequence). */
+static int64_t items_of(const job_t *j, int64_t s, int64_t num_rows) {
+    return is_prompt_row(j, s, num_rows) ? 1 : parts_of(j, s);
 }
 
 static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
@@ -524,6 +545,33 @@ static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts
     case 128: return attend_seq_d(j, s, buf, buf_len, 128);
     default: return attend_seq_d(j, s, buf, buf_len, j->head_dim);
     }
+}
+
+/* All `num_parts` parts of prompt row s on this thread, then their merge: the same
+ * arithmetic as a decode row's parts run in parallel (see parts_of). */
+static int attend_seq_in_parts(const job_t *j, int64_t s, int64_t num_parts, scratch_t *scratch,
+                               const int64_t next[3]) {
+#ifdef HAVE_BF16_KERNEL
+    const int64_t stride = 2 * j->num_heads + j->num_heads * j->head_dim;
+    if (scratch->parts == NULL) {
+        scratch->parts = malloc((size_t)(MAX_PARTS * stride) * sizeof(float));
+        if (scratch->parts == NULL) return 2;
+    }
+    int st = 0;
+    scratch->in_parts = table_of(j, s) == scratch->last_table;
+    for (int64_t p = 0; p < num_parts && st == 0; p++) {
+        const int64_t following[3] = {s, p + 1, num_parts};
+        st = attend_seq_bf16(j, s, p, num_parts, scratch, scratch->parts + p * stride,
+                             p + 1 < num_parts ? following : next);
+    }
+    scratch->in_parts = 0;
+    if (st != 0) return st;
+    finalize_parts(j, s, num_parts, scratch->parts);
+    return 0;
+#else
+    (void)j, (void)s, (void)num_parts, (void)scratch, (void)next;
+    return 3; /* never called: without the bf16 path nothing has parts */
+#endif
 }
 
 /* 1 when the AVX-512 BF16 path is built in: bf16 rows without it take the portable loop,
@@ -563,7 +611,7 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     if (item_start == NULL) return 2;
     item_start[0] = 0;
     for (int64_t s = 0; s < num_seqs; s++)
-        item_start[s + 1] = item_start[s] + parts_of(&j, s, num_seqs);
+        item_start[s + 1] = item_start[s] + items_of(&j, s, num_seqs);
     const int64_t num_items = item_start[num_seqs];
     if (num_threads > num_items) num_threads = num_items > 0 ? (int)num_items : 1;
     const int64_t stride = 2 * num_heads + num_heads * head_dim;
@@ -585,7 +633,7 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     {
         scratch_t scratch = {malloc((size_t)buf_len * sizeof(float)), buf_len,
                              malloc((size_t)max_len * sizeof(int64_t)),
-                             malloc((size_t)max_len * sizeof(int64_t)), -1, -1};
+                             malloc((size_t)max_len * sizeof(int64_t)), -1, -1, NULL, 0, NULL};
         int st = scratch.buf == NULL || scratch.offs == NULL || scratch.next_offs == NULL ? 2 : 0;
         /* Each thread claims its next item before it starts the current one, so that the
          * current one can request the next one's K/V (attend_rows_bf16). */
@@ -595,16 +643,20 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
         while (item < num_items) {
             const int64_t next = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
             const int64_t s = item_seq ? item_seq[item] : item;
-            const int64_t num_parts = item_start[s + 1] - item_start[s];
+            const int64_t num_parts = parts_of(&j, s);
+            const int64_t row_items = item_start[s + 1] - item_start[s];
             int64_t after[3] = {-1, 0, 1};
             if (next < num_items) {
                 after[0] = item_seq ? item_seq[next] : next;
                 after[1] = next - item_start[after[0]];
-                after[2] = item_start[after[0] + 1] - item_start[after[0]];
+                after[2] = parts_of(&j, after[0]);
             }
-            if (st == 0)
-                st = attend_seq(&j, s, item - item_start[s], num_parts, &scratch,
-                                num_parts > 1 ? parts + item * stride : NULL, after);
+            if (st == 0 && row_items == 1 && num_parts > 1) /* a prompt row in parts */
+                st = attend_seq_in_parts(&j, s, num_parts, &scratch, after);
+            else if (st == 0)
+                st = attend_seq(&j, s, item - item_start[s], row_items, &scratch,
+                                row_items > 1 ? parts + item * stride : NULL, after);
+            scratch.last_table = table_of(&j, s);
             item = next;
         }
 #ifdef HAVE_BF16_KERNEL /* (without it nothing is split: parts is NULL) */
@@ -620,6 +672,7 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
         free(scratch.buf);
         free(scratch.offs);
         free(scratch.next_offs);
+        free(scratch.parts);
 #pragma omp critical
         if (st > status) status = st;
     }

@@ -160,3 +160,41 @@ def test_bf16_on_the_gemm_kernel_is_batch_invariant(make_tiny_llama: Any, tmp_pa
     for a, b in zip(alone, together, strict=True):
         assert a.token_ids == b.token_ids
         assert a.logprobs == b.logprobs  # bit for bit, not approximately
+
+
+def test_bf16_resume_and_prefix_hits_give_the_same_bits(make_tiny_llama: Any,
+                                                        tmp_path: Path) -> None:
+    """On the CPU kernels a position's logits do not depend on how it was computed: decoded,
+    recomputed as part of a prompt (a resumed job prefills prompt + streamed tokens), or after
+    a prefix-cache hit on all but its last token. So a seeded sampled request resumed at token
+    150 continues with exactly the tokens and log-probs of the undisturbed run, and a repeated
+    prompt gets the same bits. Positions past 256 keys are cut into parts by their length in
+    all three cases; before 2026-11-27 only decode rows were, and this test failed."""
+    if not _gemm_builds(tmp_path):
+        pytest.skip("no GEMM kernel here (AVX-512 BF16): oneDNN picks kernels by batch size")
+    model_dir = make_tiny_llama(tmp_path, hidden_size=576, intermediate_size=1536,
+                                num_attention_heads=9, num_key_value_heads=3,
+                                max_position_embeddings=1024)
+    torch.manual_seed(2)
+    prompt = torch.randint(3, 1000, (701,)).tolist()  # 175 full blocks, a one-token tail
+    params = SamplingParams(max_new_tokens=160, do_sample=True, temperature=0.9, seed=11,
+                            ignore_eos=True)
+    args: dict[str, Any] = {"dtype": "bfloat16", "block_size": 4, "num_kv_blocks": 512}
+    cached = LLM(str(model_dir), enable_prefix_caching=True, **args).engine
+    full = _tokens(cached, "full", prompt, params)
+    again = _tokens(cached, "again", prompt, params)  # 700 tokens' K/V from the cache
+    # Without the prefix cache the resumed job recomputes all 851 positions as prompt rows.
+    fresh = LLM(str(model_dir), enable_prefix_caching=False, **args).engine
+    resumed = _tokens(fresh, "resumed", prompt, params, resume=[t[0] for t in full[:150]])
+    assert again == full  # (id, log-prob) pairs, bit for bit
+    assert resumed == full[150:]
+
+
+def _tokens(engine: Any, request_id: str, prompt: list[int], params: SamplingParams,
+            resume: list[int] | None = None) -> list[tuple[int, float]]:
+    engine.add_request(request_id, prompt, params, resume_token_ids=resume or ())
+    got: list[tuple[int, float]] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            got += [(t.id, t.logprob) for t in out.tokens]
+    return got

@@ -242,3 +242,37 @@ def test_a_decode_row_does_not_depend_on_its_batch(kernel: CpuPagedDecode,
                    torch.cat([prompt_lens, b.seq_lens[1:2]]).contiguous(), scale, None, 2,
                    row_seqs=torch.tensor([3] * 8 + [1], dtype=torch.int32))
     assert torch.equal(mixed[8], batch[1])
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)], ids=["smollm2", "gqa4-d128"])
+def test_a_prompt_row_does_not_depend_on_its_chunk(kernel: CpuPagedDecode,
+                                                   heads: tuple[int, int, int]) -> None:
+    """A prompt row's output is the same bits in a long chunk, in a short one, alone (a
+    one-token chunk, computed like a decode row) and on 1-3 threads: its keys are cut into
+    parts by their number alone, a prompt row's parts computed one after another. Before
+    2026-11-27 rows inside a chunk were never cut and lone rows were, and this test failed."""
+    num_heads, num_kv_heads, head_dim = heads
+    b = _decode_batch((2100,), num_heads, num_kv_heads, head_dim, block_size=16,
+                      dtype=torch.bfloat16, seed=9)
+    scale = head_dim ** -0.5
+    # Rows of one prompt seeing 120 ... 2,100 keys (1 to 16 parts).
+    seq_lens = torch.tensor([120, 255, 256, 300, 301, 700, 1500, 2099, 2100], dtype=torch.int32)
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(2))
+    q = q.bfloat16()
+    rows = torch.zeros(len(seq_lens), dtype=torch.int32)
+    chunk = kernel(q, b.k_cache, b.v_cache, b.block_tables, seq_lens, scale, None, 2,
+                   row_seqs=rows)
+    expected = paged_attention_ref(q, b.k_cache, b.v_cache, b.block_tables.expand(9, -1),
+                                   torch.arange(10, dtype=torch.int32), seq_lens, scale)
+    assert rel_err(chunk, expected) < 1e-2
+    for threads in (1, 3):
+        again = kernel(q, b.k_cache, b.v_cache, b.block_tables, seq_lens, scale, None, threads,
+                       row_seqs=rows)
+        assert torch.equal(again, chunk), threads
+    for i in range(len(seq_lens)):
+        alone = kernel(q[i:i + 1], b.k_cache, b.v_cache, b.block_tables, seq_lens[i:i + 1],
+                       scale, None, 2)
+        assert torch.equal(alone[0], chunk[i]), i
+    short = kernel(q[3:5].contiguous(), b.k_cache, b.v_cache, b.block_tables, seq_lens[3:5],
+                   scale, None, 2, row_seqs=rows[3:5])
+    assert torch.equal(short, chunk[3:5])
