@@ -1,6 +1,7 @@
 """The real engine on a tiny random Llama: a worker process is SIGKILLed mid-generation and
 its jobs resume on the other one. Greedy, seeded and unseeded sampled requests all end with
-exactly the tokens the offline engine produces without any fault (float32)."""
+exactly the tokens the offline engine produces without any fault: in float32, and in bf16 on
+the CPU's C kernels (batch invariant, a resumed position's logits the same bits as decoded)."""
 
 from __future__ import annotations
 
@@ -18,23 +19,40 @@ from chaos_support import (
 
 from tokenfleet.engine.llm import LLM
 from tokenfleet.engine.sampling_params import SamplingParams
+from tokenfleet.kernels import cpu_gemm
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 
-def _worker_settings(model_dir) -> dict:
-    return dict(engine="llm", model=str(model_dir), dtype="float32", device="cpu",
+def _worker_settings(model_dir, dtype: str) -> dict:
+    return dict(engine="llm", model=str(model_dir), dtype=dtype, device="cpu",
                 num_threads=1, max_num_seqs=4, num_kv_blocks=512, lease_ms=1500)
 
 
-async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, tiny_llama_dir):
-    # ~4 ms per step: a few hundred tokens each keep them running long enough to be hit.
-    specs = mixed_workload(8, min_tokens=300, max_tokens=450)
-    procs = {w: fleet.spawn(w, **_worker_settings(tiny_llama_dir)) for w in ("w0", "w1")}
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, tiny_llama_dir,
+                                                           make_tiny_llama, tmp_path, dtype):
+    """float32: the same tokens (torch's GEMMs may differ in the last bits of a log-prob).
+    bf16 on our kernels: the same tokens and log-probs, bit for bit; its model has head_dim
+    64, so attention runs the AVX-512 path that cuts rows past 256 keys into parts."""
+    model_dir = tiny_llama_dir
+    if dtype == "bfloat16":
+        if cpu_gemm.load(tmp_path / "kernels") is None:
+            pytest.skip("no GEMM kernel here (AVX-512 BF16): oneDNN is not batch invariant")
+        model_dir = make_tiny_llama(tmp_path, hidden_size=256, intermediate_size=512,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=1024)
+    # ~4 ms per step: a few hundred tokens each keep them running long enough to be hit. In
+    # bf16 the kill waits for 280 tokens, so that the resumed prefill recomputes positions
+    # past 256 keys (cut into parts) that the victim had decoded.
+    kill_at = 280 if dtype == "bfloat16" else 20
+    specs = mixed_workload(8, min_tokens=kill_at + 280, max_tokens=kill_at + 430)
+    procs = {w: fleet.spawn(w, **_worker_settings(model_dir, dtype)) for w in ("w0", "w1")}
     await fleet.wait_for_workers(redis, list(procs), timeout_s=120)
     async with fleet.client() as client, RawListener(redis, keys) as raw:
         clients = asyncio.create_task(run_clients(client, specs, timeout_s=180))
-        victim, num_held = await kill_busiest(redis, keys, procs, min_jobs=2, min_tokens=20)
+        victim, num_held = await kill_busiest(redis, keys, procs, min_jobs=2,
+                                              min_tokens=kill_at, timeout_s=60)
         results = await clients
 
     finals = [check_stream(results[s.request_id]) for s in specs]
@@ -45,10 +63,15 @@ async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, t
             p.seed = final.details.seed
         params.append(p)
     offline = await asyncio.to_thread(
-        lambda: LLM(str(tiny_llama_dir), dtype="float32", num_threads=1).generate(
+        lambda: LLM(str(model_dir), dtype=dtype, num_threads=1).generate(
             [s.prompt for s in specs], params))
     for spec, expected in zip(specs, offline, strict=True):
         final = check_stream(results[spec.request_id], expected.token_ids)
+        if dtype == "bfloat16":
+            streamed = [e.token.logprob for e in results[spec.request_id][:-1]]
+            if final.token is not None:
+                streamed.append(final.token.logprob)
+            assert streamed == expected.logprobs  # the same bits, resumed or not
         assert final.generated_text == expected.text
         assert final.details.finish_reason == expected.finish_reason
     assert not raw.conflicts()
@@ -58,7 +81,7 @@ async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, t
     survivor = "w1" if victim == "w0" else "w0"
     assert procs[survivor].returncode == 0
     resumed = [line for line in fleet.log_lines(survivor) if line.get("event") == "job_resumed"]
-    # kill_busiest waited for two held jobs with >= 20 tokens each; the victim may also have
-    # held a job that started later, with fewer (a CI run saw one resumed at 19).
-    assert sum(line["num_resumed"] >= 20 for line in resumed) >= 2
+    # kill_busiest waited for two held jobs with >= kill_at tokens each; the victim may also
+    # have held a job that started later, with fewer (a CI run saw one resumed at 19).
+    assert sum(line["num_resumed"] >= kill_at for line in resumed) >= 2
     assert num_held >= 2
