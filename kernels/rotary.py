@@ -9,7 +9,7 @@ import triton.language as tl
 from tokenfleet.kernels.errors import KernelArgumentError
 from tokenfleet.kernels.launch_checks import FLOAT_DTYPES, check_device, check_tensor
 
-__all__ = ["check_rotary_args", "rotary", "rotate_heads"]
+__all__ = ["check_rotary_args", "rotary", "rotate_heads", "token_cos_sin"]
 
 
 @triton.jit
@@ -33,6 +33,18 @@ def rotate_heads(src_ptr, src_stride_head, dst_ptr, dst_stride_head, cos, sin,
 
 
 @triton.jit
+def token_cos_sin(positions_ptr, cos_sin_ptr, tok, stride_cs_pos,
+                  HALF: tl.constexpr, HALF_PADDED: tl.constexpr):
+    # Token tok's angles: cos and sin [HALF_PADDED] in float32 (0 past HALF).
+    pos = tl.load(positions_ptr + tok)
+    offs_d = tl.arange(0, HALF_PADDED)
+    cs = cos_sin_ptr + pos * stride_cs_pos + offs_d
+    cos = tl.load(cs, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cs + HALF, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_cs_pos,
@@ -41,11 +53,7 @@ def _rotary_kernel(
     HALF: tl.constexpr, HALF_PADDED: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok)
-    offs_d = tl.arange(0, HALF_PADDED)
-    cs = cos_sin_ptr + pos * stride_cs_pos + offs_d
-    cos = tl.load(cs, mask=offs_d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cs + HALF, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, tok, stride_cs_pos, HALF, HALF_PADDED)
     q_row = q_ptr + tok * stride_q_tok
     k_row = k_ptr + tok * stride_k_tok
     rotate_heads(q_row, stride_q_head, q_row, stride_q_head, cos, sin,

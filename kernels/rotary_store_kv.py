@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from tokenfleet.kernels.kv_store import check_store_kv_args
-from tokenfleet.kernels.rotary import check_rotary_args, rotate_heads
+from tokenfleet.kernels.rotary import check_rotary_args, rotate_heads, token_cos_sin
 
 __all__ = ["rotary_store_kv"]
 
@@ -45,11 +45,7 @@ def _rotary_store_kv_kernel(
     PAGE_SIZE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok)
-    offs_half = tl.arange(0, HALF_PADDED)
-    cs = cos_sin_ptr + pos * stride_cs_pos + offs_half
-    cos = tl.load(cs, mask=offs_half < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cs + HALF, mask=offs_half < HALF, other=0.0).to(tl.float32)
+    cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, tok, stride_cs_pos, HALF, HALF_PADDED)
     q_row = q_ptr + tok * stride_q_tok
     rotate_heads(q_row, stride_q_head, q_row, stride_q_head, cos, sin,
                  NUM_HEADS, HEADS_PADDED, HALF, HALF_PADDED)
