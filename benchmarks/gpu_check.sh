@@ -7,7 +7,8 @@
 # Wheels in .whl/ (gguf, which the device image lacks) are installed first when present, and
 # when .whl/tokenizer/ holds SmolLM2's tokenizer.json + tokenizer_config.json (copy them from
 # .cache/tokenfleet-test/models/smollm2/), the tiny-model GPU tests (CUDA graphs vs eager,
-# asynchronous decode) run too: the device is offline and cannot pull the model.
+# asynchronous decode, the fused kernels inside the model) run too: the device is offline and
+# cannot pull the model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
@@ -33,13 +34,14 @@ echo "gpu_check exit status: $status"
 TINY_MODEL_TESTS=()
 if [[ -f .whl/tokenizer/tokenizer.json ]]; then
     export TOKENFLEET_TEST_TOKENIZER_DIR="$PWD/.whl/tokenizer"
-    TINY_MODEL_TESTS=(tests/kernels/test_cuda_graph_runner.py tests/kernels/test_async_decode.py)
+    TINY_MODEL_TESTS=(tests/kernels/test_cuda_graph_runner.py tests/kernels/test_async_decode.py
+                      tests/kernels/test_engine_triton_backend.py)
 fi
 if [[ " $* " != *" --dry-run "* ]]; then
     timeout --signal=INT --kill-after=10 "$PYTEST_LIMIT_S" "$PYTHON" -m pytest -q -x \
         -p no:cacheprovider -o addopts="" \
         tests/kernels/test_attention_flash_backend.py tests/kernels/test_silu_mul_kernel.py \
-        tests/kernels/test_rotary_store_kv_kernel.py tests/kernels/test_engine_triton_backend.py \
+        tests/kernels/test_rotary_store_kv_kernel.py \
         tests/kernels/test_attention_backend.py "tests/unit/test_sampler.py::test_cuda_draws_equal_cpu_draws" \
         "${TINY_MODEL_TESTS[@]}" \
         2>&1 | tee "$OUT/pytest_gpu.log" | tail -25

@@ -70,15 +70,19 @@ def test_matches_reference(dtype: torch.dtype, rotary_dim: int, heads: tuple[int
 
 
 def test_equals_the_two_kernels_it_replaces() -> None:
-    """Same float32 math as rotary then store_kv: bit-identical results in bf16."""
+    """Same float32 math as rotary then store_kv: bit-identical results in bf16 under the
+    interpreter (on a GPU the two compilations may contract multiply-adds differently)."""
     args = _inputs(8, 2, torch.bfloat16, HEAD_DIM, seed=5)
     two = _cloned(args)
     rotary_store_kv(**args)
     rotary(two["q"], two["k"], two["positions"], two["cos_sin_cache"])
     store_kv(two["k"], two["v"], two["k_cache"], two["v_cache"], two["slot_mapping"])
-    assert torch.equal(args["q"], two["q"])
-    assert torch.equal(args["k_cache"], two["k_cache"])
     assert torch.equal(args["v_cache"], two["v_cache"])
+    for name in ("q", "k_cache"):
+        if DEVICE == "cpu":
+            assert torch.equal(args[name], two[name]), name
+        else:
+            assert rel_err(args[name], two[name]) < 1e-3, name
 
 
 @pytest.mark.parametrize(
