@@ -174,6 +174,7 @@ def _check_kernels(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _bench_attention(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    from tokenfleet.kernels import norm_gemv_bench
     from tokenfleet.kernels.attention_bench import (
         CPU_CASES,
         bench_paged_attention,
@@ -181,10 +182,13 @@ def _bench_attention(plan: dict[str, Any]) -> list[dict[str, Any]]:
     )
 
     if plan["device"] == "cuda":
-        rows = bench_paged_attention("cuda") + bench_rotary_store_kv("cuda")
+        rows = (bench_paged_attention("cuda") + bench_rotary_store_kv("cuda")
+                + norm_gemv_bench.bench_norm_gemv("cuda"))
     else:
         rows = (bench_paged_attention("cpu", heads=(4, 2, 16), cases=CPU_CASES)
-                + bench_rotary_store_kv("cpu", heads=(4, 2, 16), batches=(2,)))
+                + bench_rotary_store_kv("cpu", heads=(4, 2, 16), batches=(2,))
+                + norm_gemv_bench.bench_norm_gemv("cpu", norm_gemv_bench.CPU_CASES,
+                                                  norm_gemv_bench.CPU_CONFIGS))
     for row in rows:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return rows
@@ -286,6 +290,13 @@ def _print_table(report: dict[str, Any]) -> None:
               f"| {o.get('tok_s', float('nan')) / h.get('tok_s', float('nan')):.2f} "
               f"| {floor_ms / ms:.2f} |")
     for row in report.get("attention_bench") or []:
+        if "baseline_us" in row:
+            print(f"{row['case']} per layer (32 in one graph): RMSNorm + cuBLAS "
+                  f"{row['baseline_us']:.2f} us, fused {row.get('fused_us', float('nan')):.2f}"
+                  f" us at {row.get('best_config')} ({row.get('fused_GB_s', 0):.0f} GB/s; "
+                  f"ratio {row.get('baseline_over_fused', float('nan')):.2f}); wrong configs: "
+                  f"{row.get('wrong_configs', [])}")
+            continue
         if "fused_us" in row:
             print(f"{row['case']} per layer (32 in one graph): two kernels "
                   f"{row['two_kernels_us']:.2f} us, fused {row['fused_us']:.2f} us "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "norm_gemv_ref",
     "paged_attention_ref",
     "rms_norm_ref",
     "rotary_ref",
@@ -92,6 +93,22 @@ def rms_norm_ref(
     normed = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
     out = (weight.float() * normed.to(x.dtype).float()).to(x.dtype)
     return out, new_residual
+
+
+def norm_gemv_ref(
+    x: torch.Tensor,  # [num_rows, K]
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    residual: torch.Tensor | None = None,  # [num_rows, K]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (out [num_rows, N], new_residual [num_rows, K])
+    """rms_norm_ref, then the linear layer on its output (float32 products, cast back)."""
+    normed, new_residual = rms_norm_ref(x, norm_weight, eps, residual)
+    out = normed.float() @ weight.float().T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype), new_residual
 
 
 def rotary_ref(

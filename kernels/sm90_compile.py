@@ -43,6 +43,7 @@ class Variant:
 def variants() -> list[Variant]:
     """The launch variants used at Llama-3-8B shapes (bf16), plus fp32 and SmolLM2 heads."""
     from tokenfleet.kernels.kv_store import _store_kv_kernel
+    from tokenfleet.kernels.norm_gemv import _norm_gemv_kernel
     from tokenfleet.kernels.paged_attention import choose_tiles
     from tokenfleet.kernels.paged_attention_kernels import (
         paged_attention_kernel,
@@ -77,6 +78,14 @@ def variants() -> list[Variant]:
                       PAGE_SIZE=16)
         return Variant(name, _rotary_store_kv_kernel, types, consts, num_warps=4)
 
+    def norm_gemv(name: str, block_n: int, block_k: int, num_warps: int) -> Variant:
+        types = {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16",
+                 "residual_ptr": "*bf16", "norm_weight_ptr": "*bf16", "weight_ptr": "*bf16",
+                 "bias_ptr": "*bf16", "eps": "fp32"}
+        consts = dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, HAS_RESIDUAL=True,
+                      HAS_BIAS=False)
+        return Variant(name, _norm_gemv_kernel, types, consts, num_warps=num_warps)
+
     return [
         attention("attention decode", "bf16", 4, 128, 1, 1, False),
         attention("attention decode split8", "bf16", 4, 128, 1, 8, False),
@@ -105,6 +114,8 @@ def variants() -> list[Variant]:
                      HALF=64, HALF_PADDED=64), num_warps=4),
         rotary_store_kv("rotary + store_kv", 128),
         rotary_store_kv("rotary + store_kv partial", 64),
+        norm_gemv("norm + gemv 32x256", 32, 256, 4),
+        norm_gemv("norm + gemv 64x512", 64, 512, 8),
     ]
 
 

@@ -1,0 +1,111 @@
+"""Time norm_gemv against what the engine runs now: our RMSNorm kernel, then cuBLAS.
+
+    python -m tokenfleet.kernels.norm_gemv_bench     (on a GPU; gpu_check.py runs it too)
+
+Decode at batch 1, Llama-3-8B shapes (the QKV and gate-up projections, each after a norm).
+Each side runs `num_layers` layers with their own weights, captured in one CUDA graph, so the
+weights come from memory as in a real step and the launch gaps between kernels count. A few
+tile configurations of the fused kernel are tried; each one's output is checked against the
+baseline's first. Prints µs per layer, the achieved weight bandwidth and the ratio.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tokenfleet.kernels.attention_bench import time_ms
+from tokenfleet.kernels.norm_gemv import norm_gemv
+from tokenfleet.kernels.rms_norm import rms_norm
+from tokenfleet.kernels.selfcheck import rel_err
+
+__all__ = ["GPU_CASES", "bench_norm_gemv"]
+
+GPU_CASES = (("qkv", 6144, 4096), ("gate_up", 28672, 4096))  # name, N, K
+CPU_CASES = (("tiny", 48, 64),)
+# (block_n, block_k, num_warps)
+GPU_CONFIGS = ((16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 256, 8),
+               (32, 128, 4), (16, 512, 4), (64, 512, 8))
+CPU_CONFIGS = ((16, 32, 4),)
+
+
+def bench_norm_gemv(
+    device: torch.device | str,
+    cases: tuple[tuple[str, int, int], ...] = GPU_CASES,
+    configs: tuple[tuple[int, int, int], ...] = GPU_CONFIGS,
+    num_layers: int = 32,
+) -> list[dict[str, Any]]:
+    """One row per case: baseline µs per layer, the best fused config's, their ratio."""
+    gen = torch.Generator().manual_seed(0)
+    return [_bench_case(name, n, k, configs, num_layers, device, gen) for name, n, k in cases]
+
+
+def _bench_case(name: str, n: int, k: int, configs: tuple[tuple[int, int, int], ...],
+                num_layers: int, device: torch.device | str,
+                gen: torch.Generator) -> dict[str, Any]:
+    x = torch.randn(1, k, generator=gen).bfloat16().to(device)
+    residual = torch.randn(1, k, generator=gen).bfloat16().to(device)
+    norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).bfloat16().to(device)
+    weights = [(torch.randn(n, k, generator=gen) * k ** -0.5).bfloat16().to(device)
+               for _ in range(num_layers if torch.device(device).type == "cuda" else 1)]
+
+    def baseline(w: torch.Tensor) -> torch.Tensor:
+        normed, _ = rms_norm(x, norm_weight, 1e-5, residual)
+        return F.linear(normed, w)
+
+    def fused(w: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+        return norm_gemv(x, norm_weight, 1e-5, w, residual=residual, block_n=block_n,
+                         block_k=block_k, num_warps=num_warps)[0]
+
+    expected = baseline(weights[0])
+    row: dict[str, Any] = {"case": f"norm+gemv {name} {n}x{k}",
+                           "baseline_us": _layers_us(baseline, weights, device)}
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for config in configs:
+        if rel_err(fused(weights[0], *config), expected) > 2e-2:
+            row.setdefault("wrong_configs", []).append(config)
+            continue
+        us = _layers_us(functools.partial(fused, block_n=config[0], block_k=config[1],
+                                          num_warps=config[2]), weights, device)
+        if best is None or us < best[0]:
+            best = (us, config)
+    if best is not None:
+        row["fused_us"], row["best_config"] = best
+        row["baseline_over_fused"] = row["baseline_us"] / row["fused_us"]
+        row["fused_GB_s"] = n * k * 2 / row["fused_us"] / 1e3
+    return row
+
+
+def _layers_us(fn: Callable[[torch.Tensor], Any], weights: list[torch.Tensor],
+               device: torch.device | str) -> float:
+    """µs per call of `fn` over every layer's weights (one CUDA graph of them on the GPU)."""
+    if torch.device(device).type != "cuda":
+        return time_ms(lambda: fn(weights[0]), device) * 1e3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(weights[0])  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    return time_ms(graph.replay, device) * 1e3 / len(weights)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a GPU (the CPU smoke case runs in benchmarks/gpu_check.py --dry-run)")
+        return 2
+    for row in bench_norm_gemv("cuda"):
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""norm_gemv (RMSNorm fused into the GEMV after it) vs its reference and vs the two kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenfleet.kernels.errors import KernelArgumentError
+from tokenfleet.kernels.norm_gemv import norm_gemv
+from tokenfleet.kernels.reference import norm_gemv_ref
+from tokenfleet.kernels.rms_norm import rms_norm
+from tokenfleet.kernels.selfcheck import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _args(num_rows: int, k: int, n: int, dtype: torch.dtype, seed: int = 0,
+          residual: bool = True, bias: bool = False) -> dict[str, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+    return {
+        "x": rand(num_rows, k),
+        "norm_weight": (1 + rand(k, scale=0.1).float()).to(dtype),
+        "weight": rand(n, k, scale=k ** -0.5),
+        "bias": rand(n) if bias else None,
+        "residual": rand(num_rows, k) if residual else None,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("num_rows", "k", "n", "residual", "bias"),
+    [(1, 96, 40, True, False),  # K and N not multiples of the tiles
+     (3, 64, 16, False, True),  # several rows, no residual, a bias (Qwen2's qkv)
+     (2, 200, 70, True, True)],
+    ids=["one-row", "three-rows-bias", "residual-and-bias"],
+)
+def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, residual: bool,
+                           bias: bool) -> None:
+    args = _args(num_rows, k, n, dtype, residual=residual, bias=bias)
+    x_before = args["x"].clone()  # type: ignore[union-attr]
+    out, new_res = norm_gemv(**args, eps=1e-5, block_n=16, block_k=32)  # type: ignore[arg-type]
+    out_ref, res_ref = norm_gemv_ref(**args, eps=1e-5)  # type: ignore[arg-type]
+    tol = 1e-5 if dtype == torch.float32 else 1.2e-2
+    assert rel_err(out, out_ref) < tol
+    # The same rounded sum (in bf16 the interpreter rounds by truncation: an ulp apart).
+    assert rel_err(new_res, res_ref) <= (0.0 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(args["x"], x_before)
+    if not residual:
+        assert new_res is args["x"]
+
+
+def test_equals_rms_norm_then_linear() -> None:
+    """The same as the two kernels it replaces (our RMSNorm, then a float32 product)."""
+    args = _args(2, 128, 48, torch.bfloat16, seed=3)
+    normed, new_res = rms_norm(args["x"], args["norm_weight"], 1e-5,  # type: ignore[arg-type]
+                               args["residual"])
+    two = (normed.float() @ args["weight"].float().T).bfloat16()  # type: ignore[union-attr]
+    out, fused_res = norm_gemv(**args, eps=1e-5, block_k=64)  # type: ignore[arg-type]
+    assert torch.equal(fused_res, new_res)
+    # The norm's sum of squares adds in another order: at most a bf16 ulp on a few inputs.
+    assert rel_err(out, two) < 1e-2
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [({"weight": "transposed"}, "weight"), ({"norm_weight": "short"}, "norm_weight"),
+     ({"block_n": 24}, "block_n"), ({"eps": 0.0}, "eps")],
+    ids=["weight-shape", "norm-weight-shape", "block-not-power-of-two", "eps"],
+)
+def test_bad_arguments_are_rejected(change: dict[str, object], match: str) -> None:
+    args: dict[str, object] = {**_args(1, 64, 32, torch.float32), "eps": 1e-5}
+    name, how = next(iter(change.items()))
+    if how == "transposed":
+        args[name] = args[name].T.contiguous()  # type: ignore[attr-defined]
+    elif how == "short":
+        args[name] = args[name][:-1]  # type: ignore[index]
+    else:
+        args[name] = how
+    with pytest.raises(KernelArgumentError, match=match):
+        norm_gemv(**args)  # type: ignore[arg-type]
