@@ -41,17 +41,20 @@ def bench_norm_gemv(
     num_layers: int = 32,
 ) -> list[dict[str, Any]]:
     """One row per case: baseline µs per layer, the best fused config's, their ratio."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # weights made on the device: fast
     return [_bench_case(name, n, k, configs, num_layers, device, gen) for name, n, k in cases]
 
 
 def _bench_case(name: str, n: int, k: int, configs: tuple[tuple[int, int, int], ...],
                 num_layers: int, device: torch.device | str,
                 gen: torch.Generator) -> dict[str, Any]:
-    x = torch.randn(1, k, generator=gen).bfloat16().to(device)
-    residual = torch.randn(1, k, generator=gen).bfloat16().to(device)
-    norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).bfloat16().to(device)
-    weights = [(torch.randn(n, k, generator=gen) * k ** -0.5).bfloat16().to(device)
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * scale).bfloat16()
+
+    x, residual = rand(1, k), rand(1, k)
+    norm_weight = (1 + rand(k, scale=0.1).float()).bfloat16()
+    # Every layer its own weights (a step reads them from memory, not from L2).
+    weights = [rand(n, k, scale=k ** -0.5)
                for _ in range(num_layers if torch.device(device).type == "cuda" else 1)]
 
     def baseline(w: torch.Tensor) -> torch.Tensor:
