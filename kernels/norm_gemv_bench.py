@@ -42,7 +42,10 @@ def bench_norm_gemv(
 ) -> list[dict[str, Any]]:
     """One row per case: baseline µs per layer, the best fused config's, their ratio."""
     gen = torch.Generator(device=device).manual_seed(0)  # weights made on the device: fast
-    return [_bench_case(name, n, k, configs, num_layers, device, gen) for name, n, k in cases]
+    rows = [_bench_case(name, n, k, configs, num_layers, device, gen) for name, n, k in cases]
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # ~9 GB of weights: give them back before the model parts
+    return rows
 
 
 def _bench_case(name: str, n: int, k: int, configs: tuple[tuple[int, int, int], ...],
