@@ -18,12 +18,8 @@ import triton
 import triton.language as tl
 
 from tokenfleet.kernels.errors import KernelArgumentError
-from tokenfleet.kernels.launch_checks import (
-    FLOAT_DTYPES,
-    check_device,
-    check_same_shape,
-    check_tensor,
-)
+from tokenfleet.kernels.launch_checks import FLOAT_DTYPES, check_device, check_tensor
+from tokenfleet.kernels.rms_norm import check_rms_norm_args
 
 __all__ = ["norm_gemv"]
 
@@ -100,23 +96,15 @@ def norm_gemv(
     new_residual is `x` itself without `residual`, else a new tensor x + residual. The tile
     sizes are tuning knobs (powers of two). Raises KernelArgumentError on bad arguments.
     """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_rms_norm_args(x, norm_weight, eps, residual, weight_name="norm_weight")
     num_rows, k = x.shape
-    check_tensor("norm_weight", norm_weight, ndim=1, dtypes=FLOAT_DTYPES, shape=(k,))
     check_tensor("weight", weight, ndim=2, dtypes=[x.dtype], shape=(None, k))
     n = weight.shape[0]
-    tensors = [("x", x), ("norm_weight", norm_weight), ("weight", weight)]
+    tensors = [("x", x), ("weight", weight)]
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(n,))
         tensors.append(("bias", bias))
-    if residual is not None:
-        check_same_shape("residual", residual, "x", x)
-        if residual.stride(-1) != 1:
-            raise KernelArgumentError("residual: last dimension must be contiguous (stride 1)")
-        tensors.append(("residual", residual))
     check_device(tensors)
-    if not eps > 0:
-        raise KernelArgumentError(f"eps must be positive, got {eps}")
     for name, size in (("block_n", block_n), ("block_k", block_k)):
         if size < 1 or size & (size - 1):
             raise KernelArgumentError(f"{name} must be a power of two, got {size}")

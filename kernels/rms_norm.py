@@ -14,7 +14,7 @@ from tokenfleet.kernels.launch_checks import (
     check_tensor,
 )
 
-__all__ = ["rms_norm"]
+__all__ = ["check_rms_norm_args", "rms_norm"]
 
 
 @triton.jit
@@ -40,6 +40,27 @@ def _rms_norm_kernel(
              mask=ok)
 
 
+def check_rms_norm_args(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None,  # [num_tokens, hidden]
+    weight_name: str = "weight",
+) -> None:
+    """Raise KernelArgumentError unless the arguments fit `rms_norm`."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(weight_name, weight, ndim=1, dtypes=FLOAT_DTYPES, shape=(x.shape[1],))
+    tensors = [("x", x), (weight_name, weight)]
+    if residual is not None:
+        check_same_shape("residual", residual, "x", x)
+        if residual.stride(-1) != 1:
+            raise KernelArgumentError("residual: last dimension must be contiguous (stride 1)")
+        tensors.append(("residual", residual))
+    check_device(tensors)
+    if not eps > 0:
+        raise KernelArgumentError(f"eps must be positive, got {eps}")
+
+
 def rms_norm(
     x: torch.Tensor,  # [num_tokens, hidden]
     weight: torch.Tensor,  # [hidden]
@@ -50,18 +71,8 @@ def rms_norm(
 
     Without `residual`, new_residual is `x` itself; with it, a new tensor x + residual.
     """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_rms_norm_args(x, weight, eps, residual)
     num_tokens, hidden = x.shape
-    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, shape=(hidden,))
-    tensors = [("x", x), ("weight", weight)]
-    if residual is not None:
-        check_same_shape("residual", residual, "x", x)
-        if residual.stride(-1) != 1:
-            raise KernelArgumentError("residual: last dimension must be contiguous (stride 1)")
-        tensors.append(("residual", residual))
-    check_device(tensors)
-    if not eps > 0:
-        raise KernelArgumentError(f"eps must be positive, got {eps}")
     out = torch.empty_like(x)
     new_residual = x if residual is None else torch.empty_like(x)
     if num_tokens == 0:
