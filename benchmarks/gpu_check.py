@@ -291,7 +291,7 @@ def _print_table(report: dict[str, Any]) -> None:
               f"| {floor_ms / ms:.2f} |")
     for row in report.get("attention_bench") or []:
         if "baseline_us" in row:
-            print(f"{row['case']} per layer (32 in one graph): RMSNorm + cuBLAS "
+            print(f"{row['case']} per layer (32 in one graph): baseline (cuBLAS) "
                   f"{row['baseline_us']:.2f} us, fused {row.get('fused_us', float('nan')):.2f}"
                   f" us at {row.get('best_config')} ({row.get('fused_GB_s', 0):.0f} GB/s; "
                   f"ratio {row.get('baseline_over_fused', float('nan')):.2f}); wrong configs: "

@@ -5,7 +5,9 @@ small kernels, and each boundary between two of them costs the GPU a few microse
 norm before the QKV and gate-up projections is one of them: this kernel computes it in the
 GEMV's prologue instead. Each program recomputes the row's root mean square (the row is a few
 KB, read from L2) and then streams its BLOCK_N rows of the weight, so the norm costs no launch
-and no round trip of the normalised row through memory. Semantics: `reference.norm_gemv_ref`.
+and no round trip of the normalised row through memory. Without a norm weight it is a plain
+GEMV: the candidate for the o_proj and down projections, where cuBLAS picks split-K at one row
+and adds a reduce kernel after each (64 a step). Semantics: `reference.norm_gemv_ref`.
 
 Not used by the engine yet: `kernels/norm_gemv_bench.py` times it against RMSNorm + cuBLAS on
 the GPU check, and the engine takes it once it is measured faster there.
@@ -40,19 +42,21 @@ def _norm_gemv_kernel(
     eps, N,
     stride_out, stride_new_res, stride_x, stride_res, stride_w,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    APPLY_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     x_row = x_ptr + row * stride_x
     res_row = residual_ptr + row * stride_res
     # Pass 1: the row's inverse RMS (float32).
-    squares = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        hf = _load_h(x_row, res_row, offs_k, offs_k < K, HAS_RESIDUAL).to(tl.float32)
-        squares += hf * hf
-    inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+    inv_rms = 1.0
+    if APPLY_NORM:
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            hf = _load_h(x_row, res_row, offs_k, offs_k < K, HAS_RESIDUAL).to(tl.float32)
+            squares += hf * hf
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     # Pass 2: out[n] = sum_k W[n, k] * normed[k] over this program's BLOCK_N rows of W.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_ok = offs_n < N
@@ -65,11 +69,13 @@ def _norm_gemv_kernel(
         if HAS_RESIDUAL:  # program 0 writes the new residual stream (others: an empty mask)
             tl.store(new_residual_ptr + row * stride_new_res + offs_k, h,
                      mask=offs_k < res_end)
-        # HF rounds the normalised row to the model dtype before the weight multiply, and the
-        # product again (the linear's input).
-        normed = (h.to(tl.float32) * inv_rms).to(h.dtype).to(tl.float32)
-        g = tl.load(norm_weight_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (g * normed).to(h.dtype).to(tl.float32)  # [BLOCK_K]
+        xn = h.to(tl.float32)  # [BLOCK_K]
+        if APPLY_NORM:
+            # HF rounds the normalised row to the model dtype before the weight multiply, and
+            # the product again (the linear's input).
+            normed = (xn * inv_rms).to(h.dtype).to(tl.float32)
+            g = tl.load(norm_weight_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            xn = (g * normed).to(h.dtype).to(tl.float32)
         w = tl.load(weight_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(w.to(tl.float32) * xn[None, :], axis=1)
@@ -80,7 +86,7 @@ def _norm_gemv_kernel(
 
 def norm_gemv(
     x: torch.Tensor,  # [num_rows, K]
-    norm_weight: torch.Tensor,  # [K]
+    norm_weight: torch.Tensor | None,  # [K]; None: no norm (a plain GEMV)
     eps: float,
     weight: torch.Tensor,  # [N, K] (nn.Linear layout)
     bias: torch.Tensor | None = None,  # [N]
@@ -93,10 +99,16 @@ def norm_gemv(
     """linear(rms_norm(x (+ residual))): the RMSNorm of `rms_norm` in the GEMV's prologue.
 
     For decode-sized row counts (each program reads its weight rows once per input row).
-    new_residual is `x` itself without `residual`, else a new tensor x + residual. The tile
-    sizes are tuning knobs (powers of two). Raises KernelArgumentError on bad arguments.
+    new_residual is `x` itself without `residual`, else a new tensor x + residual. Without
+    `norm_weight` it is a plain GEMV, linear(x) (no residual then), the candidate for the
+    projections that follow no norm. The tile sizes are tuning knobs (powers of two). Raises
+    KernelArgumentError on bad arguments.
     """
-    check_rms_norm_args(x, norm_weight, eps, residual, weight_name="norm_weight")
+    if norm_weight is not None:
+        check_rms_norm_args(x, norm_weight, eps, residual, weight_name="norm_weight")
+    elif residual is not None:
+        raise KernelArgumentError("a residual needs the norm (norm_weight) it feeds")
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     num_rows, k = x.shape
     check_tensor("weight", weight, ndim=2, dtypes=[x.dtype], shape=(None, k))
     n = weight.shape[0]
@@ -114,11 +126,13 @@ def norm_gemv(
         return out, new_residual
     res = x if residual is None else residual  # placeholder pointers when absent
     _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
-        out, new_residual, x, res, norm_weight, weight, weight if bias is None else bias,
+        out, new_residual, x, res, x if norm_weight is None else norm_weight, weight,
+        weight if bias is None else bias,
         eps, n,
         out.stride(0), new_residual.stride(0), x.stride(0), res.stride(0), weight.stride(0),
         K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        APPLY_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
         num_warps=num_warps,
     )
     return out, new_residual

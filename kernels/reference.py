@@ -97,14 +97,16 @@ def rms_norm_ref(
 
 def norm_gemv_ref(
     x: torch.Tensor,  # [num_rows, K]
-    norm_weight: torch.Tensor,  # [K]
+    norm_weight: torch.Tensor | None,  # [K]; None: no norm
     eps: float,
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     residual: torch.Tensor | None = None,  # [num_rows, K]
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (out [num_rows, N], new_residual [num_rows, K])
-    """rms_norm_ref, then the linear layer on its output (float32 products, cast back)."""
-    normed, new_residual = rms_norm_ref(x, norm_weight, eps, residual)
+    """rms_norm_ref (when `norm_weight` is given), then the linear layer on its output
+    (float32 products, cast back)."""
+    normed, new_residual = (rms_norm_ref(x, norm_weight, eps, residual)
+                            if norm_weight is not None else (x, x))
     out = normed.float() @ weight.float().T
     if bias is not None:
         out = out + bias.float()

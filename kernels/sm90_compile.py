@@ -78,12 +78,13 @@ def variants() -> list[Variant]:
                       PAGE_SIZE=16)
         return Variant(name, _rotary_store_kv_kernel, types, consts, num_warps=4)
 
-    def norm_gemv(name: str, block_n: int, block_k: int, num_warps: int) -> Variant:
+    def norm_gemv(name: str, block_n: int, block_k: int, num_warps: int,
+                  norm: bool = True) -> Variant:
         types = {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16",
                  "residual_ptr": "*bf16", "norm_weight_ptr": "*bf16", "weight_ptr": "*bf16",
                  "bias_ptr": "*bf16", "eps": "fp32"}
-        consts = dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, HAS_RESIDUAL=True,
-                      HAS_BIAS=False)
+        consts = dict(K=4096 if norm else 14336, BLOCK_N=block_n, BLOCK_K=block_k,
+                      APPLY_NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False)
         return Variant(name, _norm_gemv_kernel, types, consts, num_warps=num_warps)
 
     return [
@@ -116,6 +117,7 @@ def variants() -> list[Variant]:
         rotary_store_kv("rotary + store_kv partial", 64),
         norm_gemv("norm + gemv 32x256", 32, 256, 4),
         norm_gemv("norm + gemv 64x512", 64, 512, 8),
+        norm_gemv("gemv 32x512 (down)", 32, 512, 4, norm=False),
     ]
 
 

@@ -53,6 +53,19 @@ def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, re
         assert new_res is args["x"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_without_a_norm_it_is_a_plain_gemv(dtype: torch.dtype) -> None:
+    args = _args(2, 160, 72, dtype, seed=7, residual=False, bias=True)
+    args["norm_weight"] = None
+    out, new_res = norm_gemv(**args, eps=1e-5, block_n=16, block_k=64)  # type: ignore[arg-type]
+    expected = (args["x"].float() @ args["weight"].float().T  # type: ignore[union-attr]
+                + args["bias"].float()).to(dtype)  # type: ignore[union-attr]
+    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert new_res is args["x"]
+    with pytest.raises(KernelArgumentError, match="residual needs the norm"):
+        norm_gemv(**{**args, "residual": args["x"]}, eps=1e-5)  # type: ignore[arg-type]
+
+
 def test_equals_rms_norm_then_linear() -> None:
     """The same as the two kernels it replaces (our RMSNorm, then a float32 product)."""
     args = _args(2, 128, 48, torch.bfloat16, seed=3)
