@@ -1,8 +1,9 @@
 """The timing half of benchmarks/gpu_check.py: HF `generate` and our engine, same shapes.
 
 `bench_engine` reports each batch size with the defaults (CUDA graphs, asynchronous decode),
-then without asynchronous decode, then batch 1 fully eager, plus the GPU time of one graph
-replay and torch-profiler tables of a batch-1 replay and of the largest batch's prefill.
+then without asynchronous decode, then batch 1 fully eager, then batch 1 with the norms fused
+into the GEMVs (`fused_decode_gemv`, experimental), plus the GPU time of one graph replay and
+torch-profiler tables of a batch-1 replay and of the largest batch's prefill.
 """
 
 from __future__ import annotations
@@ -79,7 +80,34 @@ def bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float
             results["1 eager"] = _bench_engine_batch(engine, plan, 1)
         finally:
             engine.runner.graph_runner = graphs
+        if not engine.config.fused_decode_gemv:
+            results["1 fused-gemv"] = _bench_fused_gemv(engine, plan)
     return results
+
+
+def _bench_fused_gemv(engine: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """Batch 1 again with `fused_decode_gemv` (each RMSNorm inside the GEMV after it), in a
+    graph captured for it; then the engine as it was. A failure is reported, not raised, so
+    that the default path's numbers survive it."""
+    import torch
+
+    runner, config = engine.runner, engine.config
+    graphs, max_batch = runner.graph_runner, config.cuda_graph_max_batch
+    try:
+        runner.set_fused_decode_gemv(True)
+        config.cuda_graph_max_batch = 1  # capture the batch-1 graph only
+        fused = runner.make_graph_runner(use_graphs=True)
+        with torch.cuda.device(runner.device):
+            fused.capture_all()
+        runner.graph_runner = fused
+        return _bench_engine_batch(engine, plan, 1)
+    except Exception as exc:  # the A/B is an extra: keep the rest of the report
+        print(f"fused-gemv A/B failed: {exc!r}", flush=True)
+        return {"error": repr(exc)}
+    finally:
+        runner.graph_runner = graphs
+        config.cuda_graph_max_batch = max_batch
+        runner.set_fused_decode_gemv(False)
 
 
 def _time_replays(graphs: Any, plan: dict[str, Any]) -> dict[str, float]:

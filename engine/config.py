@@ -130,6 +130,10 @@ class EngineConfig:
     # Queue decode step N+1 on the device before reading step N's tokens back, so that the
     # host's per-token work overlaps the next forward (graph-replayed decode steps only).
     async_decode: bool = True
+    # CUDA, experimental (not yet measured on a GPU; benchmarks/gpu_check.sh A/Bs it): one-row
+    # steps compute each RMSNorm inside the QKV / gate-up GEMV that follows it
+    # (kernels/norm_gemv.py), two launches a layer fewer. Ignored on CPU.
+    fused_decode_gemv: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

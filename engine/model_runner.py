@@ -80,6 +80,8 @@ class ModelRunner:
                 model_config.sliding_window,
                 freeze=config.quantize is None and needs_freezing(model))
             self.compiled_decode.warm_up(config.max_num_seqs)
+        if config.fused_decode_gemv and self.device.type == "cuda":
+            self.set_fused_decode_gemv(True)
         self.graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \
                 and config.cuda_graph_max_batch > 0:
@@ -88,6 +90,13 @@ class ModelRunner:
                 self.graph_runner.capture_all()
 
     # ---- set-up ----------------------------------------------------------------------------
+    def set_fused_decode_gemv(self, on: bool) -> None:
+        """One-row steps with each RMSNorm inside the GEMV after it (models that offer it);
+        graphs captured before keep what they captured."""
+        for module in self.model.modules():
+            if hasattr(module, "fused_gemv"):  # a decoder layer
+                cast(Any, module).fused_gemv = on
+
     def _fuse_cpu_element_wise(self) -> None:
         """Prefill's element-wise ops as compiled kernels (layers/cpu_fused.py)."""
         mc = self.model_config

@@ -9,8 +9,9 @@ and no round trip of the normalised row through memory. Without a norm weight it
 GEMV: the candidate for the o_proj and down projections, where cuBLAS picks split-K at one row
 and adds a reduce kernel after each (64 a step). Semantics: `reference.norm_gemv_ref`.
 
-Not used by the engine yet: `kernels/norm_gemv_bench.py` times it against RMSNorm + cuBLAS on
-the GPU check, and the engine takes it once it is measured faster there.
+The engine uses it only with `fused_decode_gemv` (off: not yet measured on a GPU);
+`kernels/norm_gemv_bench.py` times it against RMSNorm + cuBLAS on the GPU check, and
+`benchmarks/gpu_bench.py` runs batch-1 decode with and without it.
 """
 
 from __future__ import annotations

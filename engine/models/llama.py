@@ -36,7 +36,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: RopeTable, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, hidden] -> qkv [T, q_size + 2 * kv_size]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(rope, self.qkv_proj(x), meta)
+
+    def attend(self, rope: RopeTable, qkv: torch.Tensor, meta: AttentionMetadata
+               ) -> torch.Tensor:
+        """The layer after its QKV projection: qkv [T, q_size + 2 * kv_size] -> [T, hidden]."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         out = self.attn(q, k, v, meta, rope)
         return self.o_proj(out)
 
@@ -51,7 +56,10 @@ class LlamaMLP(nn.Module):
         self.cpu_fused: CpuFusedOps | None = None  # set by the runner with cpu_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        return self.activate_down(self.gate_up_proj(x))
+
+    def activate_down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP after its gate-up projection: gate_up [T, 2 * intermediate] -> [T, hidden]."""
         if self.cpu_fused is not None and not torch.compiler.is_compiling():
             return self.down_proj(self.cpu_fused.silu_mul(gate_up))
         if gate_up.is_cuda if self.use_kernel is None else self.use_kernel:
@@ -69,13 +77,32 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # One-row steps compute each norm inside the GEMV after it (kernels/norm_gemv.py):
+        # set by the runner with `fused_decode_gemv` on CUDA (tests: under the interpreter).
+        self.fused_gemv = False
 
     def forward(self, rope: RopeTable, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_gemv and x.shape[0] == 1:
+            return self._forward_fused_gemv(rope, x, residual, meta)
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(rope, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def _forward_fused_gemv(self, rope: RopeTable, x: torch.Tensor,
+                            residual: torch.Tensor | None, meta: AttentionMetadata
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        from tokenfleet.kernels.norm_gemv import norm_gemv
+
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        qkv, residual = norm_gemv(x, ln1.weight, ln1.eps, qkv_proj.weight, qkv_proj.bias,
+                                  residual)  # [1, q_size + 2 * kv_size]
+        h = self.self_attn.attend(rope, qkv, meta)
+        gate_up, residual = norm_gemv(h, ln2.weight, ln2.eps, gate_up_proj.weight,
+                                      gate_up_proj.bias, residual)  # [1, 2 * intermediate]
+        return self.mlp.activate_down(gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -66,3 +66,38 @@ def test_fused_norm_and_rotary_kernels_in_the_model(
         assert num_fused_calls >= num_layers * 5  # every layer, every step
     else:
         assert num_fused_calls == 0
+
+
+def test_norms_fused_into_the_decode_gemvs(tiny_llama_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fused_decode_gemv` (kernels/norm_gemv.py in one-row steps, interpreted here) gives the
+    torch path's tokens, and runs for each layer's two norms at every one-row step."""
+    from tokenfleet.engine.layers.norm import RMSNorm
+    from tokenfleet.engine.layers.rotary import RotaryEmbedding
+    from tokenfleet.engine.models.llama import LlamaMLP
+    from tokenfleet.kernels import norm_gemv
+
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (4, 11)]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    expected = [LLM(str(tiny_llama_dir), attention_backend="torch", **args)
+                .generate([p], params)[0].token_ids for p in prompts]
+    llm = LLM(str(tiny_llama_dir), attention_backend="triton", **args)
+    for m in llm.engine.runner.model.modules():
+        if isinstance(m, RMSNorm | RotaryEmbedding | LlamaMLP):
+            m.use_kernel = True
+    llm.engine.runner.set_fused_decode_gemv(True)
+    num_calls = 0
+    real = norm_gemv.norm_gemv
+
+    def counting(*a: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal num_calls
+        num_calls += 1
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(norm_gemv, "norm_gemv", counting)
+    got = [llm.generate([p], params)[0].token_ids for p in prompts]  # one row per decode step
+    assert got == expected
+    num_layers = sum(isinstance(m, Attention) for m in llm.engine.runner.model.modules())
+    assert num_calls == 2 * num_layers * 4 * len(prompts)  # 4 decode steps of one row each
