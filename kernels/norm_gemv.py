@@ -77,8 +77,10 @@ def _norm_gemv_kernel(
             normed = (xn * inv_rms).to(h.dtype).to(tl.float32)
             g = tl.load(norm_weight_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             xn = (g * normed).to(h.dtype).to(tl.float32)
+        # Each weight is read once: first out of the cache (the row x stays in it).
         w = tl.load(weight_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")  # [BLOCK_N, BLOCK_K]
         acc += tl.sum(w.to(tl.float32) * xn[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)

@@ -25,7 +25,8 @@ from typing import Any
 __all__ = ["Variant", "compile_variant", "main", "variants"]
 
 _INSTRUCTIONS = re.compile(
-    r"(wgmma\.mma_async\.[a-z0-9.]*?\.f32|mma\.sync\.[a-z0-9.]*?\.f32|ld\.global\.v4|"
+    r"(wgmma\.mma_async\.[a-z0-9.]*?\.f32|mma\.sync\.[a-z0-9.]*?\.f32|"
+    r"ld\.global(?:\.L1::evict_first\.L2::cache_hint)?\.v4|"
     r"cp\.async\.cg\.shared\.global|cp\.async\.bulk)"
 )
 
