@@ -129,6 +129,10 @@ def compile_variant(v: Variant, work_dir: Path) -> dict[str, Any]:
     from triton.compiler import ASTSource
 
     names = v.kernel.arg_names
+    # A constexpr left out would be compiled as a runtime i32 argument, silently.
+    missing = [p.name for p in v.kernel.params if p.is_constexpr and p.name not in v.constexprs]
+    if missing:
+        raise ValueError(f"{v.name}: no value for the constexpr parameters {missing}")
     signature = {n: "constexpr" if n in v.constexprs else v.types.get(n, "i32") for n in names}
     aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n != "stride_bt_seq"}
