@@ -131,8 +131,8 @@ class EngineConfig:
     # host's per-token work overlaps the next forward (graph-replayed decode steps only).
     async_decode: bool = True
     # CUDA, experimental (not yet measured on a GPU; benchmarks/gpu_check.sh A/Bs it): one-row
-    # steps compute each RMSNorm inside the QKV / gate-up GEMV that follows it
-    # (kernels/norm_gemv.py), two launches a layer fewer. Ignored on CPU.
+    # steps compute each RMSNorm inside the QKV / gate-up GEMV that follows it and SiLU·mul
+    # inside the down GEMV (kernels/norm_gemv.py), three launches a layer fewer. Ignored on CPU.
     fused_decode_gemv: bool = False
 
     def __post_init__(self) -> None:

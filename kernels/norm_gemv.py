@@ -7,7 +7,9 @@ GEMV's prologue instead. Each program recomputes the row's root mean square (the
 KB, read from L2) and then streams its BLOCK_N rows of the weight, so the norm costs no launch
 and no round trip of the normalised row through memory. Without a norm weight it is a plain
 GEMV: the candidate for the o_proj and down projections, where cuBLAS picks split-K at one row
-and adds a reduce kernel after each (64 a step). Semantics: `reference.norm_gemv_ref`.
+and adds a reduce kernel after each (64 a step). `silu_mul_gemv` puts the MLP's SiLU·mul in
+the down projection's prologue the same way. Semantics: `reference.norm_gemv_ref`, and
+`silu_mul_ref` then a linear layer.
 
 The engine uses it only with `fused_decode_gemv` (off: not yet measured on a GPU);
 `kernels/norm_gemv_bench.py` times it against RMSNorm + cuBLAS on the GPU check, and
@@ -24,7 +26,7 @@ from tokenfleet.kernels.errors import KernelArgumentError
 from tokenfleet.kernels.launch_checks import FLOAT_DTYPES, check_device, check_tensor
 from tokenfleet.kernels.rms_norm import check_rms_norm_args
 
-__all__ = ["norm_gemv"]
+__all__ = ["norm_gemv", "silu_mul_gemv"]
 
 
 @triton.jit
@@ -44,6 +46,7 @@ def _norm_gemv_kernel(
     stride_out, stride_new_res, stride_x, stride_res, stride_w,
     K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     APPLY_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -66,11 +69,14 @@ def _norm_gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = offs_k < K
-        h = _load_h(x_row, res_row, offs_k, k_ok, HAS_RESIDUAL)
+        h = _load_h(x_row, res_row, offs_k, k_ok, HAS_RESIDUAL)  # (the gate, with SILU_MUL)
         if HAS_RESIDUAL:  # program 0 writes the new residual stream (others: an empty mask)
             tl.store(new_residual_ptr + row * stride_new_res + offs_k, h,
                      mask=offs_k < res_end)
         xn = h.to(tl.float32)  # [BLOCK_K]
+        if SILU_MUL:  # x is gate | up [2K]: the input is SiLU(gate) * up, as silu_mul makes it
+            up = tl.load(x_row + K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            xn = (xn / (1.0 + tl.exp(-xn)) * up).to(h.dtype).to(tl.float32)
         if APPLY_NORM:
             # HF rounds the normalised row to the model dtype before the weight multiply, and
             # the product again (the linear's input).
@@ -120,9 +126,7 @@ def norm_gemv(
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(n,))
         tensors.append(("bias", bias))
     check_device(tensors)
-    for name, size in (("block_n", block_n), ("block_k", block_k)):
-        if size < 1 or size & (size - 1):
-            raise KernelArgumentError(f"{name} must be a power of two, got {size}")
+    _check_tiles(block_n, block_k)
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     new_residual = x if residual is None else torch.empty_like(x)
     if num_rows == 0 or n == 0:
@@ -135,7 +139,50 @@ def norm_gemv(
         out.stride(0), new_residual.stride(0), x.stride(0), res.stride(0), weight.stride(0),
         K=k, BLOCK_N=block_n, BLOCK_K=block_k,
         APPLY_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, SILU_MUL=False,
         num_warps=num_warps,
     )
     return out, new_residual
+
+
+def silu_mul_gemv(
+    gate_up: torch.Tensor,  # [num_rows, 2 * K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    *,
+    block_n: int = 32,
+    block_k: int = 256,
+    num_warps: int = 4,
+) -> torch.Tensor:  # [num_rows, N]
+    """linear(silu_mul(gate_up)): the MLP's activation in the down projection's prologue."""
+    check_tensor("gate_up", gate_up, ndim=2, dtypes=FLOAT_DTYPES)
+    num_rows, width = gate_up.shape
+    k = width // 2
+    if width % 2:
+        raise KernelArgumentError(f"gate_up: last dimension must be even, got {width}")
+    check_tensor("weight", weight, ndim=2, dtypes=[gate_up.dtype], shape=(None, k))
+    n = weight.shape[0]
+    tensors = [("gate_up", gate_up), ("weight", weight)]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(n,))
+        tensors.append(("bias", bias))
+    check_device(tensors)
+    _check_tiles(block_n, block_k)
+    out = torch.empty((num_rows, n), dtype=gate_up.dtype, device=gate_up.device)
+    if num_rows == 0 or n == 0:
+        return out
+    _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
+        out, gate_up, gate_up, gate_up, gate_up, weight, weight if bias is None else bias,
+        1.0, n,
+        out.stride(0), gate_up.stride(0), gate_up.stride(0), gate_up.stride(0), weight.stride(0),
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+        APPLY_NORM=False, HAS_RESIDUAL=False, HAS_BIAS=bias is not None, SILU_MUL=True,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def _check_tiles(block_n: int, block_k: int) -> None:
+    for name, size in (("block_n", block_n), ("block_k", block_k)):
+        if size < 1 or size & (size - 1):
+            raise KernelArgumentError(f"{name} must be a power of two, got {size}")

@@ -4,7 +4,8 @@ without the norm, our GEMV against cuBLAS alone).
     python -m tokenfleet.kernels.norm_gemv_bench     (on a GPU; gpu_check.py runs it too)
 
 Decode at batch 1, Llama-3-8B shapes: the QKV and gate-up projections, each after a norm; the
-o_proj and down projections as plain GEMVs (where cuBLAS adds a split-K reduce kernel).
+down projection after SiLU·mul; the o_proj and down projections as plain GEMVs (where cuBLAS
+adds a split-K reduce kernel).
 Each side runs `num_layers` layers with their own weights, captured in one CUDA graph, so the
 weights come from memory as in a real step and the launch gaps between kernels count. A few
 tile configurations of the fused kernel are tried; each one's output is checked against the
@@ -22,16 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from tokenfleet.kernels.attention_bench import time_ms
-from tokenfleet.kernels.norm_gemv import norm_gemv
+from tokenfleet.kernels.norm_gemv import norm_gemv, silu_mul_gemv
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.selfcheck import rel_err
+from tokenfleet.kernels.silu_mul import silu_mul
 
 __all__ = ["GPU_CASES", "bench_norm_gemv"]
 
-# name, N, K, with the norm (else a plain GEMV against cuBLAS alone)
-GPU_CASES = (("qkv", 6144, 4096, True), ("gate_up", 28672, 4096, True),
-             ("o_proj", 4096, 4096, False), ("down", 4096, 14336, False))
-CPU_CASES = (("tiny", 48, 64, True), ("tiny-plain", 40, 96, False))
+# name, N, K, prologue: "norm" (vs our RMSNorm + cuBLAS), "silu_mul" (vs our SiLU·mul +
+# cuBLAS) or "" (a plain GEMV vs cuBLAS alone)
+GPU_CASES = (("qkv", 6144, 4096, "norm"), ("gate_up", 28672, 4096, "norm"),
+             ("down", 4096, 14336, "silu_mul"), ("o_proj", 4096, 4096, ""),
+             ("down", 4096, 14336, ""))
+CPU_CASES = (("tiny", 48, 64, "norm"), ("tiny", 40, 96, "silu_mul"), ("tiny", 40, 96, ""))
 # (block_n, block_k, num_warps)
 GPU_CONFIGS = ((16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 256, 8),
                (32, 128, 4), (16, 512, 4), (64, 512, 8))
@@ -40,44 +44,47 @@ CPU_CONFIGS = ((16, 32, 4),)
 
 def bench_norm_gemv(
     device: torch.device | str,
-    cases: tuple[tuple[str, int, int, bool], ...] = GPU_CASES,
+    cases: tuple[tuple[str, int, int, str], ...] = GPU_CASES,
     configs: tuple[tuple[int, int, int], ...] = GPU_CONFIGS,
     num_layers: int = 32,
 ) -> list[dict[str, Any]]:
     """One row per case: baseline µs per layer, the best fused config's, their ratio."""
     gen = torch.Generator(device=device).manual_seed(0)  # weights made on the device: fast
-    rows = [_bench_case(name, n, k, norm, configs, num_layers, device, gen)
-            for name, n, k, norm in cases]
+    rows = [_bench_case(name, n, k, prologue, configs, num_layers, device, gen)
+            for name, n, k, prologue in cases]
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # ~9 GB of weights: give them back before the model parts
     return rows
 
 
-def _bench_case(name: str, n: int, k: int, norm: bool,
+def _bench_case(name: str, n: int, k: int, prologue: str,
                 configs: tuple[tuple[int, int, int], ...], num_layers: int,
                 device: torch.device | str, gen: torch.Generator) -> dict[str, Any]:
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device) * scale).bfloat16()
 
-    x, residual = rand(1, k), rand(1, k)
+    x, residual = rand(1, 2 * k if prologue == "silu_mul" else k), rand(1, k)
     norm_weight = (1 + rand(k, scale=0.1).float()).bfloat16()
     # Every layer its own weights (a step reads them from memory, not from L2).
     weights = [rand(n, k, scale=k ** -0.5)
                for _ in range(num_layers if torch.device(device).type == "cuda" else 1)]
 
     def baseline(w: torch.Tensor) -> torch.Tensor:
-        if not norm:
-            return F.linear(x, w)
-        normed, _ = rms_norm(x, norm_weight, 1e-5, residual)
-        return F.linear(normed, w)
+        if prologue == "norm":
+            return F.linear(rms_norm(x, norm_weight, 1e-5, residual)[0], w)
+        return F.linear(silu_mul(x) if prologue == "silu_mul" else x, w)
 
     def fused(w: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+        if prologue == "silu_mul":
+            return silu_mul_gemv(x, w, block_n=block_n, block_k=block_k, num_warps=num_warps)
+        norm = prologue == "norm"
         return norm_gemv(x, norm_weight if norm else None, 1e-5, w,
                          residual=residual if norm else None, block_n=block_n,
                          block_k=block_k, num_warps=num_warps)[0]
 
     expected = baseline(weights[0])
-    row: dict[str, Any] = {"case": f"{'norm+gemv' if norm else 'gemv'} {name} {n}x{k}",
+    label = {"norm": "norm+gemv", "silu_mul": "silu_mul+gemv", "": "gemv"}[prologue]
+    row: dict[str, Any] = {"case": f"{label} {name} {n}x{k}",
                            "baseline_us": _layers_us(baseline, weights, device)}
     best: tuple[float, tuple[int, int, int]] | None = None
     for config in configs:

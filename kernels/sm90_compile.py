@@ -80,12 +80,12 @@ def variants() -> list[Variant]:
         return Variant(name, _rotary_store_kv_kernel, types, consts, num_warps=4)
 
     def norm_gemv(name: str, block_n: int, block_k: int, num_warps: int,
-                  norm: bool = True) -> Variant:
+                  norm: bool = True, silu_mul: bool = False) -> Variant:
         types = {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16",
                  "residual_ptr": "*bf16", "norm_weight_ptr": "*bf16", "weight_ptr": "*bf16",
                  "bias_ptr": "*bf16", "eps": "fp32"}
         consts = dict(K=4096 if norm else 14336, BLOCK_N=block_n, BLOCK_K=block_k,
-                      APPLY_NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False)
+                      APPLY_NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False, SILU_MUL=silu_mul)
         return Variant(name, _norm_gemv_kernel, types, consts, num_warps=num_warps)
 
     return [
@@ -119,6 +119,7 @@ def variants() -> list[Variant]:
         norm_gemv("norm + gemv 32x256", 32, 256, 4),
         norm_gemv("norm + gemv 64x512", 64, 512, 8),
         norm_gemv("gemv 32x512 (down)", 32, 512, 4, norm=False),
+        norm_gemv("silu_mul + gemv 32x512 (down)", 32, 512, 4, norm=False, silu_mul=True),
     ]
 
 

@@ -77,8 +77,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # One-row steps compute each norm inside the GEMV after it (kernels/norm_gemv.py):
-        # set by the runner with `fused_decode_gemv` on CUDA (tests: under the interpreter).
+        # One-row steps compute each norm, and SiLU·mul, inside the GEMV after it
+        # (kernels/norm_gemv.py): set by the runner with `fused_decode_gemv` on CUDA (tests:
+        # under the interpreter).
         self.fused_gemv = False
 
     def forward(self, rope: RopeTable, x: torch.Tensor, residual: torch.Tensor | None,
@@ -93,7 +94,7 @@ class LlamaDecoderLayer(nn.Module):
     def _forward_fused_gemv(self, rope: RopeTable, x: torch.Tensor,
                             residual: torch.Tensor | None, meta: AttentionMetadata
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        from tokenfleet.kernels.norm_gemv import norm_gemv
+        from tokenfleet.kernels.norm_gemv import norm_gemv, silu_mul_gemv
 
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
         qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
@@ -102,7 +103,8 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn.attend(rope, qkv, meta)
         gate_up, residual = norm_gemv(h, ln2.weight, ln2.eps, gate_up_proj.weight,
                                       gate_up_proj.bias, residual)  # [1, 2 * intermediate]
-        return self.mlp.activate_down(gate_up), residual
+        down = self.mlp.down_proj
+        return silu_mul_gemv(gate_up, down.weight, down.bias), residual
 
 
 class LlamaModel(nn.Module):

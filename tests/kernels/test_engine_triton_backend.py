@@ -71,7 +71,8 @@ def test_fused_norm_and_rotary_kernels_in_the_model(
 def test_norms_fused_into_the_decode_gemvs(tiny_llama_dir: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """`fused_decode_gemv` (kernels/norm_gemv.py in one-row steps, interpreted here) gives the
-    torch path's tokens, and runs for each layer's two norms at every one-row step."""
+    torch path's tokens, and runs for each layer's two norms and its SiLU·mul at every
+    one-row step."""
     from tokenfleet.engine.layers.norm import RMSNorm
     from tokenfleet.engine.layers.rotary import RotaryEmbedding
     from tokenfleet.engine.models.llama import LlamaMLP
@@ -96,8 +97,19 @@ def test_norms_fused_into_the_decode_gemvs(tiny_llama_dir: Path,
         num_calls += 1
         return real(*a, **kw)  # type: ignore[arg-type]
 
+    num_silu_calls = 0
+    real_silu = norm_gemv.silu_mul_gemv
+
+    def counting_silu(*a: object, **kw: object) -> torch.Tensor:
+        nonlocal num_silu_calls
+        num_silu_calls += 1
+        return real_silu(*a, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(norm_gemv, "norm_gemv", counting)
+    monkeypatch.setattr(norm_gemv, "silu_mul_gemv", counting_silu)
     got = [llm.generate([p], params)[0].token_ids for p in prompts]  # one row per decode step
     assert got == expected
     num_layers = sum(isinstance(m, Attention) for m in llm.engine.runner.model.modules())
-    assert num_calls == 2 * num_layers * 4 * len(prompts)  # 4 decode steps of one row each
+    num_one_row_steps = 4 * len(prompts)  # 4 decode steps of one row each
+    assert num_calls == 2 * num_layers * num_one_row_steps
+    assert num_silu_calls == num_layers * num_one_row_steps

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tokenfleet.kernels.errors import KernelArgumentError
-from tokenfleet.kernels.norm_gemv import norm_gemv
-from tokenfleet.kernels.reference import norm_gemv_ref
+from tokenfleet.kernels.norm_gemv import norm_gemv, silu_mul_gemv
+from tokenfleet.kernels.reference import norm_gemv_ref, silu_mul_ref
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.selfcheck import rel_err
+from tokenfleet.kernels.silu_mul import silu_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,3 +96,24 @@ def test_bad_arguments_are_rejected(change: dict[str, object], match: str) -> No
         args[name] = how
     with pytest.raises(KernelArgumentError, match=match):
         norm_gemv(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool) -> None:
+    """silu_mul_gemv = linear(silu_mul(gate_up)): against the reference, and against our
+    silu_mul kernel followed by a float32 product (the same rounded activations)."""
+    gen = torch.Generator().manual_seed(11)
+    num_rows, k, n = 2, 120, 56  # K and N not multiples of the tiles
+    gate_up = (torch.randn(num_rows, 2 * k, generator=gen) * 2).to(dtype=dtype, device=DEVICE)
+    weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype=dtype, device=DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype=dtype, device=DEVICE) if bias else None
+    out = silu_mul_gemv(gate_up, weight, b, block_n=16, block_k=32)
+    expected = silu_mul_ref(gate_up).float() @ weight.float().T
+    if b is not None:
+        expected = expected + b.float()
+    assert rel_err(out, expected.to(dtype)) < (1e-5 if dtype == torch.float32 else 1.2e-2)
+    two = silu_mul(gate_up).float() @ weight.float().T + (b.float() if b is not None else 0)
+    assert rel_err(out, two.to(dtype)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(KernelArgumentError, match="even"):
+        silu_mul_gemv(gate_up[:, 1:], weight)
