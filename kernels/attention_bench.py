@@ -27,7 +27,13 @@ from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 from tokenfleet.kernels.rotary import rotary
 from tokenfleet.kernels.rotary_store_kv import rotary_store_kv
 
-__all__ = ["GPU_CASES", "bench_paged_attention", "bench_rotary_store_kv", "time_ms"]
+__all__ = [
+    "GPU_CASES",
+    "bench_paged_attention",
+    "bench_rotary_store_kv",
+    "graph_us_per_call",
+    "time_ms",
+]
 
 # (name, batch, cached context per sequence, new tokens per sequence)
 GPU_CASES = (("decode b1 ctx8192", 1, 8192, 1), ("decode b128 ctx1024", 128, 1024, 1),
@@ -109,27 +115,28 @@ def bench_rotary_store_kv(
                             b.slot_mapping)
 
         row: dict[str, Any] = {"case": f"rotary+store_kv b{batch}",
-                               "two_kernels_us": _per_layer_us(two, device, num_layers),
-                               "fused_us": _per_layer_us(fused, device, num_layers)}
+                               "two_kernels_us": graph_us_per_call([two] * num_layers, device),
+                               "fused_us": graph_us_per_call([fused] * num_layers, device)}
         row["two_over_fused"] = row["two_kernels_us"] / row["fused_us"]
         rows.append(row)
     return rows
 
 
-def _per_layer_us(fn: Callable[[], Any], device: torch.device | str, num_layers: int) -> float:
-    # On the GPU: num_layers calls in one CUDA graph, as a captured decode step has them.
+def graph_us_per_call(calls: list[Callable[[], Any]], device: torch.device | str) -> float:
+    """µs per call of `calls` run in order; on the GPU all of them in one CUDA graph, as a
+    captured decode step has its layers' kernels (on the CPU: the first call, timed once)."""
     if torch.device(device).type != "cuda":
-        return time_ms(fn, device) * 1e3
+        return time_ms(calls[0], device) * 1e3
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()  # compile outside the capture
+        calls[0]()  # compile outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(num_layers):
-            fn()
-    return time_ms(graph.replay, device) * 1e3 / num_layers
+        for call in calls:
+            call()
+    return time_ms(graph.replay, device) * 1e3 / len(calls)
 
 
 def main() -> int:

@@ -43,8 +43,6 @@ typedef struct { /* one thread's scratch */
     int64_t requested_first_row; /* the previous row requested K/V of the row whose first
                                   * key is here: -1 none */
     float *parts; /* MAX_PARTS part states of a prompt row (attend_seq_in_parts); lazy */
-    int in_parts; /* computing a prompt row's parts after the same prompt's previous row: its
-                   * K/V are hot (that row read them), so no prefetches */
     const int32_t *last_table; /* block table of the previous row on this thread */
 } scratch_t;
 
@@ -422,9 +420,12 @@ static inline void key_range(const job_t *j, int64_t s, int64_t part, int64_t nu
 /* Part `part` of `num_parts` of query row s's keys. One part: writes the output. Several (a
  * long context, see parts_of): writes the part's softmax state to `partial` [H max, H sum,
  * H x d unnormalized output] for finalize_parts. `next`: the part this thread takes next
- * (its row, part and part count; row -1: none), whose first K/V rows it requests. */
+ * (its row, part and part count; row -1: none), whose first K/V rows it requests. `hot`:
+ * the K/V are known to be in cache (a prompt row's parts after the same prompt's previous
+ * row, which read them): no prefetches. */
 static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_parts,
-                           scratch_t *scratch, float *partial, const int64_t next[3]) {
+                           scratch_t *scratch, float *partial, const int64_t next[3],
+                           int hot) {
     const int64_t h_n = j->num_heads, d = j->head_dim, row_elems = j->num_kv_heads * d;
     int64_t lo, len;
     key_range(j, s, part, num_parts, &lo, &len);
@@ -440,7 +441,7 @@ static int attend_seq_bf16(const job_t *j, int64_t s, int64_t part, int64_t num_
      * prefill chunk; also a sequence sharing its first block, a cached prefix, with the
      * previous one: only a matter of speed). */
     const int64_t first_row = scratch->offs[0];
-    const int cold = first_row != scratch->last_first_row && !scratch->in_parts;
+    const int cold = first_row != scratch->last_first_row && !hot;
     const int upfront = first_row != scratch->requested_first_row;
     scratch->last_first_row = first_row;
     int64_t next_n = 0;
@@ -533,7 +534,7 @@ static int attend_seq(const job_t *j, int64_t s, int64_t part, int64_t num_parts
                       scratch_t *scratch, float *partial, const int64_t next[3]) {
 #ifdef HAVE_BF16_KERNEL
     if (use_bf16_kernel(j))
-        return attend_seq_bf16(j, s, part, num_parts, scratch, partial, next);
+        return attend_seq_bf16(j, s, part, num_parts, scratch, partial, next, 0);
 #else
     (void)part, (void)partial, (void)next;
 #endif
@@ -557,15 +558,13 @@ static int attend_seq_in_parts(const job_t *j, int64_t s, int64_t num_parts, scr
         scratch->parts = malloc((size_t)(MAX_PARTS * stride) * sizeof(float));
         if (scratch->parts == NULL) return 2;
     }
-    int st = 0;
-    scratch->in_parts = table_of(j, s) == scratch->last_table;
-    for (int64_t p = 0; p < num_parts && st == 0; p++) {
+    const int hot = table_of(j, s) == scratch->last_table;
+    for (int64_t p = 0; p < num_parts; p++) {
         const int64_t following[3] = {s, p + 1, num_parts};
-        st = attend_seq_bf16(j, s, p, num_parts, scratch, scratch->parts + p * stride,
-                             p + 1 < num_parts ? following : next);
+        const int st = attend_seq_bf16(j, s, p, num_parts, scratch, scratch->parts + p * stride,
+                                       p + 1 < num_parts ? following : next, hot);
+        if (st != 0) return st;
     }
-    scratch->in_parts = 0;
-    if (st != 0) return st;
     finalize_parts(j, s, num_parts, scratch->parts);
     return 0;
 #else
@@ -633,7 +632,7 @@ int tf_paged_decode(const void *q, const void *k_cache, const void *v_cache, voi
     {
         scratch_t scratch = {malloc((size_t)buf_len * sizeof(float)), buf_len,
                              malloc((size_t)max_len * sizeof(int64_t)),
-                             malloc((size_t)max_len * sizeof(int64_t)), -1, -1, NULL, 0, NULL};
+                             malloc((size_t)max_len * sizeof(int64_t)), -1, -1, NULL, NULL};
         int st = scratch.buf == NULL || scratch.offs == NULL || scratch.next_offs == NULL ? 2 : 0;
         /* Each thread claims its next item before it starts the current one, so that the
          * current one can request the next one's K/V (attend_rows_bf16). */

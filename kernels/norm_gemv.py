@@ -118,30 +118,10 @@ def norm_gemv(
     elif residual is not None:
         raise KernelArgumentError("a residual needs the norm (norm_weight) it feeds")
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    num_rows, k = x.shape
-    check_tensor("weight", weight, ndim=2, dtypes=[x.dtype], shape=(None, k))
-    n = weight.shape[0]
-    tensors = [("x", x), ("weight", weight)]
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(n,))
-        tensors.append(("bias", bias))
-    check_device(tensors)
-    _check_tiles(block_n, block_k)
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    _check_linear("x", x, x.shape[1], weight, bias, block_n, block_k)
     new_residual = x if residual is None else torch.empty_like(x)
-    if num_rows == 0 or n == 0:
-        return out, new_residual
-    res = x if residual is None else residual  # placeholder pointers when absent
-    _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
-        out, new_residual, x, res, x if norm_weight is None else norm_weight, weight,
-        weight if bias is None else bias,
-        eps, n,
-        out.stride(0), new_residual.stride(0), x.stride(0), res.stride(0), weight.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-        APPLY_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, SILU_MUL=False,
-        num_warps=num_warps,
-    )
+    out = _launch(x, weight, bias, block_n, block_k, num_warps, norm_weight=norm_weight,
+                  eps=eps, residual=residual, new_residual=new_residual)
     return out, new_residual
 
 
@@ -156,33 +136,45 @@ def silu_mul_gemv(
 ) -> torch.Tensor:  # [num_rows, N]
     """linear(silu_mul(gate_up)): the MLP's activation in the down projection's prologue."""
     check_tensor("gate_up", gate_up, ndim=2, dtypes=FLOAT_DTYPES)
-    num_rows, width = gate_up.shape
-    k = width // 2
-    if width % 2:
-        raise KernelArgumentError(f"gate_up: last dimension must be even, got {width}")
-    check_tensor("weight", weight, ndim=2, dtypes=[gate_up.dtype], shape=(None, k))
-    n = weight.shape[0]
-    tensors = [("gate_up", gate_up), ("weight", weight)]
+    if gate_up.shape[1] % 2:
+        raise KernelArgumentError(f"gate_up: last dimension must be even, got {gate_up.shape[1]}")
+    _check_linear("gate_up", gate_up, gate_up.shape[1] // 2, weight, bias, block_n, block_k)
+    return _launch(gate_up, weight, bias, block_n, block_k, num_warps, silu_mul=True)
+
+
+def _check_linear(x_name: str, x: torch.Tensor, k: int, weight: torch.Tensor,
+                  bias: torch.Tensor | None, block_n: int, block_k: int) -> None:
+    """The product's own arguments: weight [N, k] in x's dtype, bias [N], one device, tiles."""
+    check_tensor("weight", weight, ndim=2, dtypes=[x.dtype], shape=(None, k))
+    tensors = [(x_name, x), ("weight", weight)]
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(n,))
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(weight.shape[0],))
         tensors.append(("bias", bias))
     check_device(tensors)
-    _check_tiles(block_n, block_k)
-    out = torch.empty((num_rows, n), dtype=gate_up.dtype, device=gate_up.device)
-    if num_rows == 0 or n == 0:
-        return out
-    _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
-        out, gate_up, gate_up, gate_up, gate_up, weight, weight if bias is None else bias,
-        1.0, n,
-        out.stride(0), gate_up.stride(0), gate_up.stride(0), gate_up.stride(0), weight.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-        APPLY_NORM=False, HAS_RESIDUAL=False, HAS_BIAS=bias is not None, SILU_MUL=True,
-        num_warps=num_warps,
-    )
-    return out
-
-
-def _check_tiles(block_n: int, block_k: int) -> None:
     for name, size in (("block_n", block_n), ("block_k", block_k)):
         if size < 1 or size & (size - 1):
             raise KernelArgumentError(f"{name} must be a power of two, got {size}")
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int,
+            block_k: int, num_warps: int, *, norm_weight: torch.Tensor | None = None,
+            eps: float = 1.0, residual: torch.Tensor | None = None,
+            new_residual: torch.Tensor | None = None,
+            silu_mul: bool = False) -> torch.Tensor:  # [num_rows, N]
+    num_rows, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows == 0 or n == 0:
+        return out
+    # Absent tensors are passed as x: placeholders the kernel never reads.
+    res = x if residual is None else residual
+    new_res = x if new_residual is None else new_residual
+    _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
+        out, new_res, x, res, x if norm_weight is None else norm_weight, weight,
+        weight if bias is None else bias, eps, n,
+        out.stride(0), new_res.stride(0), x.stride(0), res.stride(0), weight.stride(0),
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+        APPLY_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+        num_warps=num_warps,
+    )
+    return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokenfleet.kernels.attention_bench import time_ms
+from tokenfleet.kernels.attention_bench import graph_us_per_call
 from tokenfleet.kernels.norm_gemv import norm_gemv, silu_mul_gemv
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.selfcheck import rel_err
@@ -105,18 +105,7 @@ def _bench_case(name: str, n: int, k: int, prologue: str,
 def _layers_us(fn: Callable[[torch.Tensor], Any], weights: list[torch.Tensor],
                device: torch.device | str) -> float:
     """µs per call of `fn` over every layer's weights (one CUDA graph of them on the GPU)."""
-    if torch.device(device).type != "cuda":
-        return time_ms(lambda: fn(weights[0]), device) * 1e3
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(weights[0])  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(w)
-    return time_ms(graph.replay, device) * 1e3 / len(weights)
+    return graph_us_per_call([functools.partial(fn, w) for w in weights], device)
 
 
 def main() -> int:
