@@ -91,8 +91,8 @@ class ModelRunner:
 
     # ---- set-up ----------------------------------------------------------------------------
     def set_fused_decode_gemv(self, on: bool) -> None:
-        """One-row steps with each RMSNorm inside the GEMV after it (models that offer it);
-        graphs captured before keep what they captured."""
+        """One-row steps with each RMSNorm and SiLU·mul inside the GEMV after it (models that
+        offer it); graphs captured before keep what they captured."""
         for module in self.model.modules():
             if hasattr(module, "fused_gemv"):  # a decoder layer
                 cast(Any, module).fused_gemv = on

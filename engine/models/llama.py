@@ -56,10 +56,7 @@ class LlamaMLP(nn.Module):
         self.cpu_fused: CpuFusedOps | None = None  # set by the runner with cpu_compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate_down(self.gate_up_proj(x))
-
-    def activate_down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP after its gate-up projection: gate_up [T, 2 * intermediate] -> [T, hidden]."""
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
         if self.cpu_fused is not None and not torch.compiler.is_compiling():
             return self.down_proj(self.cpu_fused.silu_mul(gate_up))
         if gate_up.is_cuda if self.use_kernel is None else self.use_kernel:
