@@ -38,6 +38,7 @@ class ModelConfig:
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    o_proj_bias: bool = False  # Llama's `attention_bias` biases o_proj too; Qwen2's never
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -73,6 +74,7 @@ class ModelConfig:
             sliding_window=int(window) if window else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            o_proj_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
         )
 
 
@@ -134,6 +136,10 @@ class EngineConfig:
     # steps compute each RMSNorm inside the QKV / gate-up GEMV that follows it and SiLU·mul
     # inside the down GEMV (kernels/norm_gemv.py), three launches a layer fewer. Ignored on CPU.
     fused_decode_gemv: bool = False
+    # Split every layer across this many processes (one device each on CUDA; the CPU's cores
+    # shared between them on CPU): heads and the MLP split Megatron-style, two all-reduces
+    # a layer (engine/tensor_parallel.py). Decode runs eagerly then (no CUDA graphs yet).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -158,6 +164,10 @@ class EngineConfig:
             raise ValidationError(
                 "cpu_compile applies to device='cpu' with the torch attention backend "
                 "(CUDA decode replays CUDA graphs instead)")
+        if self.tensor_parallel_size < 1:
+            raise ValidationError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and self.cpu_compile:
+            raise ValidationError("cpu_compile does not support tensor_parallel_size > 1")
         if self.cuda_graph_max_batch < 0:
             raise ValidationError("cuda_graph_max_batch must be >= 0 (0 = no CUDA graphs)")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:

@@ -15,31 +15,30 @@ from typing import Any
 import torch
 
 from tokenfleet.engine.block_manager import BlockManager
-from tokenfleet.engine.config import EngineConfig
+from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.detokenizer import IncrementalDetokenizer
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.hub import resolve_model
-from tokenfleet.engine.layers.cpu_prepack import pack_cpu_linears
-from tokenfleet.engine.loader import load_model, load_model_config
+from tokenfleet.engine.loader import load_engine_model, load_model_config
 from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, needs_history
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
-from tokenfleet.engine.quant.int4_weight_only import quantize_int4_weight_only
-from tokenfleet.engine.quant.int8_weight_only import quantize_int8_weight_only
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
 from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence
 from tokenfleet.engine.stop_matcher import StopMatcher
+from tokenfleet.engine.tensor_parallel import shard_model_config
+from tokenfleet.engine.tensor_parallel_workers import TensorParallelWorkers, rank_threads
 from tokenfleet.engine.tokenizer import Tokenizer
-from tokenfleet.kernels import cpu_qgemm
 
 __all__ = ["LLMEngine"]
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        threads = rank_threads(config)
+        if threads:
+            torch.set_num_threads(threads)
         model_dir = config.model_dir or resolve_model(config.model, config.cache_dir)
         config.model_dir = Path(model_dir)
         self.config = config
@@ -49,17 +48,7 @@ class LLMEngine:
                                    mc.max_position_embeddings)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
-        model = load_model(config.model_dir, mc, config.torch_dtype, torch.device(config.device),
-                           config.max_model_len)
-        device = torch.device(config.device)
-        if config.quantize is not None:
-            qgemm = cpu_qgemm.load(config.kernel_dir) \
-                if config.cpu_gemm_kernel and device.type == "cpu" else None
-            quantize = {"int8": quantize_int8_weight_only, "int4": quantize_int4_weight_only}
-            quantize[config.quantize](model, device, config.torch_dtype, qgemm)
-        elif config.cpu_prepack:
-            pack_cpu_linears(model, config)
-        self.runner = ModelRunner(config, mc, model)
+        self.runner = self._start_runner(config, mc)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -70,6 +59,30 @@ class LLMEngine:
         # Asynchronous decode: the step queued on the device, its tokens not read back yet.
         self._in_flight: LaunchedDecode | None = None
         self.num_prefilled_tokens = 0  # tokens run through the model as prefill, since start
+
+    def _start_runner(self, config: EngineConfig, mc: ModelConfig) -> ModelRunner:
+        """The model runner of rank 0; with tensor parallelism, after starting ranks 1.. in
+        their own processes (they load their slices at the same time)."""
+        size = config.tensor_parallel_size
+        local = shard_model_config(mc, size)  # raises before any process starts
+        device = torch.device(config.device)
+        if size == 1:
+            return ModelRunner(config, mc, load_engine_model(config, mc, device))
+        workers = TensorParallelWorkers(config)
+        try:
+            model = load_engine_model(config, local, device, 0, size)
+            workers.wait_for("loaded")  # a rank that failed to load fails the engine now
+            runner = ModelRunner(config, local, model, workers)
+            workers.wait_for("ready")
+        except BaseException:
+            workers.close()
+            raise
+        return runner
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do without tensor parallelism)."""
+        if self.runner.tp is not None:
+            self.runner.tp.close()
 
     @classmethod
     def from_model(cls, model: str, **engine_args: Any) -> LLMEngine:

@@ -11,12 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenfleet.engine.config import ModelConfig
+from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.errors import ModelLoadError
+from tokenfleet.engine.layers.cpu_prepack import pack_cpu_linears
 from tokenfleet.engine.models.registry import CausalLM, model_class
+from tokenfleet.engine.quant.int4_weight_only import quantize_int4_weight_only
+from tokenfleet.engine.quant.int8_weight_only import quantize_int8_weight_only
+from tokenfleet.engine.tensor_parallel import plan_tensor_parallel, wrap_row_parallel
 from tokenfleet.engine.weights import iter_safetensors, load_hf_config
+from tokenfleet.kernels import cpu_qgemm
 
-__all__ = ["load_model", "load_model_config"]
+__all__ = ["load_engine_model", "load_model", "load_model_config"]
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:
@@ -24,17 +29,39 @@ def load_model_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> CausalLM:
+               max_positions: int, tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
+    """The model with its weights. Under tensor parallelism `cfg` is the rank's config
+    (`shard_model_config`) and each split linear loads its rank's slice."""
     cls = model_class(cfg.architecture)
     with torch.device(device):
         model = cls(cfg, max_positions)
+    plan_tensor_parallel(model, tp_rank, tp_size)
     model.to(dtype=dtype)
     # RoPE tables stay float32: positions index them, precision matters more than bytes.
     for name, buf in model.named_buffers():
         if name.endswith("cos_sin"):
             buf.data = buf.data.float()
     _load_weights(model, model_dir, cfg)
+    if tp_size > 1:
+        wrap_row_parallel(model)
     return model.eval()
+
+
+def load_engine_model(config: EngineConfig, cfg: ModelConfig, device: torch.device,
+                      tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
+    """The model as the engine runs it: loaded (this rank's slice), then quantized or, on
+    CPU, with prepacked weights, as `config` asks."""
+    assert config.model_dir is not None and config.max_model_len is not None
+    model = load_model(config.model_dir, cfg, config.torch_dtype, device, config.max_model_len,
+                       tp_rank, tp_size)
+    if config.quantize is not None:
+        qgemm = cpu_qgemm.load(config.kernel_dir) \
+            if config.cpu_gemm_kernel and device.type == "cpu" else None
+        quantize = {"int8": quantize_int8_weight_only, "int4": quantize_int4_weight_only}
+        quantize[config.quantize](model, device, config.torch_dtype, qgemm)
+    elif config.cpu_prepack:
+        pack_cpu_linears(model, config)
+    return model
 
 
 def _load_weights(model: nn.Module, model_dir: Path, cfg: ModelConfig) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 
 from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
@@ -25,6 +26,8 @@ from tokenfleet.engine.sampler import Sampler, SamplerOutput, torch_row_stats
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
 from tokenfleet.engine.sequence import Sequence
+from tokenfleet.engine.step_inputs import StepInputs
+from tokenfleet.engine.tensor_parallel_workers import TensorParallelWorkers
 from tokenfleet.kernels import cpu_paged_decode, cpu_row_stats
 from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
 from tokenfleet.kernels.cpu_row_stats import CpuRowStats
@@ -58,10 +61,18 @@ class LaunchedDecode:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: CausalLM):
+    """`model_config` is this rank's (local head counts under tensor parallelism); `tp`, on
+    rank 0 of a tensor-parallel engine, the other ranks, which mirror every forward."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: CausalLM,
+                 tp: TensorParallelWorkers | None = None):
         self.config = config
         self.model_config = model_config
         self.model = model
+        self.tp = tp
+        # Ranks meet in collectives inside each forward: CUDA graphs, compiled decode and the
+        # fused one-row GEMVs (which bypass the row-parallel all-reduce) stay off.
+        single = config.tensor_parallel_size == 1
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         row_stats = self._cpu_row_stats()
@@ -80,11 +91,11 @@ class ModelRunner:
                 model_config.sliding_window,
                 freeze=config.quantize is None and needs_freezing(model))
             self.compiled_decode.warm_up(config.max_num_seqs)
-        if config.fused_decode_gemv and self.device.type == "cuda":
+        if config.fused_decode_gemv and self.device.type == "cuda" and single:
             self.set_fused_decode_gemv(True)
         self.graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \
-                and config.cuda_graph_max_batch > 0:
+                and config.cuda_graph_max_batch > 0 and single:
             self.graph_runner = self.make_graph_runner(use_graphs=True)
             with torch.cuda.device(self.device):  # capture on the model's device
                 self.graph_runner.capture_all()
@@ -138,7 +149,12 @@ class ModelRunner:
             budget = int(free - total * (1 - self.config.gpu_memory_utilization))
         if budget is None:
             budget = _DEFAULT_CPU_KV_BYTES
-        return max(1, budget // self._kv_bytes_per_block())
+        num_blocks = max(1, budget // self._kv_bytes_per_block())
+        if self.config.tensor_parallel_size > 1:  # rank 0's block ids must fit every rank
+            count = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count.item())
+        return num_blocks
 
     def _allocate_kv_cache(self) -> None:
         mc = self.model_config
@@ -261,45 +277,18 @@ class ModelRunner:
     def _prepare(self, batch: ScheduledBatch
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
                             list[Sequence]]:
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sampled: list[Sequence] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if n == 1 and end == seq.num_tokens:  # decode: avoid copying the whole history
-                ids.append(seq.last_token_id)
-            else:
-                ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            if end == seq.num_tokens:
-                sample_rows.append(qsl[-1] - 1)
-                sampled.append(seq)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev), meta,
-                torch.tensor(sample_rows, dtype=torch.int64, device=dev), sampled)
+        inputs, sampled = StepInputs.from_batch(batch, self.block_size)
+        if self.tp is not None:
+            self.tp.send_step(inputs)  # the other ranks start the same forward
+        input_ids, positions, meta = inputs.to_device(self.device)
+        sample_rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
+        return input_ids, positions, meta, sample_rows, sampled
+
+    @torch.inference_mode()
+    def run_shard(self, inputs: StepInputs) -> None:
+        """A step on a tensor-parallel rank other than 0: the forward only (rank 0 samples)."""
+        input_ids, positions, meta = inputs.to_device(self.device)
+        self.model(input_ids, positions, meta)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor
                          ) -> dict[int, list[tuple[int, float]]]:

@@ -31,7 +31,7 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.qkv_proj = PackedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size],
                                      ["q", "k", "v"], bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, d, cfg.sliding_window)
 
     def forward(self, rope: RopeTable, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -134,6 +134,11 @@ class LlamaForCausalLM(CausalLM):
         "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
+    }
+    # Tensor parallelism (engine/tensor_parallel.py): heads and the MLP's intermediate dim
+    # split across ranks; two all-reduces a layer, after o_proj and down_proj.
+    tensor_parallel_plan: ClassVar[dict[str, str]] = {
+        "qkv_proj": "column", "gate_up_proj": "column", "o_proj": "row", "down_proj": "row",
     }
 
     def __init__(self, cfg: ModelConfig, max_positions: int):

@@ -1,0 +1,97 @@
+"""Tensor parallelism (Megatron-style) as transforms on a plain model.
+
+Each of `size` ranks holds 1/size of every attention head group and of the MLP's intermediate
+dimension: the QKV and gate/up projections are split by output rows ("column parallel"), the
+o_proj and down projections by input columns ("row parallel"), whose partial outputs are summed
+across ranks with one all-reduce each — two a layer. Embeddings, norms and the LM head are
+replicated (the LM head runs on rank 0 only, where sampling happens), so a rank's model is the
+ordinary model built from a config with its local head and intermediate counts
+(`shard_model_config`), plus linears that load their slice of each checkpoint tensor
+(`plan_tensor_parallel`, before loading) and an all-reduce after the row-parallel ones
+(`wrap_row_parallel`, after loading; quantization and CPU prepacking then see plain Linears).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tokenfleet.engine.config import ModelConfig
+from tokenfleet.engine.errors import ValidationError
+from tokenfleet.engine.layers.linear import Linear
+
+__all__ = ["RowParallelReduce", "init_process_group", "plan_tensor_parallel",
+           "shard_model_config", "wrap_row_parallel"]
+
+# A collective waits at most this long for the other ranks (one layer's work, normally
+# milliseconds). Idle ranks wait on a pipe, not in a collective, so this is no idle limit.
+_COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+
+
+def shard_model_config(mc: ModelConfig, size: int) -> ModelConfig:
+    """The config of one rank's model: heads and intermediate size divided by `size`.
+
+    Raises ValidationError when the model cannot be split that way."""
+    if size == 1:
+        return mc
+    for name, value in (("num_attention_heads", mc.num_heads),
+                        ("num_key_value_heads", mc.num_kv_heads),
+                        ("intermediate_size", mc.intermediate_size)):
+        if value % size:
+            raise ValidationError(
+                f"tensor_parallel_size={size} must divide the model's {name} ({value})")
+    return dataclasses.replace(mc, num_heads=mc.num_heads // size,
+                               num_kv_heads=mc.num_kv_heads // size,
+                               intermediate_size=mc.intermediate_size // size)
+
+
+def plan_tensor_parallel(model: nn.Module, rank: int, size: int) -> None:
+    """Tell each split linear which slice of its checkpoint tensors to load (before loading).
+
+    The model class names its split linears in `tensor_parallel_plan` (module name ->
+    "column" | "row"); every other parameter is replicated."""
+    plan: dict[str, str] = getattr(model, "tensor_parallel_plan", {})
+    if size > 1 and not plan:
+        raise ValidationError(f"{type(model).__name__} does not support tensor parallelism")
+    for name, module in model.named_modules():
+        kind = plan.get(name.rsplit(".", 1)[-1])
+        if kind is None:
+            continue
+        assert isinstance(module, Linear), f"{name} in the plan is not a Linear"
+        module.tp_dim = 0 if kind == "column" else 1
+        module.tp_rank, module.tp_size = rank, size
+
+
+class RowParallelReduce(nn.Module):
+    """A row-parallel linear whose partial output is summed across the ranks."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)  # [T, out_features], this rank's share of the sum
+        dist.all_reduce(out)
+        return out
+
+
+def wrap_row_parallel(model: nn.Module) -> None:
+    """Put an all-reduce after every row-parallel linear (after loading, before quantizing)."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, Linear) and module.tp_dim == 1 and module.tp_size > 1]
+    for name in names:
+        model.set_submodule(name, RowParallelReduce(model.get_submodule(name)))
+
+
+def init_process_group(rank: int, size: int, init_method: str, device: torch.device) -> None:
+    """Join the group of `size` ranks (NCCL on CUDA, gloo on CPU)."""
+    if dist.is_initialized():
+        raise RuntimeError("a tensor-parallel group already exists in this process: one "
+                           "tensor-parallel engine per process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=_COLLECTIVE_TIMEOUT)

@@ -1,0 +1,171 @@
+"""Ranks 1..size-1 of a tensor-parallel engine: one process each, mirroring rank 0's forwards.
+
+Rank 0 (the engine's process) schedules, samples and detokenizes; before each forward it
+sends the step's inputs (`StepInputs.pack()`, a few KB of int64s) down a pipe to every other
+rank, and all ranks run the same forward, meeting in the all-reduces. Idle ranks wait on the
+pipe, not in a collective, so an idle engine has no timeout to hit; when rank 0's process dies
+the pipe closes and the ranks exit (a rank inside a collective gets a connection error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import traceback
+import weakref
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tokenfleet.engine.config import EngineConfig
+from tokenfleet.engine.errors import ModelLoadError
+from tokenfleet.engine.step_inputs import StepInputs
+from tokenfleet.engine.tensor_parallel import init_process_group
+
+__all__ = ["TensorParallelWorkers", "rank_device", "rank_threads"]
+
+_EXIT = b""  # the message that tells a rank to stop
+_POLL_S = 0.5
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r runs on the r-th device after `device` ("cuda" = "cuda:0"); CPU ranks share."""
+    base = torch.device(device)
+    if base.type != "cuda":
+        return base
+    return torch.device("cuda", (base.index or 0) + rank)
+
+
+def rank_threads(config: EngineConfig) -> int | None:
+    """CPU threads of each rank: the configured number, or the cores split between ranks."""
+    if config.num_threads or config.tensor_parallel_size == 1 or config.device != "cpu":
+        return config.num_threads
+    return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TensorParallelWorkers:
+    """Rank 0's handle on the other ranks: starts them, feeds them steps, stops them."""
+
+    def __init__(self, config: EngineConfig):
+        size = config.tensor_parallel_size
+        assert size > 1
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        for rank in range(1, size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_rank_main, args=(rank, config, init_method, child),
+                               name=f"tokenfleet-tp{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
+        try:
+            init_process_group(0, size, init_method, rank_device(config.device, 0))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [int(p.pid) for p in self._procs]
+
+    def wait_for(self, what: str) -> None:
+        """Wait until every rank reports `what` ("loaded", "ready"); ModelLoadError with the
+        rank's error when one failed or died instead."""
+        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs, strict=True), 1):
+            while not conn.poll(_POLL_S):
+                if not proc.is_alive():
+                    raise ModelLoadError(f"tensor-parallel rank {rank} exited with code "
+                                         f"{proc.exitcode} while starting")
+            kind, detail = conn.recv()
+            if kind == "error":
+                raise ModelLoadError(f"tensor-parallel rank {rank} failed: {detail}")
+            assert kind == what, f"rank {rank} said {kind!r}, expected {what!r}"
+
+    def send_step(self, inputs: StepInputs) -> None:
+        """Start the step on every other rank (they then meet rank 0 in the all-reduces)."""
+        self.check_alive()
+        payload = inputs.pack()
+        for conn in self._conns:
+            conn.send_bytes(payload)
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self._procs, 1):
+            if not proc.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {proc.exitcode});"
+                                   " this engine cannot run steps any more")
+
+    def close(self) -> None:
+        """Stop the ranks and leave the process group (a new engine may start one)."""
+        self._finalizer()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _stop(conns: list[Connection], procs: list[Any]) -> None:
+    for conn in conns:
+        with contextlib.suppress(OSError):  # the rank is gone already
+            conn.send_bytes(_EXIT)
+        conn.close()
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _rank_main(rank: int, config: EngineConfig, init_method: str, conn: Connection) -> None:
+    """A rank's process: join the group, load its slice, then run every step it is sent."""
+    from tokenfleet.engine.loader import load_engine_model, load_model_config
+    from tokenfleet.engine.model_runner import ModelRunner
+    from tokenfleet.engine.tensor_parallel import shard_model_config
+
+    device = rank_device(config.device, rank)
+    config = dataclasses.replace(config, device=str(device))
+    try:
+        threads = rank_threads(config)
+        if threads:
+            torch.set_num_threads(threads)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_process_group(rank, config.tensor_parallel_size, init_method, device)
+        assert config.model_dir is not None
+        local = shard_model_config(load_model_config(config.model_dir),
+                                   config.tensor_parallel_size)
+        model = load_engine_model(config, local, device, rank, config.tensor_parallel_size)
+        conn.send(("loaded", None))
+        runner = ModelRunner(config, local, model)
+        conn.send(("ready", None))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    _serve(runner, conn)
+
+
+def _serve(runner: Any, conn: Connection) -> None:
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # rank 0 is gone
+        if payload == _EXIT:
+            return
+        try:
+            runner.run_shard(StepInputs.unpack(payload))
+        except Exception:
+            traceback.print_exc()  # the process's stderr: rank 0 sees the exit and reports it
+            os._exit(1)
