@@ -24,6 +24,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks (a no-op without tensor parallelism)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if not isinstance(prompt, str):
             return list(prompt)

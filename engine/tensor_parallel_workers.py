@@ -100,8 +100,12 @@ class TensorParallelWorkers:
         """Start the step on every other rank (they then meet rank 0 in the all-reduces)."""
         self.check_alive()
         payload = inputs.pack()
-        for conn in self._conns:
-            conn.send_bytes(payload)
+        for rank, conn in enumerate(self._conns, 1):
+            try:
+                conn.send_bytes(payload)
+            except OSError as exc:  # it died after check_alive looked
+                raise RuntimeError(f"tensor-parallel rank {rank} is gone ({exc}); this engine "
+                                   "cannot run steps any more") from exc
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self._procs, 1):

@@ -91,6 +91,10 @@ def build_tiny_llama(
     config = config_cls(**{**TINY_DEFAULTS, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, config.initializer_range)
     out = Path(tmp_path) / f"tiny-{arch}-{seed}"
     model.save_pretrained(out, safe_serialization=True)
     source = tokenizer_dir if tokenizer_dir is not None else tokenizer_source_dir()

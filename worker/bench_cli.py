@@ -47,7 +47,7 @@ _SETTINGS_OPTIONS = ("engine", "model", "cache_dir", "device", "dtype", "max_num
                      "num_threads", "quantize", "cpu_compile", "cpu_attention_kernel",
                      "cpu_sampler_kernel", "cpu_gemm_kernel",
                      "attention_backend", "gpu_memory_utilization", "cuda_graph_max_batch",
-                     "async_decode",
+                     "async_decode", "tensor_parallel_size",
                      "sim_step_ms", "sim_vocab_size", "sim_max_model_len",
                      "redis_url", "queue", "key_prefix", "log_level")
 

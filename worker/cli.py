@@ -35,6 +35,7 @@ _ENGINE_OPTIONS = ("engine", "model", "cache_dir", "device", "dtype", "max_num_s
                    "cpu_sampler_kernel", "cpu_gemm_kernel",
                    "attention_backend",
                    "gpu_memory_utilization", "cuda_graph_max_batch", "async_decode",
+                   "tensor_parallel_size",
                    "sim_step_ms", "sim_vocab_size", "sim_max_model_len")
 _CLIENT_OPTIONS = ("redis_url", "cache_dir", "queue", "key_prefix")
 _DEMO_PROMPT = "What is the capital of France?"

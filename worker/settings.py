@@ -91,6 +91,10 @@ class WorkerSettings:
     async_decode: bool = _setting(True, "CUDA graphs: queue the next decode step before "
                                   "reading this one's tokens, overlapping host work with the "
                                   "GPU")
+    tensor_parallel_size: int = _setting(1, "split each layer across this many processes "
+                                         "(one GPU each on CUDA: cuda:0..N-1 from --device; "
+                                         "CPU cores shared on CPU); heads and MLP split, two "
+                                         "all-reduces a layer; decode runs without CUDA graphs")
     lease_ms: int = _setting(30_000, "a job whose worker is silent this long is reclaimed; "
                              "leases are renewed every lease_ms/3")
     max_deliveries: int = _setting(3, "deliveries of one job before it is dead-lettered")
@@ -122,7 +126,8 @@ class WorkerSettings:
                 raise SettingsError(f"{_describe(f.name)} must be one of {choices}, got {value!r}")
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "lease_ms",
                     "max_deliveries", "result_ttl_s", "events_ttl_s", "events_maxlen",
-                    "read_block_ms", "sim_vocab_size", "sim_max_model_len")
+                    "read_block_ms", "sim_vocab_size", "sim_max_model_len",
+                    "tensor_parallel_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_describe(name)} must be > 0, got {getattr(self, name)}")

@@ -126,6 +126,7 @@ class Worker:
         features = await ServerFeatures.detect(redis)
         load_started = time.monotonic()
         engine = self._engine
+        owns_engine = engine is None
         if engine is None:  # with cpu_compile this includes minutes of compiling
             self._log.info("engine_loading", model=s.model, cpu_compile=s.cpu_compile)
             engine = await asyncio.to_thread(build_engine, s)
@@ -176,6 +177,9 @@ class Worker:
             await self._drain(pulling)
         finally:
             await engine_thread.stop()
+            close = getattr(engine, "close", None)  # tensor-parallel ranks: stop them
+            if owns_engine and close is not None:
+                await asyncio.to_thread(close)
             self._closing.set()
             for task in others:
                 task.cancel()

@@ -66,3 +66,56 @@ async def test_a_compiled_cpu_worker_streams_what_the_eager_engine_generates(
         assert engine.runner.compiled_decode.num_steps > 0  # decode steps were compiled ones
     for events, expected in zip(runs, offline, strict=True):
         assert [t.id for t in events[-1].details.tokens] == expected.token_ids
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (by /proc's parent ids)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_a_tensor_parallel_worker_streams_what_one_process_generates(
+        fleet, redis, tmp_path: Path, make_tiny_llama):
+    """`tokenfleet worker --tensor-parallel-size 2` as a real process: its stream equals the
+    single-process engine's tokens (float32), and its rank process dies with it (SIGKILL)."""
+    model_dir = make_tiny_llama(tmp_path)
+    prompts = ["one two three", "four five", "six"]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    offline = LLM(str(model_dir), dtype="float32").generate(prompts, params)
+
+    async def ask(client, prompt: str) -> list:
+        return [e async for e in client.generate_stream(prompt, max_new_tokens=10,
+                                                         ignore_eos=True, details=True)]
+
+    proc = fleet.spawn("tp-worker", engine="llm", model=str(model_dir), dtype="float32",
+                       max_num_seqs=4, tensor_parallel_size=2)
+    await fleet.wait_for_workers(redis, ["tp-worker"], timeout_s=120)
+    async with fleet.client() as client:
+        runs = await asyncio.wait_for(asyncio.gather(*(ask(client, p) for p in prompts)), 300)
+    for events, expected in zip(runs, offline, strict=True):
+        assert [t.id for t in events[-1].details.tokens] == expected.token_ids
+    ranks = [pid for pid in _children(proc.pid)
+             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(ranks) == 1, "the worker runs its second rank in a child process"
+    proc.kill()
+    proc.wait(timeout=10)
+    for _ in range(300):
+        if not _alive(ranks[0]):
+            break
+        await asyncio.sleep(0.05)
+    assert not _alive(ranks[0]), "a rank outlived its worker"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
