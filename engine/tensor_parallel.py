@@ -14,6 +14,7 @@ ordinary model built from a config with its local head and intermediate counts
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -23,13 +24,39 @@ from torch import nn
 from tokenfleet.engine.config import ModelConfig
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.layers.linear import Linear
+from tokenfleet.kernels.cpu_shm_allreduce import ShmGroup
 
-__all__ = ["RowParallelReduce", "init_process_group", "plan_tensor_parallel",
-           "shard_model_config", "wrap_row_parallel"]
+__all__ = ["RowParallelReduce", "all_reduce", "init_process_group", "plan_tensor_parallel",
+           "shard_model_config", "use_shm_group", "wrap_row_parallel"]
 
 # A collective waits at most this long for the other ranks (one layer's work, normally
 # milliseconds). Idle ranks wait on a pipe, not in a collective, so this is no idle limit.
 _COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+
+
+class _Comm:
+    """This process's way to sum across ranks: CPU ranks of one machine use shared memory
+    (kernels/cpu_shm_allreduce.c: microseconds, where gloo's TCP takes ~1 ms), others
+    torch.distributed (NCCL on CUDA). Every rank of a group makes the same choice (rank 0
+    decides and the others fail to start if they cannot follow)."""
+
+    shm: ShmGroup | None = None
+    is_alive: Callable[[], None] = staticmethod(lambda: None)
+
+
+def use_shm_group(group: ShmGroup | None, is_alive: Callable[[], None]) -> None:
+    """Sum through `group` from now on (None: back to torch.distributed); `is_alive` raises
+    when a peer died (called while a wait lasts)."""
+    _Comm.shm, _Comm.is_alive = group, is_alive
+
+
+def all_reduce(t: torch.Tensor) -> None:
+    """Sum `t` over the ranks, in place."""
+    if _Comm.shm is not None and t.dtype in (torch.float32, torch.bfloat16) \
+            and t.is_contiguous():
+        _Comm.shm.all_reduce(t, _Comm.is_alive)
+    else:
+        dist.all_reduce(t)
 
 
 def shard_model_config(mc: ModelConfig, size: int) -> ModelConfig:
@@ -75,7 +102,7 @@ class RowParallelReduce(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)  # [T, out_features], this rank's share of the sum
-        dist.all_reduce(out)
+        all_reduce(out)
         return out
 
 

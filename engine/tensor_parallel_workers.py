@@ -5,6 +5,11 @@ sends the step's inputs (`StepInputs.pack()`, a few KB of int64s) down a pipe to
 rank, and all ranks run the same forward, meeting in the all-reduces. Idle ranks wait on the
 pipe, not in a collective, so an idle engine has no timeout to hit; when rank 0's process dies
 the pipe closes and the ranks exit (a rank inside a collective gets a connection error).
+
+CPU ranks sum through a shared-memory mapping (kernels/cpu_shm_allreduce.c) when the C
+kernel builds: rank 0 creates it, the others attach, and the path is unlinked once all have
+(the mapping lives on until the last rank exits). A waiting rank checks every 0.1 s that its
+peers live: rank 0 that its children do, the others that rank 0 does.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import secrets
 import socket
+import tempfile
 import traceback
 import weakref
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +33,9 @@ import torch.multiprocessing as mp
 from tokenfleet.engine.config import EngineConfig
 from tokenfleet.engine.errors import ModelLoadError
 from tokenfleet.engine.step_inputs import StepInputs
-from tokenfleet.engine.tensor_parallel import init_process_group
+from tokenfleet.engine.tensor_parallel import init_process_group, use_shm_group
+from tokenfleet.kernels import cpu_shm_allreduce
+from tokenfleet.kernels.cpu_shm_allreduce import ShmGroup
 
 __all__ = ["TensorParallelWorkers", "rank_device", "rank_threads"]
 
@@ -48,6 +58,12 @@ def rank_threads(config: EngineConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
+def _shm_path() -> Path:
+    shm = Path("/dev/shm")
+    folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    return folder / f"tokenfleet-tp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -61,23 +77,31 @@ class TensorParallelWorkers:
         size = config.tensor_parallel_size
         assert size > 1
         init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.shm: ShmGroup | None = None
+        if config.device == "cpu":
+            lib = cpu_shm_allreduce.load(config.kernel_dir)
+            if lib is not None:
+                self.shm = lib.group(_shm_path(), 0, size, create=True)
+        shm_path = str(self.shm.path) if self.shm is not None else None
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         for rank in range(1, size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(rank, config, init_method, child),
+            proc = ctx.Process(target=_rank_main,
+                               args=(rank, config, init_method, shm_path, child),
                                name=f"tokenfleet-tp{rank}", daemon=True)
             proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
-        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs)
+        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs, self.shm)
         try:
             init_process_group(0, size, init_method, rank_device(config.device, 0))
         except BaseException:
             self.close()
             raise
+        use_shm_group(self.shm, self.check_alive)
 
     @property
     def pids(self) -> list[int]:
@@ -95,6 +119,8 @@ class TensorParallelWorkers:
             if kind == "error":
                 raise ModelLoadError(f"tensor-parallel rank {rank} failed: {detail}")
             assert kind == what, f"rank {rank} said {kind!r}, expected {what!r}"
+        if self.shm is not None:  # every rank has attached: the name is no longer needed
+            self.shm.path.unlink(missing_ok=True)
 
     def send_step(self, inputs: StepInputs) -> None:
         """Start the step on every other rank (they then meet rank 0 in the all-reduces)."""
@@ -110,17 +136,22 @@ class TensorParallelWorkers:
     def check_alive(self) -> None:
         for rank, proc in enumerate(self._procs, 1):
             if not proc.is_alive():
+                if self.shm is not None:
+                    self.shm.abort()  # the other ranks stop waiting for it too
                 raise RuntimeError(f"tensor-parallel rank {rank} exited (code {proc.exitcode});"
                                    " this engine cannot run steps any more")
 
     def close(self) -> None:
         """Stop the ranks and leave the process group (a new engine may start one)."""
         self._finalizer()
+        use_shm_group(None, lambda: None)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _stop(conns: list[Connection], procs: list[Any]) -> None:
+def _stop(conns: list[Connection], procs: list[Any], shm: ShmGroup | None) -> None:
+    if shm is not None:
+        shm.abort()  # a rank stuck waiting for a dead peer gets out and reads its pipe
     for conn in conns:
         with contextlib.suppress(OSError):  # the rank is gone already
             conn.send_bytes(_EXIT)
@@ -130,9 +161,12 @@ def _stop(conns: list[Connection], procs: list[Any]) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()
+    if shm is not None:
+        shm.close(unlink=True)
 
 
-def _rank_main(rank: int, config: EngineConfig, init_method: str, conn: Connection) -> None:
+def _rank_main(rank: int, config: EngineConfig, init_method: str, shm_path: str | None,
+               conn: Connection) -> None:
     """A rank's process: join the group, load its slice, then run every step it is sent."""
     from tokenfleet.engine.loader import load_engine_model, load_model_config
     from tokenfleet.engine.model_runner import ModelRunner
@@ -147,6 +181,7 @@ def _rank_main(rank: int, config: EngineConfig, init_method: str, conn: Connecti
         if device.type == "cuda":
             torch.cuda.set_device(device)
         init_process_group(rank, config.tensor_parallel_size, init_method, device)
+        _attach_shm(config, rank, shm_path)
         assert config.model_dir is not None
         local = shard_model_config(load_model_config(config.model_dir),
                                    config.tensor_parallel_size)
@@ -158,6 +193,23 @@ def _rank_main(rank: int, config: EngineConfig, init_method: str, conn: Connecti
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     _serve(runner, conn)
+
+
+def _attach_shm(config: EngineConfig, rank: int, shm_path: str | None) -> None:
+    if shm_path is None:
+        return
+    lib = cpu_shm_allreduce.load(config.kernel_dir)
+    if lib is None:
+        raise RuntimeError("rank 0 sums through shared memory but this rank cannot load the "
+                           "kernel")
+    parent = os.getppid()
+
+    def rank_0_alive() -> None:
+        if os.getppid() != parent:
+            raise RuntimeError("rank 0 exited")
+
+    use_shm_group(lib.group(Path(shm_path), rank, config.tensor_parallel_size, create=False),
+                  rank_0_alive)
 
 
 def _serve(runner: Any, conn: Connection) -> None:

@@ -76,6 +76,8 @@ def test_two_ranks_compute_what_one_rank_and_transformers_compute(
     one = LLM(str(model_dir), **args)
     expected = one.generate(prompts, params)
     with LLM(str(model_dir), tensor_parallel_size=2, **args) as two:
+        assert two.engine.runner.tp is not None and two.engine.runner.tp.shm is not None, \
+            "CPU ranks sum through shared memory where the C kernel builds"
         got = two.generate(prompts, params)
         for prompt, g, e in zip(prompts, got, expected, strict=True):
             assert g.token_ids == e.token_ids == _hf_greedy(model_dir, prompt)
