@@ -7,6 +7,7 @@ sequence whose prefill is complete, or its decode row), and samples.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -17,7 +18,6 @@ from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
 from tokenfleet.engine.layers.attention import Attention, make_backend
-from tokenfleet.engine.layers.attention_metadata import AttentionMetadata
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
 from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
 from tokenfleet.engine.layers.cpu_prepack import needs_freezing
@@ -182,11 +182,14 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> RunOutput:
         if self.replayable(batch):
             return self._run_graph(batch.seqs)
-        input_ids, positions, meta, sample_rows, sampled = self._prepare(batch)
-        if self.compiled_decode is not None and meta.is_decode_only:
-            hidden = self.compiled_decode(input_ids, positions, meta)  # [S, hidden]
-        else:
-            hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        inputs, sampled = StepInputs.from_batch(batch, self.block_size)
+        with self._mirrored(inputs):
+            input_ids, positions, meta = inputs.to_device(self.device)
+            if self.compiled_decode is not None and meta.is_decode_only:
+                hidden = self.compiled_decode(input_ids, positions, meta)  # [S, hidden]
+            else:
+                hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        sample_rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
         prompt_logprobs = self._prompt_logprobs(batch, hidden)
         if not sampled:
             return RunOutput([], None, prompt_logprobs)
@@ -269,20 +272,15 @@ class ModelRunner:
     def last_logits(self, seq: Sequence) -> torch.Tensor:
         """Logits [vocab] after all of `seq`'s tokens, in one prefill (a verification aid:
         the caller allocated `seq`'s blocks and frees them afterwards)."""
-        batch = ScheduledBatch([seq], [seq.num_uncomputed_tokens])
-        input_ids, positions, meta, sample_rows, _ = self._prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[sample_rows])[0].float()
+        inputs, _ = StepInputs.from_batch(ScheduledBatch([seq], [seq.num_uncomputed_tokens]),
+                                          self.block_size)
+        with self._mirrored(inputs):
+            hidden = self.model(*inputs.to_device(self.device))  # [T, hidden]
+        return self.model.compute_logits(hidden[-1:])[0].float()
 
-    def _prepare(self, batch: ScheduledBatch
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor,
-                            list[Sequence]]:
-        inputs, sampled = StepInputs.from_batch(batch, self.block_size)
-        if self.tp is not None:
-            self.tp.send_step(inputs)  # the other ranks start the same forward
-        input_ids, positions, meta = inputs.to_device(self.device)
-        sample_rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
-        return input_ids, positions, meta, sample_rows, sampled
+    def _mirrored(self, inputs: StepInputs) -> AbstractContextManager[None]:
+        """Around rank 0's forward: the other tensor-parallel ranks run the same step."""
+        return self.tp.step(inputs) if self.tp is not None else nullcontext()
 
     @torch.inference_mode()
     def run_shard(self, inputs: StepInputs) -> None:

@@ -7,21 +7,26 @@ pipe, not in a collective, so an idle engine has no timeout to hit; when rank 0'
 the pipe closes and the ranks exit (a rank inside a collective gets a connection error).
 
 CPU ranks sum through a shared-memory mapping (kernels/cpu_shm_allreduce.c) when the C
-kernel builds: rank 0 creates it, the others attach, and the path is unlinked once all have
-(the mapping lives on until the last rank exits). A waiting rank checks every 0.1 s that its
-peers live: rank 0 that its children do, the others that rank 0 does.
+kernel builds (and /dev/shm has room): rank 0 creates it, the others attach, and the path is
+unlinked as soon as all have (the mapping lives on until the last rank exits). A waiting
+rank checks every 0.1 s that its peers live: rank 0 that its children do, the others that
+rank 0 does. A step that fails on rank 0 halfway breaks the group for good (its ranks are
+stopped): the others may be inside the forward, and resuming would pair the wrong sums.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import secrets
+import signal
 import socket
 import tempfile
 import traceback
 import weakref
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tokenfleet.engine.config import EngineConfig
-from tokenfleet.engine.errors import ModelLoadError
+from tokenfleet.engine.errors import ModelLoadError, ValidationError
 from tokenfleet.engine.step_inputs import StepInputs
 from tokenfleet.engine.tensor_parallel import init_process_group, use_shm_group
 from tokenfleet.kernels import cpu_shm_allreduce
@@ -70,47 +75,69 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclasses.dataclass
+class _Ranks:
+    """What must be released when rank 0's handle goes (closed, collected or at exit)."""
+
+    conns: list[Connection] = dataclasses.field(default_factory=list)
+    procs: list[Any] = dataclasses.field(default_factory=list)
+    shm: ShmGroup | None = None
+    owns_group: bool = False
+    broken: str | None = None  # why the group can run no more steps
+
+
 class TensorParallelWorkers:
     """Rank 0's handle on the other ranks: starts them, feeds them steps, stops them."""
 
     def __init__(self, config: EngineConfig):
         size = config.tensor_parallel_size
         assert size > 1
+        _check_can_start(config)
+        self._ranks = ranks = _Ranks()
+        # Registered before anything is started, so that every exit path releases it all.
+        self._finalizer = weakref.finalize(self, _release, ranks)
+        try:
+            self._start(config, ranks)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, config: EngineConfig, ranks: _Ranks) -> None:
+        size = config.tensor_parallel_size
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        self.shm: ShmGroup | None = None
-        if config.device == "cpu":
-            lib = cpu_shm_allreduce.load(config.kernel_dir)
-            if lib is not None:
-                self.shm = lib.group(_shm_path(), 0, size, create=True)
-        shm_path = str(self.shm.path) if self.shm is not None else None
+        ranks.shm = _create_shm(config)
+        shm_path = str(ranks.shm.path) if ranks.shm is not None else None
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
-        self._conns: list[Connection] = []
-        self._procs: list[Any] = []
         for rank in range(1, size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_rank_main,
                                args=(rank, config, init_method, shm_path, child),
                                name=f"tokenfleet-tp{rank}", daemon=True)
+            ranks.conns.append(parent)
             proc.start()
+            ranks.procs.append(proc)
             child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        self._finalizer = weakref.finalize(self, _stop, self._conns, self._procs, self.shm)
-        try:
-            init_process_group(0, size, init_method, rank_device(config.device, 0))
-        except BaseException:
-            self.close()
-            raise
-        use_shm_group(self.shm, self.check_alive)
+        self.wait_for("started")  # a rank that cannot start fails here, not in a rendezvous
+        init_process_group(0, size, init_method, rank_device(config.device, 0))
+        ranks.owns_group = True
+        self.wait_for("attached")
+        if ranks.shm is not None:  # every rank has mapped it: the name is no longer needed
+            ranks.shm.path.unlink(missing_ok=True)
+        use_shm_group(ranks.shm, functools.partial(_check_alive, ranks))
 
     @property
     def pids(self) -> list[int]:
-        return [int(p.pid) for p in self._procs]
+        return [int(p.pid) for p in self._ranks.procs]
+
+    @property
+    def shm(self) -> ShmGroup | None:
+        return self._ranks.shm
 
     def wait_for(self, what: str) -> None:
-        """Wait until every rank reports `what` ("loaded", "ready"); ModelLoadError with the
-        rank's error when one failed or died instead."""
-        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs, strict=True), 1):
+        """Wait until every rank reports `what` ("started", "attached", "loaded", "ready");
+        ModelLoadError with the rank's error when one failed or died instead."""
+        ranks = self._ranks
+        for rank, (conn, proc) in enumerate(zip(ranks.conns, ranks.procs, strict=True), 1):
             while not conn.poll(_POLL_S):
                 if not proc.is_alive():
                     raise ModelLoadError(f"tensor-parallel rank {rank} exited with code "
@@ -119,50 +146,100 @@ class TensorParallelWorkers:
             if kind == "error":
                 raise ModelLoadError(f"tensor-parallel rank {rank} failed: {detail}")
             assert kind == what, f"rank {rank} said {kind!r}, expected {what!r}"
-        if self.shm is not None:  # every rank has attached: the name is no longer needed
-            self.shm.path.unlink(missing_ok=True)
 
-    def send_step(self, inputs: StepInputs) -> None:
-        """Start the step on every other rank (they then meet rank 0 in the all-reduces)."""
-        self.check_alive()
+    @contextlib.contextmanager
+    def step(self, inputs: StepInputs) -> Iterator[None]:
+        """Start the step on every other rank; the body runs rank 0's part of it. If the body
+        fails, the other ranks may be left inside the forward: the group is then broken for
+        good (its ranks stopped), and every later step raises instead of summing the wrong
+        layers together."""
+        ranks = self._ranks
+        _check_alive(ranks)
         payload = inputs.pack()
-        for rank, conn in enumerate(self._conns, 1):
-            try:
+        try:
+            for conn in ranks.conns:
                 conn.send_bytes(payload)
-            except OSError as exc:  # it died after check_alive looked
-                raise RuntimeError(f"tensor-parallel rank {rank} is gone ({exc}); this engine "
-                                   "cannot run steps any more") from exc
+            yield
+        except BaseException as exc:
+            _break(ranks, f"a step failed on rank 0 ({type(exc).__name__}: {exc})")
+            raise
 
     def check_alive(self) -> None:
-        for rank, proc in enumerate(self._procs, 1):
-            if not proc.is_alive():
-                if self.shm is not None:
-                    self.shm.abort()  # the other ranks stop waiting for it too
-                raise RuntimeError(f"tensor-parallel rank {rank} exited (code {proc.exitcode});"
-                                   " this engine cannot run steps any more")
+        _check_alive(self._ranks)
 
     def close(self) -> None:
         """Stop the ranks and leave the process group (a new engine may start one)."""
         self._finalizer()
-        use_shm_group(None, lambda: None)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
-def _stop(conns: list[Connection], procs: list[Any], shm: ShmGroup | None) -> None:
-    if shm is not None:
-        shm.abort()  # a rank stuck waiting for a dead peer gets out and reads its pipe
-    for conn in conns:
+def _check_can_start(config: EngineConfig) -> None:
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed group already exists in this process: one "
+                           "tensor-parallel engine per process")
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        first = device.index or 0
+        last = first + config.tensor_parallel_size - 1
+        if last >= torch.cuda.device_count():
+            raise ValidationError(
+                f"tensor_parallel_size={config.tensor_parallel_size} from {device} needs GPUs "
+                f"{first}..{last}; this machine has {torch.cuda.device_count()}")
+
+
+def _create_shm(config: EngineConfig) -> ShmGroup | None:
+    """The shared-memory sum for CPU ranks; None (gloo) off CPU, without the kernel, or when
+    /dev/shm is too small."""
+    if config.device != "cpu":
+        return None
+    lib = cpu_shm_allreduce.load(config.kernel_dir)
+    if lib is None:
+        return None
+    try:
+        return lib.group(_shm_path(), 0, config.tensor_parallel_size, create=True)
+    except OSError:
+        return None
+
+
+def _check_alive(ranks: _Ranks) -> None:
+    if ranks.broken is None:
+        for rank, proc in enumerate(ranks.procs, 1):
+            if not proc.is_alive():
+                _break(ranks, f"tensor-parallel rank {rank} exited (code {proc.exitcode})")
+                break
+    if ranks.broken is not None:
+        raise RuntimeError(f"{ranks.broken}; this engine cannot run steps any more")
+
+
+def _break(ranks: _Ranks, reason: str) -> None:
+    """Mark the group unusable and stop its ranks (some may be stuck in a collective)."""
+    if ranks.broken is None:
+        ranks.broken = reason
+    if ranks.shm is not None:
+        ranks.shm.abort()  # ranks waiting in a shared-memory sum get out with an error
+    for proc in ranks.procs:
+        if proc.is_alive():
+            proc.kill()
+
+
+def _release(ranks: _Ranks) -> None:
+    if ranks.shm is not None:
+        ranks.shm.abort()  # a rank stuck waiting for a dead peer gets out and reads its pipe
+    for conn in ranks.conns:
         with contextlib.suppress(OSError):  # the rank is gone already
             conn.send_bytes(_EXIT)
         conn.close()
-    for proc in procs:
+    for proc in ranks.procs:
+        if proc.pid is None:
+            continue  # never started
         proc.join(timeout=10)
         if proc.is_alive():
             proc.kill()
             proc.join()
-    if shm is not None:
-        shm.close(unlink=True)
+    if ranks.shm is not None:
+        use_shm_group(None, lambda: None)
+        ranks.shm.close(unlink=True)
+    if ranks.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rank_main(rank: int, config: EngineConfig, init_method: str, shm_path: str | None,
@@ -172,6 +249,7 @@ def _rank_main(rank: int, config: EngineConfig, init_method: str, shm_path: str 
     from tokenfleet.engine.model_runner import ModelRunner
     from tokenfleet.engine.tensor_parallel import shard_model_config
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when we stop (the pipe)
     device = rank_device(config.device, rank)
     config = dataclasses.replace(config, device=str(device))
     try:
@@ -180,8 +258,10 @@ def _rank_main(rank: int, config: EngineConfig, init_method: str, shm_path: str 
             torch.set_num_threads(threads)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        conn.send(("started", None))
         init_process_group(rank, config.tensor_parallel_size, init_method, device)
         _attach_shm(config, rank, shm_path)
+        conn.send(("attached", None))
         assert config.model_dir is not None
         local = shard_model_config(load_model_config(config.model_dir),
                                    config.tensor_parallel_size)

@@ -29,7 +29,7 @@ _COMPILE_FLAGS = ["-O3", "-march=native"]
 _LOADED: dict[str, CpuShmAllReduce] = {}
 _CHECK_US = 100_000  # how long a wait spins before asking whether the peers still live
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-DEFAULT_SLOT_BYTES = 8 << 20
+DEFAULT_SLOT_BYTES = 2 << 20  # 2 banks x ranks x this: 8 MiB for 2 ranks; bigger sums go in pieces
 
 
 class CpuShmAllReduce:
@@ -70,8 +70,14 @@ class ShmGroup:
         fd = os.open(self.path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, num_bytes)  # zero-filled: no flag published, no abort
+                # Zero-filled (no flag published, no abort) and really allocated: a sparse
+                # file on a small /dev/shm would SIGBUS at first touch instead of failing here.
+                os.posix_fallocate(fd, 0, num_bytes)
             self._map = mmap.mmap(fd, num_bytes)
+        except OSError:
+            if create:
+                self.path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         self._base = ctypes.c_char.from_buffer(self._map)

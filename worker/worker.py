@@ -130,7 +130,17 @@ class Worker:
         if engine is None:  # with cpu_compile this includes minutes of compiling
             self._log.info("engine_loading", model=s.model, cpu_compile=s.cpu_compile)
             engine = await asyncio.to_thread(build_engine, s)
-        engine_load_s = round(time.monotonic() - load_started, 1)
+        try:
+            await self._run_engine(redis, engine, features,
+                                   round(time.monotonic() - load_started, 1))
+        finally:
+            close = getattr(engine, "close", None)  # tensor-parallel ranks: stop them
+            if owns_engine and close is not None:
+                await asyncio.to_thread(close)
+
+    async def _run_engine(self, redis: Redis, engine: EngineLike, features: ServerFeatures,
+                          engine_load_s: float) -> None:
+        s = self.settings
         self._engine_thread = engine_thread = EngineThread(engine, asyncio.get_running_loop())
         publisher = Publisher(redis, self.keys, s.queue, worker_id=self.worker_id,
                               result_ttl_s=s.result_ttl_s, events_ttl_s=s.events_ttl_s,
@@ -177,9 +187,6 @@ class Worker:
             await self._drain(pulling)
         finally:
             await engine_thread.stop()
-            close = getattr(engine, "close", None)  # tensor-parallel ranks: stop them
-            if owns_engine and close is not None:
-                await asyncio.to_thread(close)
             self._closing.set()
             for task in others:
                 task.cancel()

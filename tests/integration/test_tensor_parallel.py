@@ -175,3 +175,50 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(make_tiny_llama: Any,
             llm.generate(["again"], SamplingParams(max_new_tokens=2))
     finally:
         llm.close()
+
+
+def test_a_step_that_fails_on_rank_0_breaks_the_group_for_good(make_tiny_llama: Any,
+                                                               tmp_path: Path) -> None:
+    """Rank 1 may be left inside the forward: running on would pair the wrong sums."""
+    model_dir = make_tiny_llama(tmp_path)
+    llm = LLM(str(model_dir), dtype="float32", tensor_parallel_size=2)
+    try:
+        pids = llm.engine.runner.tp.pids  # type: ignore[union-attr]
+        layer = llm.engine.runner.model.model.layers[1]  # type: ignore[union-attr,index]
+
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise MemoryError("injected: rank 0 ran out of memory mid-forward")
+
+        layer.forward = fail
+        with pytest.raises(MemoryError):
+            llm.generate(["hello"], SamplingParams(max_new_tokens=2))
+        del layer.forward
+        with pytest.raises(RuntimeError, match="a step failed on rank 0.*MemoryError"):
+            llm.generate(["hello"], SamplingParams(max_new_tokens=2))
+        assert _wait_gone(pids, 10), "the broken group's ranks are stopped"
+    finally:
+        llm.close()
+
+
+def test_one_group_per_process_and_ctrl_c_does_not_reach_the_ranks(make_tiny_llama: Any,
+                                                                   tmp_path: Path) -> None:
+    model_dir = make_tiny_llama(tmp_path)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    with LLM(str(model_dir), dtype="float32", tensor_parallel_size=2) as llm:
+        expected = llm.generate(["hello"], params)[0].token_ids
+        with pytest.raises(RuntimeError, match="one tensor-parallel engine per process"):
+            LLM(str(model_dir), dtype="float32", tensor_parallel_size=2)
+        (pid,) = llm.engine.runner.tp.pids  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+        time.sleep(0.5)
+        assert llm.generate(["hello"], params)[0].token_ids == expected  # the first one lives
+
+
+def test_more_ranks_than_gpus_is_refused_before_starting_any(make_tiny_llama: Any,
+                                                            tmp_path: Path) -> None:
+    model_dir = make_tiny_llama(tmp_path)
+    gpus = torch.cuda.device_count()
+    with pytest.raises(ValidationError, match=f"this machine has {gpus}"):
+        LLM(str(model_dir), dtype="float32", device="cuda",
+            tensor_parallel_size=max(2, gpus + 1))
+    assert not multiprocessing.active_children()
