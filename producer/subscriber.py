@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from tokenfleet.producer.backoff import Backoff
@@ -25,6 +26,11 @@ _READ_TIMEOUT_S: Final = 1.0
 _CONFIRM_TIMEOUT_S: Final = 5.0
 _RETRY_BASE_S: Final = 0.1
 _RETRY_CAP_S: Final = 2.0
+# What a dropped connection raises here. RuntimeError: after a server restart the reader's
+# reconnect and an (un)subscribe's reconnect can run at once on the one pub/sub connection,
+# and asyncio refuses the second read ("readuntil() called while another coroutine is
+# already waiting") — seen in the Redis-restart chaos test.
+_CONNECTION_ERRORS: Final = (RedisError, OSError, RuntimeError)
 
 
 class Subscriber:
@@ -47,7 +53,7 @@ class Subscriber:
         try:
             if len(listeners) == 1:
                 self._confirmed[key] = asyncio.Event()
-                await self._pubsub.subscribe(key)
+                await self._subscribe(key)
                 self._ensure_reader()
             # A missing confirmation is not fatal: the replay stream covers what we miss.
             with contextlib.suppress(TimeoutError):
@@ -59,15 +65,22 @@ class Subscriber:
             if not listeners:
                 del self._queues[key]
                 self._confirmed.pop(key, None)
-                with contextlib.suppress(RedisError, OSError):
+                # Best effort: a subscription left behind only brings messages nobody wants.
+                with contextlib.suppress(*_CONNECTION_ERRORS):
                     await self._pubsub.unsubscribe(key)
+
+    async def _subscribe(self, key: bytes) -> None:
+        try:
+            await self._pubsub.subscribe(key)
+        except RuntimeError as exc:  # see _CONNECTION_ERRORS: a connection error to callers
+            raise RedisConnectionError(f"pub/sub connection is reconnecting: {exc}") from exc
 
     async def close(self) -> None:
         """Stop the reader and close the connection."""
         self._closed = True  # ends the reader even if a cancel is lost inside redis-py
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, *_CONNECTION_ERRORS):
                 await self._reader
             self._reader = None
         with contextlib.suppress(RedisError, OSError):
@@ -82,7 +95,7 @@ class Subscriber:
         while self._queues and not self._closed:
             try:
                 message = await self._pubsub.get_message(timeout=_READ_TIMEOUT_S)
-            except (RedisError, OSError):
+            except _CONNECTION_ERRORS:
                 # The connection dropped; redis-py reconnects and resubscribes on the next read.
                 await asyncio.sleep(backoff.next_delay_s())
                 continue

@@ -193,7 +193,7 @@ def test_a_step_that_fails_on_rank_0_breaks_the_group_for_good(make_tiny_llama: 
         with pytest.raises(MemoryError):
             llm.generate(["hello"], SamplingParams(max_new_tokens=2))
         del layer.forward
-        with pytest.raises(RuntimeError, match="a step failed on rank 0.*MemoryError"):
+        with pytest.raises(RuntimeError, match=r"a step failed on rank 0.*MemoryError"):
             llm.generate(["hello"], SamplingParams(max_new_tokens=2))
         assert _wait_gone(pids, 10), "the broken group's ranks are stopped"
     finally:
