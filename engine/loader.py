@@ -17,7 +17,11 @@ from tokenfleet.engine.layers.cpu_prepack import pack_cpu_linears
 from tokenfleet.engine.models.registry import CausalLM, model_class
 from tokenfleet.engine.quant.int4_weight_only import quantize_int4_weight_only
 from tokenfleet.engine.quant.int8_weight_only import quantize_int8_weight_only
-from tokenfleet.engine.tensor_parallel import plan_tensor_parallel, wrap_row_parallel
+from tokenfleet.engine.tensor_parallel import (
+    plan_tensor_parallel,
+    shard_vocab,
+    wrap_row_parallel,
+)
 from tokenfleet.engine.weights import iter_safetensors, load_hf_config
 from tokenfleet.kernels import cpu_qgemm
 
@@ -44,6 +48,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     _load_weights(model, model_dir, cfg)
     if tp_size > 1:
         wrap_row_parallel(model)
+        shard_vocab(model, cfg.vocab_size, tp_rank, tp_size)
     return model.eval()
 
 

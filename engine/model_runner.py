@@ -22,6 +22,7 @@ from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
 from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
 from tokenfleet.engine.layers.cpu_prepack import needs_freezing
 from tokenfleet.engine.models.registry import CausalLM
+from tokenfleet.engine.prompt_logprobs import prompt_logprobs, prompt_targets
 from tokenfleet.engine.sampler import Sampler, SamplerOutput, torch_row_stats
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
@@ -183,18 +184,27 @@ class ModelRunner:
         if self.replayable(batch):
             return self._run_graph(batch.seqs)
         inputs, sampled = StepInputs.from_batch(batch, self.block_size)
+        targets = prompt_targets(batch)
+        inputs.logit_rows = [row for _, row, _, _ in targets] + inputs.sample_rows
         with self._mirrored(inputs):
             input_ids, positions, meta = inputs.to_device(self.device)
             if self.compiled_decode is not None and meta.is_decode_only:
                 hidden = self.compiled_decode(input_ids, positions, meta)  # [S, hidden]
             else:
                 hidden = self.model(input_ids, positions, meta)  # [T, hidden]
-        sample_rows = torch.tensor(inputs.sample_rows, dtype=torch.int64, device=self.device)
-        prompt_logprobs = self._prompt_logprobs(batch, hidden)
+            logits = self._logits(hidden, inputs.logit_rows)  # [P + S, vocab]
+        by_seq = prompt_logprobs(targets, logits) if targets else {}
         if not sampled:
-            return RunOutput([], None, prompt_logprobs)
-        logits = self.model.compute_logits(hidden[sample_rows])  # [S, vocab]
-        return RunOutput(sampled, self._sample(logits, sampled), prompt_logprobs)
+            return RunOutput([], None, by_seq)
+        assert logits is not None
+        return RunOutput(sampled, self._sample(logits[len(targets):], sampled), by_seq)
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+        # hidden [T, hidden] -> logits [len(rows), vocab] (None for no rows)
+        if not rows:
+            return None
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden[index])
 
     def can_replay(self, num_seqs: int) -> bool:
         runner = self.graph_runner
@@ -274,9 +284,11 @@ class ModelRunner:
         the caller allocated `seq`'s blocks and frees them afterwards)."""
         inputs, _ = StepInputs.from_batch(ScheduledBatch([seq], [seq.num_uncomputed_tokens]),
                                           self.block_size)
+        inputs.logit_rows = inputs.sample_rows  # the last row
         with self._mirrored(inputs):
-            hidden = self.model(*inputs.to_device(self.device))  # [T, hidden]
-        return self.model.compute_logits(hidden[-1:])[0].float()
+            logits = self._logits(self.model(*inputs.to_device(self.device)), inputs.logit_rows)
+        assert logits is not None
+        return logits[0].float()
 
     def _mirrored(self, inputs: StepInputs) -> AbstractContextManager[None]:
         """Around rank 0's forward: the other tensor-parallel ranks run the same step."""
@@ -286,28 +298,7 @@ class ModelRunner:
     def run_shard(self, inputs: StepInputs) -> None:
         """A step on a tensor-parallel rank other than 0: the forward only (rank 0 samples)."""
         input_ids, positions, meta = inputs.to_device(self.device)
-        self.model(input_ids, positions, meta)
-
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor
-                         ) -> dict[int, list[tuple[int, float]]]:
-        """log p(token[p+1] | tokens[:p+1]) for prompt positions computed this step."""
-        result: dict[int, list[tuple[int, float]]] = {}
-        row = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if not seq.want_prompt_logprobs:
-                row += n
-                continue
-            start = seq.num_computed_tokens
-            targets = [(p, p + 1) for p in range(start, start + n) if p + 1 < seq.num_prompt_tokens]
-            if targets:
-                rows = torch.tensor([row + p - start for p, _ in targets], device=self.device)
-                next_ids = torch.tensor([seq.prompt_token_ids[t] for _, t in targets],
-                                        device=self.device)
-                logp = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), -1)
-                picked = logp.gather(1, next_ids[:, None])[:, 0].tolist()
-                result[id(seq)] = [(t, lp) for (_, t), lp in zip(targets, picked, strict=True)]
-            row += n
-        return result
+        self._logits(self.model(input_ids, positions, meta), inputs.logit_rows)  # a split head
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ tensor-parallel group build bit-identical inputs from one description, without p
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +18,7 @@ from tokenfleet.engine.sequence import Sequence
 
 __all__ = ["StepInputs"]
 
-_HEADER = 5  # num_tokens, num_seqs, max_blocks, max_query_len, is_decode_only
+_HEADER = 6  # num_tokens, num_seqs, max_blocks, max_query_len, is_decode_only, num_logit_rows
 
 
 @dataclass(slots=True)
@@ -31,6 +31,9 @@ class StepInputs:
     block_tables: list[list[int]]  # [S][max_blocks], padded with 0
     max_query_len: int
     sample_rows: list[int]  # rows whose logits are sampled (rank 0 only; not sent)
+    # Rows whose logits the step computes (prompt log-prob rows, then sample_rows): every
+    # rank takes part when the LM head is split across tensor-parallel ranks.
+    logit_rows: list[int] = field(default_factory=list)
 
     @classmethod
     def from_batch(cls, batch: ScheduledBatch, block_size: int
@@ -90,9 +93,9 @@ class StepInputs:
         num_seqs = len(self.seq_lens)
         max_blocks = len(self.block_tables[0]) if self.block_tables else 0
         data = array("q", (len(self.token_ids), num_seqs, max_blocks, self.max_query_len,
-                           int(self.is_decode_only)))
+                           int(self.is_decode_only), len(self.logit_rows)))
         for part in (self.token_ids, self.positions, self.slots, self.query_start_loc,
-                     self.seq_lens):
+                     self.seq_lens, self.logit_rows):
             data.extend(part)
         for row in self.block_tables:
             data.extend(row)
@@ -102,9 +105,9 @@ class StepInputs:
     def unpack(cls, payload: bytes) -> StepInputs:
         data = array("q")
         data.frombytes(payload)
-        num_tokens, num_seqs, max_blocks, max_query_len, _ = data[:_HEADER]
+        num_tokens, num_seqs, max_blocks, max_query_len, _, num_logit_rows = data[:_HEADER]
         values = data[_HEADER:].tolist()
-        sizes = [num_tokens] * 3 + [num_seqs + 1, num_seqs]
+        sizes = [num_tokens] * 3 + [num_seqs + 1, num_seqs, num_logit_rows]
         parts: list[list[int]] = []
         offset = 0
         for size in sizes:
@@ -114,4 +117,5 @@ class StepInputs:
                   for i in range(num_seqs)]
         if offset + num_seqs * max_blocks != len(values):
             raise ValueError("malformed step inputs: length does not match the header")
-        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], tables, max_query_len, [])
+        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], tables, max_query_len, [],
+                   parts[5])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -13,6 +15,10 @@ __all__ = ["CausalLM"]
 class CausalLM(nn.Module):
     """forward(input_ids [T], positions [T], meta) -> hidden [T, hidden];
     compute_logits(hidden [N, hidden]) -> logits [N, vocab] (only rows that are sampled)."""
+
+    # Tensor parallelism: this rank's logits [N, vocab / size] -> the whole vocabulary's
+    # (set by tensor_parallel.shard_vocab; compute_logits applies it).
+    gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -136,9 +136,11 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
     # Tensor parallelism (engine/tensor_parallel.py): heads and the MLP's intermediate dim
-    # split across ranks; two all-reduces a layer, after o_proj and down_proj.
+    # split across ranks (two all-reduces a layer, after o_proj and down_proj), and the
+    # vocabulary (embedding rows: one all-reduce a step; LM head rows: one gather).
     tensor_parallel_plan: ClassVar[dict[str, str]] = {
         "qkv_proj": "column", "gate_up_proj": "column", "o_proj": "row", "down_proj": "row",
+        "embed_tokens": "vocab", "lm_head": "vocab",
     }
 
     def __init__(self, cfg: ModelConfig, max_positions: int):
@@ -155,4 +157,5 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden [N, hidden] -> logits [N, vocab] (only rows that are sampled)
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        return logits if self.gather_logits is None else self.gather_logits(logits)

@@ -26,7 +26,8 @@ transformers = pytest.importorskip("transformers")
 
 NUM_NEW_TOKENS = 24
 VARIANTS: dict[str, dict[str, Any]] = {
-    "gqa": {"num_attention_heads": 4, "num_key_value_heads": 2},
+    # An odd vocabulary: rank 1's half of the embedding and LM head ends in a padding row.
+    "gqa": {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49155},
     # Row-parallel o_proj bias: added once (by rank 0), not once per rank.
     "attention_bias": {"attention_bias": True, "tie_word_embeddings": True},
     "qkv_bias": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},
@@ -78,6 +79,13 @@ def test_two_ranks_compute_what_one_rank_and_transformers_compute(
     with LLM(str(model_dir), tensor_parallel_size=2, **args) as two:
         assert two.engine.runner.tp is not None and two.engine.runner.tp.shm is not None, \
             "CPU ranks sum through shared memory where the C kernel builds"
+        model = two.engine.runner.model
+        vocab = two.engine.model_config.vocab_size
+        embedding = model.model.embed_tokens  # type: ignore[union-attr]
+        assert embedding.weight.shape[0] == -(-vocab // 2), "each rank holds half the vocab"
+        assert model.lm_head.weight.shape[0] == -(-vocab // 2)  # type: ignore[union-attr]
+        if VARIANTS[variant].get("tie_word_embeddings"):
+            assert model.lm_head.weight is embedding.weight  # type: ignore[union-attr]
         got = two.generate(prompts, params)
         for prompt, g, e in zip(prompts, got, expected, strict=True):
             assert g.token_ids == e.token_ids == _hf_greedy(model_dir, prompt)
