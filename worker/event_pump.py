@@ -137,9 +137,13 @@ class EventPump:
         if isinstance(end, ErrorEvent):  # stopped at its deadline
             self._metrics.errors.labels(error_type=end.error_type).inc()
             self._log.info("request_failed", request_id=req.request_id,
-                           error_type=end.error_type, tokens=req.num_tokens)
+                           error_type=end.error_type, tokens=req.num_tokens,
+                           tenant=req.job.tenant)
             return
         self._metrics.observe_final(end)
+        # The job's tenant and priority ride along for accounting (priority does not yet
+        # change the order jobs are served in: the stream is FIFO).
         self._log.info("request_finished", **request_log_fields(
             req.request_id, end.details.generated_tokens, end.queue_ms, end.ttft_ms,
-            end.total_ms, end.details.finish_reason), resumed=req.num_resumed or None)
+            end.total_ms, end.details.finish_reason), resumed=req.num_resumed or None,
+            tenant=req.job.tenant, priority=req.job.priority or None)

@@ -37,8 +37,9 @@ async def test_two_worker_processes_serve_16_concurrent_streams(fleet, redis):
 
     async def one(i: int, client) -> tuple[str, int, list]:
         prompt = f"prompt number {i}"
-        events = [e async for e in client.generate_stream(prompt, max_new_tokens=8 + i,
-                                                            request_id=f"req-{i}")]
+        events = [e async for e in client.generate_stream(
+            prompt, max_new_tokens=8 + i, request_id=f"req-{i}", tenant=f"team-{i % 2}",
+            priority=i % 3)]
         return prompt, 8 + i, events
 
     async with fleet.client() as client:
@@ -66,6 +67,11 @@ async def test_two_worker_processes_serve_16_concurrent_streams(fleet, redis):
 
     await asyncio.sleep(0.6)  # let both processes write their last log lines
     fleet.stop_all()
+    finished = [line for w in workers for line in fleet.log_lines(w)
+                if line.get("event") == "request_finished"]
+    for line in finished:  # tenant and priority reach the per-request log line
+        i = int(line["request_id"].split("-")[1])
+        assert (line["tenant"], line.get("priority")) == (f"team-{i % 2}", i % 3 or None)
     served = {w: {line["request_id"] for line in fleet.log_lines(w)
                   if line.get("event") == "request_finished"} for w in workers}
     assert served["w-a"] and served["w-b"], served  # both workers took part
