@@ -45,23 +45,32 @@ async def test_streams_match_offline_generation(fleet, smollm2_dir: Path):
     assert "Paris" in runs[0][-1].generated_text
 
 
+TINY_PROMPTS = ["one two three", "four five", "six"]
+
+
+def _tiny_model_and_offline(tmp_path: Path, make_tiny_llama) -> tuple[Path, list[str], list]:
+    """A tiny random model, prompts, and what the offline float32 engine generates for them."""
+    model_dir = make_tiny_llama(tmp_path)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    return model_dir, TINY_PROMPTS, LLM(str(model_dir), dtype="float32").generate(
+        TINY_PROMPTS, params)
+
+
+async def _ask(client, prompt: str) -> list:
+    return [e async for e in client.generate_stream(prompt, max_new_tokens=10,
+                                                     ignore_eos=True, details=True)]
+
+
 async def test_a_compiled_cpu_worker_streams_what_the_eager_engine_generates(
         fleet, tmp_path: Path, make_tiny_llama):
     """TOKENFLEET_CPU_COMPILE through the worker: settings -> engine factory -> the engine
     thread running compiled decode steps; float32, so tokens must equal eager's exactly."""
-    model_dir = make_tiny_llama(tmp_path)
-    prompts = ["one two three", "four five", "six"]
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    offline = LLM(str(model_dir), dtype="float32").generate(prompts, params)
-
-    async def ask(client, prompt: str) -> list:
-        return [e async for e in client.generate_stream(prompt, max_new_tokens=10,
-                                                         ignore_eos=True, details=True)]
+    model_dir, prompts, offline = _tiny_model_and_offline(tmp_path, make_tiny_llama)
 
     async with fleet.worker(engine="llm", model=str(model_dir), dtype="float32",
                             max_num_seqs=4, cpu_compile=True) as worker, \
             fleet.client() as client:
-        runs = await asyncio.wait_for(asyncio.gather(*(ask(client, p) for p in prompts)), 300)
+        runs = await asyncio.wait_for(asyncio.gather(*(_ask(client, p) for p in prompts)), 300)
         engine = worker._engine_thread.engine
         assert engine.runner.compiled_decode.num_steps > 0  # decode steps were compiled ones
     for events, expected in zip(runs, offline, strict=True):
@@ -85,20 +94,13 @@ async def test_a_tensor_parallel_worker_streams_what_one_process_generates(
         fleet, redis, tmp_path: Path, make_tiny_llama):
     """`tokenfleet worker --tensor-parallel-size 2` as a real process: its stream equals the
     single-process engine's tokens (float32), and its rank process dies with it (SIGKILL)."""
-    model_dir = make_tiny_llama(tmp_path)
-    prompts = ["one two three", "four five", "six"]
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    offline = LLM(str(model_dir), dtype="float32").generate(prompts, params)
-
-    async def ask(client, prompt: str) -> list:
-        return [e async for e in client.generate_stream(prompt, max_new_tokens=10,
-                                                         ignore_eos=True, details=True)]
+    model_dir, prompts, offline = _tiny_model_and_offline(tmp_path, make_tiny_llama)
 
     proc = fleet.spawn("tp-worker", engine="llm", model=str(model_dir), dtype="float32",
                        max_num_seqs=4, tensor_parallel_size=2)
     await fleet.wait_for_workers(redis, ["tp-worker"], timeout_s=120)
     async with fleet.client() as client:
-        runs = await asyncio.wait_for(asyncio.gather(*(ask(client, p) for p in prompts)), 300)
+        runs = await asyncio.wait_for(asyncio.gather(*(_ask(client, p) for p in prompts)), 300)
     for events, expected in zip(runs, offline, strict=True):
         assert [t.id for t in events[-1].details.tokens] == expected.token_ids
     ranks = [pid for pid in _children(proc.pid)
