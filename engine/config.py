@@ -134,7 +134,8 @@ class EngineConfig:
     async_decode: bool = True
     # CUDA, experimental (not yet measured on a GPU; benchmarks/gpu_check.sh A/Bs it): one-row
     # steps compute each RMSNorm inside the QKV / gate-up GEMV that follows it and SiLU·mul
-    # inside the down GEMV (kernels/norm_gemv.py), three launches a layer fewer. Ignored on CPU.
+    # inside the down GEMV, and o_proj in the same GEMV instead of cuBLAS (kernels/norm_gemv.py):
+    # three launches a layer fewer, and no split-K reduce kernels. Ignored on CPU.
     fused_decode_gemv: bool = False
     # Split every layer across this many processes (one device each on CUDA; the CPU's cores
     # shared between them on CPU): heads and the MLP split Megatron-style, two all-reduces

@@ -41,9 +41,13 @@ class LlamaAttention(nn.Module):
     def attend(self, rope: RopeTable, qkv: torch.Tensor, meta: AttentionMetadata
                ) -> torch.Tensor:
         """The layer after its QKV projection: qkv [T, q_size + 2 * kv_size] -> [T, hidden]."""
+        return self.o_proj(self.attention(rope, qkv, meta))
+
+    def attention(self, rope: RopeTable, qkv: torch.Tensor, meta: AttentionMetadata
+                  ) -> torch.Tensor:
+        """qkv [T, q_size + 2 * kv_size] -> the heads' outputs [T, q_size], before o_proj."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        out = self.attn(q, k, v, meta, rope)
-        return self.o_proj(out)
+        return self.attn(q, k, v, meta, rope)
 
 
 class LlamaMLP(nn.Module):
@@ -74,9 +78,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # One-row steps compute each norm, and SiLU·mul, inside the GEMV after it
-        # (kernels/norm_gemv.py): set by the runner with `fused_decode_gemv` on CUDA (tests:
-        # under the interpreter).
+        # One-row steps compute each norm, and SiLU·mul, inside the GEMV after it, and o_proj
+        # in the same GEMV (kernels/norm_gemv.py): set by the runner with `fused_decode_gemv`
+        # on CUDA (tests: under the interpreter).
         self.fused_gemv = False
 
     def forward(self, rope: RopeTable, x: torch.Tensor, residual: torch.Tensor | None,
@@ -97,7 +101,11 @@ class LlamaDecoderLayer(nn.Module):
         qkv_proj, gate_up_proj = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         qkv, residual = norm_gemv(x, ln1.weight, ln1.eps, qkv_proj.weight, qkv_proj.bias,
                                   residual)  # [1, q_size + 2 * kv_size]
-        h = self.self_attn.attend(rope, qkv, meta)
+        # o_proj in the same GEMV without a norm: cuBLAS adds a split-K reduce kernel here at
+        # one row (gpu_check times both: the kernel rows "o_proj" and the "1 fused-gemv" A/B).
+        o_proj = self.self_attn.o_proj
+        h, _ = norm_gemv(self.self_attn.attention(rope, qkv, meta), None, 0.0, o_proj.weight,
+                         o_proj.bias)  # [1, hidden]
         gate_up, residual = norm_gemv(h, ln2.weight, ln2.eps, gate_up_proj.weight,
                                       gate_up_proj.bias, residual)  # [1, 2 * intermediate]
         down = self.mlp.down_proj

@@ -71,8 +71,8 @@ def test_fused_norm_and_rotary_kernels_in_the_model(
 def test_norms_fused_into_the_decode_gemvs(tiny_llama_dir: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """`fused_decode_gemv` (kernels/norm_gemv.py in one-row steps, interpreted here) gives the
-    torch path's tokens, and runs for each layer's two norms and its SiLU·mul at every
-    one-row step."""
+    torch path's tokens, and runs for each layer's two norms, its o_proj (a plain GEMV) and
+    its SiLU·mul at every one-row step."""
     from tokenfleet.engine.layers.norm import RMSNorm
     from tokenfleet.engine.layers.rotary import RotaryEmbedding
     from tokenfleet.engine.models.llama import LlamaMLP
@@ -111,5 +111,5 @@ def test_norms_fused_into_the_decode_gemvs(tiny_llama_dir: Path,
     assert got == expected
     num_layers = sum(isinstance(m, Attention) for m in llm.engine.runner.model.modules())
     num_one_row_steps = 4 * len(prompts)  # 4 decode steps of one row each
-    assert num_calls == 2 * num_layers * num_one_row_steps
+    assert num_calls == 3 * num_layers * num_one_row_steps
     assert num_silu_calls == num_layers * num_one_row_steps
