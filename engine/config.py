@@ -39,6 +39,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     o_proj_bias: bool = False  # Llama's `attention_bias` biases o_proj too; Qwen2's never
+    mlp_bias: bool = False  # Llama's `mlp_bias`: gate, up and down projections
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -75,6 +76,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             o_proj_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
         )
 
 

@@ -53,8 +53,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, [0, 1])
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, [0, 1],
+                                         bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         # Fused Triton SiLU·mul: None = on CUDA tensors only (True: tests under the interpreter).
         self.use_kernel: bool | None = None
         self.cpu_fused: CpuFusedOps | None = None  # set by the runner with cpu_compile

@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mha": {"num_attention_heads": 4, "num_key_value_heads": 4},
     "qkv_bias": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},
     "attention_bias": {"attention_bias": True},  # Llama: q, k, v and o_proj biases
+    "mlp_bias": {"mlp_bias": True},  # Llama: gate, up and down biases
     "sliding_window": {"arch": "mistral", "sliding_window": 24, "num_attention_heads": 4,
                        "num_key_value_heads": 1},
     "untied": {"tie_word_embeddings": False},

@@ -29,7 +29,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # An odd vocabulary: rank 1's half of the embedding and LM head ends in a padding row.
     "gqa": {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49155},
     # Row-parallel o_proj bias: added once (by rank 0), not once per rank.
-    "attention_bias": {"attention_bias": True, "tie_word_embeddings": True},
+    "attention_bias": {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
     "qkv_bias": {"arch": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2},
 }
 
