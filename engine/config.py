@@ -46,6 +46,10 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         if not archs:
             raise UnsupportedModelError("config.json has no `architectures` entry")
+        act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+        if act not in ("silu", "swish"):  # the MLP is SiLU-gated: anything else would be wrong
+            raise UnsupportedModelError(
+                f"hidden_act {act!r} is not supported (the Llama-family MLP here is SiLU-gated)")
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         eos = hf.get("eos_token_id")

@@ -131,3 +131,14 @@ def test_tensors_stream_one_file_at_a_time(tmp_path: Path) -> None:
     assert name == "a" and torch.equal(tensor, torch.ones(4))
     with pytest.raises(ModelLoadError, match=r"part-2\.safetensors"):
         next(iterator)
+
+
+def test_an_mlp_activation_we_do_not_compute_is_refused() -> None:
+    from tokenfleet.engine.config import ModelConfig
+    from tokenfleet.engine.errors import UnsupportedModelError
+
+    hf = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "hidden_size": 64,
+          "vocab_size": 100, "intermediate_size": 128, "num_hidden_layers": 1}
+    assert ModelConfig.from_hf({**hf, "hidden_act": "silu"}).hidden_size == 64
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu'"):
+        ModelConfig.from_hf({**hf, "hidden_act": "gelu"})
