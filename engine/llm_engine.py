@@ -28,7 +28,8 @@ from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
 from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence
 from tokenfleet.engine.stop_matcher import StopMatcher
 from tokenfleet.engine.tensor_parallel import shard_model_config
-from tokenfleet.engine.tensor_parallel_workers import TensorParallelWorkers, rank_threads
+from tokenfleet.engine.tensor_parallel_rank import rank_threads
+from tokenfleet.engine.tensor_parallel_workers import TensorParallelWorkers
 from tokenfleet.engine.tokenizer import Tokenizer
 
 __all__ = ["LLMEngine"]

@@ -1,4 +1,5 @@
-"""Ranks 1..size-1 of a tensor-parallel engine: one process each, mirroring rank 0's forwards.
+"""Rank 0's handle on ranks 1..size-1 of a tensor-parallel engine: one process each
+(engine/tensor_parallel_rank.py), mirroring rank 0's forwards.
 
 Rank 0 (the engine's process) schedules, samples and detokenizes; before each forward it
 sends the step's inputs (`StepInputs.pack()`, a few KB of int64s) down a pipe to every other
@@ -21,10 +22,8 @@ import dataclasses
 import functools
 import os
 import secrets
-import signal
 import socket
 import tempfile
-import traceback
 import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -39,28 +38,13 @@ from tokenfleet.engine.config import EngineConfig
 from tokenfleet.engine.errors import ModelLoadError, ValidationError
 from tokenfleet.engine.step_inputs import StepInputs
 from tokenfleet.engine.tensor_parallel import init_process_group, use_shm_group
+from tokenfleet.engine.tensor_parallel_rank import EXIT, rank_device, run_rank
 from tokenfleet.kernels import cpu_shm_allreduce
 from tokenfleet.kernels.cpu_shm_allreduce import ShmGroup
 
-__all__ = ["TensorParallelWorkers", "rank_device", "rank_threads"]
+__all__ = ["TensorParallelWorkers"]
 
-_EXIT = b""  # the message that tells a rank to stop
 _POLL_S = 0.5
-
-
-def rank_device(device: str, rank: int) -> torch.device:
-    """Rank r runs on the r-th device after `device` ("cuda" = "cuda:0"); CPU ranks share."""
-    base = torch.device(device)
-    if base.type != "cuda":
-        return base
-    return torch.device("cuda", (base.index or 0) + rank)
-
-
-def rank_threads(config: EngineConfig) -> int | None:
-    """CPU threads of each rank: the configured number, or the cores split between ranks."""
-    if config.num_threads or config.tensor_parallel_size == 1 or config.device != "cpu":
-        return config.num_threads
-    return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
 def _shm_path() -> Path:
@@ -110,7 +94,7 @@ class TensorParallelWorkers:
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         for rank in range(1, size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main,
+            proc = ctx.Process(target=run_rank,
                                args=(rank, config, init_method, shm_path, child),
                                name=f"tokenfleet-tp{rank}", daemon=True)
             ranks.conns.append(parent)
@@ -226,7 +210,7 @@ def _release(ranks: _Ranks) -> None:
         ranks.shm.abort()  # a rank stuck waiting for a dead peer gets out and reads its pipe
     for conn in ranks.conns:
         with contextlib.suppress(OSError):  # the rank is gone already
-            conn.send_bytes(_EXIT)
+            conn.send_bytes(EXIT)
         conn.close()
     for proc in ranks.procs:
         if proc.pid is None:
@@ -240,68 +224,3 @@ def _release(ranks: _Ranks) -> None:
         ranks.shm.close(unlink=True)
     if ranks.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _rank_main(rank: int, config: EngineConfig, init_method: str, shm_path: str | None,
-               conn: Connection) -> None:
-    """A rank's process: join the group, load its slice, then run every step it is sent."""
-    from tokenfleet.engine.loader import load_engine_model, load_model_config
-    from tokenfleet.engine.model_runner import ModelRunner
-    from tokenfleet.engine.tensor_parallel import shard_model_config
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when we stop (the pipe)
-    device = rank_device(config.device, rank)
-    config = dataclasses.replace(config, device=str(device))
-    try:
-        threads = rank_threads(config)
-        if threads:
-            torch.set_num_threads(threads)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        conn.send(("started", None))
-        init_process_group(rank, config.tensor_parallel_size, init_method, device)
-        _attach_shm(config, rank, shm_path)
-        conn.send(("attached", None))
-        assert config.model_dir is not None
-        local = shard_model_config(load_model_config(config.model_dir),
-                                   config.tensor_parallel_size)
-        model = load_engine_model(config, local, device, rank, config.tensor_parallel_size)
-        conn.send(("loaded", None))
-        runner = ModelRunner(config, local, model)
-        conn.send(("ready", None))
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    _serve(runner, conn)
-
-
-def _attach_shm(config: EngineConfig, rank: int, shm_path: str | None) -> None:
-    if shm_path is None:
-        return
-    lib = cpu_shm_allreduce.load(config.kernel_dir)
-    if lib is None:
-        raise RuntimeError("rank 0 sums through shared memory but this rank cannot load the "
-                           "kernel")
-    parent = os.getppid()
-
-    def rank_0_alive() -> None:
-        if os.getppid() != parent:
-            raise RuntimeError("rank 0 exited")
-
-    use_shm_group(lib.group(Path(shm_path), rank, config.tensor_parallel_size, create=False),
-                  rank_0_alive)
-
-
-def _serve(runner: Any, conn: Connection) -> None:
-    while True:
-        try:
-            payload = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # rank 0 is gone
-        if payload == _EXIT:
-            return
-        try:
-            runner.run_shard(StepInputs.unpack(payload))
-        except Exception:
-            traceback.print_exc()  # the process's stderr: rank 0 sees the exit and reports it
-            os._exit(1)
