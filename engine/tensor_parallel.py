@@ -30,8 +30,8 @@ from tokenfleet.engine.models.causal_lm import CausalLM
 from tokenfleet.kernels.cpu_shm_allreduce import ShmGroup
 
 __all__ = ["RowParallelReduce", "VocabParallelEmbedding", "all_reduce", "init_process_group",
-           "plan_tensor_parallel", "shard_model_config", "shard_vocab", "use_shm_group",
-           "wrap_row_parallel"]
+           "plan_tensor_parallel", "rendezvous_store", "shard_model_config", "shard_vocab",
+           "use_shm_group", "wrap_row_parallel"]
 
 # A collective waits at most this long for the other ranks (one layer's work, normally
 # milliseconds). Idle ranks wait on a pipe, not in a collective, so this is no idle limit.
@@ -190,11 +190,23 @@ def shard_vocab(model: CausalLM, vocab_size: int, rank: int, size: int) -> None:
     model.gather_logits = _GatherVocab(vocab_size)
 
 
-def init_process_group(rank: int, size: int, init_method: str, device: torch.device) -> None:
-    """Join the group of `size` ranks (NCCL on CUDA, gloo on CPU)."""
+def rendezvous_store(size: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store on a free localhost port, bound here (so no other process
+    can take the port between choosing and binding it); the ranks join at `store.port`."""
+    return dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=_COLLECTIVE_TIMEOUT,
+                         wait_for_workers=False)
+
+
+def init_process_group(rank: int, size: int, store: dist.TCPStore | int,
+                       device: torch.device) -> None:
+    """Join the group of `size` ranks (NCCL on CUDA, gloo on CPU): rank 0 with its store,
+    the others with its port."""
     if dist.is_initialized():
         raise RuntimeError("a tensor-parallel group already exists in this process: one "
                            "tensor-parallel engine per process")
+    if isinstance(store, int):
+        store = dist.TCPStore("127.0.0.1", store, size, is_master=False,
+                              timeout=_COLLECTIVE_TIMEOUT)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                             timeout=_COLLECTIVE_TIMEOUT)

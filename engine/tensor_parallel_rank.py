@@ -47,7 +47,7 @@ def rank_threads(config: EngineConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
-def run_rank(rank: int, config: EngineConfig, init_method: str, shm_path: str | None,
+def run_rank(rank: int, config: EngineConfig, store_port: int, shm_path: str | None,
              conn: Connection) -> None:
     """A rank's process: join the group, load its slice, then run every step it is sent."""
     # Imported here: the runner imports this module (through tensor_parallel_workers).
@@ -64,7 +64,7 @@ def run_rank(rank: int, config: EngineConfig, init_method: str, shm_path: str | 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         conn.send(("started", None))
-        init_process_group(rank, config.tensor_parallel_size, init_method, device)
+        init_process_group(rank, config.tensor_parallel_size, store_port, device)
         _attach_shm(config, rank, shm_path)
         conn.send(("attached", None))
         assert config.model_dir is not None

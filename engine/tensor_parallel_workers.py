@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import os
 import secrets
-import socket
 import tempfile
 import weakref
 from collections.abc import Iterator
@@ -37,7 +36,11 @@ import torch.multiprocessing as mp
 from tokenfleet.engine.config import EngineConfig
 from tokenfleet.engine.errors import ModelLoadError, ValidationError
 from tokenfleet.engine.step_inputs import StepInputs
-from tokenfleet.engine.tensor_parallel import init_process_group, use_shm_group
+from tokenfleet.engine.tensor_parallel import (
+    init_process_group,
+    rendezvous_store,
+    use_shm_group,
+)
 from tokenfleet.engine.tensor_parallel_rank import EXIT, rank_device, run_rank
 from tokenfleet.kernels import cpu_shm_allreduce
 from tokenfleet.kernels.cpu_shm_allreduce import ShmGroup
@@ -51,12 +54,6 @@ def _shm_path() -> Path:
     shm = Path("/dev/shm")
     folder = shm if shm.is_dir() else Path(tempfile.gettempdir())
     return folder / f"tokenfleet-tp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -88,21 +85,21 @@ class TensorParallelWorkers:
 
     def _start(self, config: EngineConfig, ranks: _Ranks) -> None:
         size = config.tensor_parallel_size
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        store = rendezvous_store(size)
         ranks.shm = _create_shm(config)
         shm_path = str(ranks.shm.path) if ranks.shm is not None else None
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         for rank in range(1, size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=run_rank,
-                               args=(rank, config, init_method, shm_path, child),
+                               args=(rank, config, store.port, shm_path, child),
                                name=f"tokenfleet-tp{rank}", daemon=True)
             ranks.conns.append(parent)
             proc.start()
             ranks.procs.append(proc)
             child.close()
         self.wait_for("started")  # a rank that cannot start fails here, not in a rendezvous
-        init_process_group(0, size, init_method, rank_device(config.device, 0))
+        init_process_group(0, size, store, rank_device(config.device, 0))
         ranks.owns_group = True
         self.wait_for("attached")
         if ranks.shm is not None:  # every rank has mapped it: the name is no longer needed
