@@ -95,8 +95,10 @@ class ModelRunner:
         if config.fused_decode_gemv and self.device.type == "cuda" and single:
             self.set_fused_decode_gemv(True)
         self.graph_runner: CudaGraphRunner | None = None
+        # Under tensor parallelism every rank captures the same graphs (their all-reduces
+        # inside), in the same order, and replays them in lockstep (`_run_graph_logits`).
         if self.device.type == "cuda" and self.backend.supports_cuda_graphs \
-                and config.cuda_graph_max_batch > 0 and single:
+                and config.cuda_graph_max_batch > 0:
             self.graph_runner = self.make_graph_runner(use_graphs=True)
             with torch.cuda.device(self.device):  # capture on the model's device
                 self.graph_runner.capture_all()
@@ -257,13 +259,20 @@ class ModelRunner:
         assert self.graph_runner is not None
         bs = self.block_size
         positions = [s.num_computed_tokens for s in seqs]
-        return self.graph_runner.run(
-            token_ids=token_ids,
-            positions=positions,
-            slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions,
-                                                                      strict=True)],
-            block_tables=[s.block_table for s in seqs],
-        )
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions,
+                                                                    strict=True)]
+        tables = [s.block_table for s in seqs]
+        if self.tp is None:
+            return self.graph_runner.run(token_ids, positions, slots, tables)
+        on_device = isinstance(token_ids, torch.Tensor)
+        # Ids still on the device go by broadcast (zeros hold their places in the message).
+        inputs = StepInputs.for_decode([0] * len(seqs) if on_device else list(token_ids),
+                                       positions, slots, tables)
+        with self.tp.step(inputs, decode=True, broadcast_ids=on_device):
+            if isinstance(token_ids, torch.Tensor):  # the other ranks' input ids, on-device
+                token_ids = token_ids.to(torch.int64).contiguous()
+                dist.broadcast(token_ids, src=0)
+            return self.graph_runner.run(token_ids, positions, slots, tables)
 
     def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> SamplerOutput:
         sbatch = SamplingBatch.build(
@@ -299,6 +308,25 @@ class ModelRunner:
         """A step on a tensor-parallel rank other than 0: the forward only (rank 0 samples)."""
         input_ids, positions, meta = inputs.to_device(self.device)
         self._logits(self.model(input_ids, positions, meta), inputs.logit_rows)  # a split head
+
+    @torch.inference_mode()
+    def run_shard_decode(self, inputs: StepInputs, broadcast_ids: bool) -> None:
+        """Rank 0's graph-replayed decode step, on another rank: the same bucket, replayed
+        with the same inputs (the ids from rank 0's device when it never read them back)."""
+        assert self.graph_runner is not None, "rank 0 replays graphs this rank lacks"
+        token_ids: list[int] | torch.Tensor = inputs.token_ids
+        if broadcast_ids:
+            token_ids = torch.empty(len(inputs.positions), dtype=torch.int64, device=self.device)
+            dist.broadcast(token_ids, src=0)
+        self.graph_runner.run(token_ids, inputs.positions, inputs.slots, inputs.block_tables)
+
+    def enable_static_decode(self) -> None:
+        """Decode steps through the static-buffer runner, eagerly (no graphs), on every rank:
+        the graph path's logic on a CPU (tests)."""
+        if self.tp is not None:
+            self.tp.call("enable_static_decode")
+        self.graph_runner = self.make_graph_runner(use_graphs=False)
+        self.graph_runner.capture_all()
 
 
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,15 @@ class StepInputs:
                      sample_rows)
         return inputs, sampled
 
+    @classmethod
+    def for_decode(cls, token_ids: list[int], positions: list[int], slots: list[int],
+                   block_tables: list[list[int]]) -> StepInputs:
+        """A decode step of one row per sequence (the static-buffer / CUDA-graph path)."""
+        width = max(len(t) for t in block_tables)
+        return cls(token_ids, positions, slots, list(range(len(positions) + 1)),
+                   [p + 1 for p in positions], [t + [0] * (width - len(t)) for t in block_tables],
+                   1, [])
+
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1

@@ -27,9 +27,16 @@ from tokenfleet.engine.tensor_parallel import (
 )
 from tokenfleet.kernels import cpu_shm_allreduce
 
-__all__ = ["EXIT", "rank_device", "rank_threads", "run_rank"]
+__all__ = ["BROADCAST_DECODE", "CALL", "DECODE", "EXIT", "STEP", "rank_device", "rank_threads",
+           "run_rank"]
 
-EXIT = b""  # the message that tells a rank to stop
+# A message from rank 0 is one of these tags, then its body.
+EXIT = b""  # stop (no body)
+STEP = b"S"  # StepInputs.pack(): an eager forward
+DECODE = b"D"  # StepInputs.pack() of a decode step replayed from the static buffers / graphs
+BROADCAST_DECODE = b"B"  # the same, its token ids broadcast from rank 0's device
+CALL = b"C"  # the name of a runner method to call (one of _CALLABLE)
+_CALLABLE = frozenset({"enable_static_decode"})
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -106,7 +113,18 @@ def _serve(runner: Any, conn: Connection) -> None:
         if payload == EXIT:
             return
         try:
-            runner.run_shard(StepInputs.unpack(payload))
+            _handle(runner, payload[:1], payload[1:])
         except Exception:
             traceback.print_exc()  # the process's stderr: rank 0 sees the exit and reports it
             os._exit(1)
+
+
+def _handle(runner: Any, tag: bytes, body: bytes) -> None:
+    if tag == STEP:
+        runner.run_shard(StepInputs.unpack(body))
+    elif tag in (DECODE, BROADCAST_DECODE):
+        runner.run_shard_decode(StepInputs.unpack(body), broadcast_ids=tag == BROADCAST_DECODE)
+    elif tag == CALL and body.decode() in _CALLABLE:
+        getattr(runner, body.decode())()
+    else:
+        raise ValueError(f"unknown message from rank 0: {tag!r}")

@@ -41,7 +41,15 @@ from tokenfleet.engine.tensor_parallel import (
     rendezvous_store,
     use_shm_group,
 )
-from tokenfleet.engine.tensor_parallel_rank import EXIT, rank_device, run_rank
+from tokenfleet.engine.tensor_parallel_rank import (
+    BROADCAST_DECODE,
+    CALL,
+    DECODE,
+    EXIT,
+    STEP,
+    rank_device,
+    run_rank,
+)
 from tokenfleet.kernels import cpu_shm_allreduce
 from tokenfleet.kernels.cpu_shm_allreduce import ShmGroup
 
@@ -128,15 +136,24 @@ class TensorParallelWorkers:
                 raise ModelLoadError(f"tensor-parallel rank {rank} failed: {detail}")
             assert kind == what, f"rank {rank} said {kind!r}, expected {what!r}"
 
+    def call(self, method: str) -> None:
+        """Have every other rank's runner call `method` (one of `rank_methods`), in order
+        with the steps."""
+        _check_alive(self._ranks)
+        for conn in self._ranks.conns:
+            conn.send_bytes(CALL + method.encode())
+
     @contextlib.contextmanager
-    def step(self, inputs: StepInputs) -> Iterator[None]:
+    def step(self, inputs: StepInputs, *, decode: bool = False, broadcast_ids: bool = False
+             ) -> Iterator[None]:
         """Start the step on every other rank; the body runs rank 0's part of it. If the body
         fails, the other ranks may be left inside the forward: the group is then broken for
         good (its ranks stopped), and every later step raises instead of summing the wrong
         layers together."""
         ranks = self._ranks
         _check_alive(ranks)
-        payload = inputs.pack()
+        kind = (BROADCAST_DECODE if broadcast_ids else DECODE) if decode else STEP
+        payload = kind + inputs.pack()
         try:
             for conn in ranks.conns:
                 conn.send_bytes(payload)

@@ -230,3 +230,44 @@ def test_more_ranks_than_gpus_is_refused_before_starting_any(make_tiny_llama: An
         LLM(str(model_dir), dtype="float32", device="cuda",
             tensor_parallel_size=max(2, gpus + 1))
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_decode_steps_replay_in_lockstep_on_every_rank(async_decode: bool, make_tiny_llama: Any,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph path's protocol, on a CPU: every rank replays the same padded bucket
+    from the same inputs (here eagerly from the static buffers; on CUDA they are captured
+    graphs with the all-reduces inside). With asynchronous decode the sampled ids never reach
+    rank 0's host: they are broadcast from its device. Buckets change as requests finish."""
+    model_dir = make_tiny_llama(tmp_path)
+    prompts = _prompts()
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (2, 4, 6)]
+    args: dict[str, Any] = dict(dtype="float32", max_num_seqs=8, num_kv_blocks=256,
+                                async_decode=async_decode)
+    expected = LLM(str(model_dir), **args).generate(prompts, params)
+    # The static-buffer path needs a graph-safe attention backend: Triton (interpreted here).
+    with LLM(str(model_dir), tensor_parallel_size=2, attention_backend="triton", **args) as two:
+        runner = two.engine.runner
+        runner.enable_static_decode()
+        assert runner.graph_runner is not None
+        buckets: list[int] = []
+        replay = runner.graph_runner.run
+
+        def counting(token_ids: Any, *rest: Any) -> torch.Tensor:
+            buckets.append(len(rest[0]))
+            return replay(token_ids, *rest)
+
+        runner.graph_runner.run = counting  # type: ignore[method-assign]
+        broadcasts: list[int] = []
+        real_broadcast = torch.distributed.broadcast
+
+        def counting_broadcast(t: torch.Tensor, src: int) -> Any:
+            broadcasts.append(t.numel())
+            return real_broadcast(t, src)
+
+        monkeypatch.setattr(torch.distributed, "broadcast", counting_broadcast)
+        got = two.generate(prompts, params)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert bool(broadcasts) == async_decode  # ids of queued steps go device to device
+    assert {3, 2, 1} <= set(buckets), buckets  # 3 rows (bucket 4), then 2, then 1
