@@ -145,7 +145,7 @@ class EngineConfig:
     fused_decode_gemv: bool = False
     # Split every layer across this many processes (one device each on CUDA; the CPU's cores
     # shared between them on CPU): heads and the MLP split Megatron-style, two all-reduces
-    # a layer (engine/tensor_parallel.py). Decode runs eagerly then (no CUDA graphs yet).
+    # a layer (engine/tensor_parallel.py); every rank replays the same CUDA graphs.
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:

@@ -93,8 +93,8 @@ class WorkerSettings:
                                   "GPU")
     tensor_parallel_size: int = _setting(1, "split each layer across this many processes "
                                          "(one GPU each on CUDA: cuda:0..N-1 from --device; "
-                                         "CPU cores shared on CPU); heads and MLP split, two "
-                                         "all-reduces a layer; decode runs without CUDA graphs")
+                                         "CPU cores shared on CPU); heads, MLP and vocabulary "
+                                         "split, two all-reduces a layer")
     lease_ms: int = _setting(30_000, "a job whose worker is silent this long is reclaimed; "
                              "leases are renewed every lease_ms/3")
     max_deliveries: int = _setting(3, "deliveries of one job before it is dead-lettered")
