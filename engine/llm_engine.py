@@ -81,8 +81,11 @@ class LLMEngine:
         return runner
 
     def close(self) -> None:
-        """Stop the tensor-parallel ranks (nothing to do without tensor parallelism)."""
+        """Stop the tensor-parallel ranks (nothing to do without tensor parallelism), after
+        the decode step still queued on the device, if any."""
         if self.runner.tp is not None:
+            if self._in_flight is not None:
+                self._in_flight.wait()
             self.runner.tp.close()
 
     @classmethod

@@ -71,8 +71,8 @@ class ModelRunner:
         self.model_config = model_config
         self.model = model
         self.tp = tp
-        # Ranks meet in collectives inside each forward: CUDA graphs, compiled decode and the
-        # fused one-row GEMVs (which bypass the row-parallel all-reduce) stay off.
+        # Under tensor parallelism the fused one-row GEMVs (which bypass the row-parallel
+        # all-reduce) stay off; compiled decode is refused by the config.
         single = config.tensor_parallel_size == 1
         self.device = torch.device(config.device)
         self.block_size = config.block_size
@@ -147,6 +147,9 @@ class ModelRunner:
             return self.config.num_kv_blocks
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
+            # Tensors freed while loading (the full vocabulary a rank sliced) sit in torch's
+            # cache and would count as used.
+            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
             budget = int(free - total * (1 - self.config.gpu_memory_utilization))

@@ -129,8 +129,14 @@ def all_gather_columns(t: torch.Tensor) -> torch.Tensor:
         flat = out.view(t.shape[0], size * t.shape[1])
         all_reduce(flat)
         return flat
+    t = t.contiguous()
+    if t.is_cuda:  # one output buffer: the simplest collective to capture in a CUDA graph
+        gathered = torch.empty(size * t.shape[0], t.shape[1], dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(gathered, t)  # [size * N, c], rank-major
+        return gathered.view(size, t.shape[0], t.shape[1]).permute(1, 0, 2).reshape(
+            t.shape[0], size * t.shape[1])
     parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous())
+    dist.all_gather(parts, t)
     return torch.cat(parts, dim=-1)
 
 

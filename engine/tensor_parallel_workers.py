@@ -137,11 +137,16 @@ class TensorParallelWorkers:
             assert kind == what, f"rank {rank} said {kind!r}, expected {what!r}"
 
     def call(self, method: str) -> None:
-        """Have every other rank's runner call `method` (one of `rank_methods`), in order
-        with the steps."""
-        _check_alive(self._ranks)
-        for conn in self._ranks.conns:
-            conn.send_bytes(CALL + method.encode())
+        """Have every other rank's runner call `method` (one the rank allows), in order with
+        the steps. A message that reaches only some ranks breaks the group."""
+        ranks = self._ranks
+        _check_alive(ranks)
+        try:
+            for conn in ranks.conns:
+                conn.send_bytes(CALL + method.encode())
+        except BaseException as exc:
+            _break(ranks, f"a call to the ranks failed ({type(exc).__name__}: {exc})")
+            raise
 
     @contextlib.contextmanager
     def step(self, inputs: StepInputs, *, decode: bool = False, broadcast_ids: bool = False

@@ -271,3 +271,19 @@ def test_decode_steps_replay_in_lockstep_on_every_rank(async_decode: bool, make_
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
     assert bool(broadcasts) == async_decode  # ids of queued steps go device to device
     assert {3, 2, 1} <= set(buckets), buckets  # 3 rows (bucket 4), then 2, then 1
+
+
+def test_without_the_shared_memory_kernel_the_ranks_sum_through_gloo(
+        make_tiny_llama: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler (or no room in /dev/shm): torch.distributed's gloo sums and gathers."""
+    from tokenfleet.kernels import cpu_shm_allreduce
+
+    model_dir = make_tiny_llama(tmp_path, vocab_size=49155)
+    prompts = _prompts()
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    expected = LLM(str(model_dir), dtype="float32").generate(prompts, params)
+    monkeypatch.setattr(cpu_shm_allreduce, "load", lambda build_dir: None)
+    with LLM(str(model_dir), dtype="float32", tensor_parallel_size=2) as two:
+        assert two.engine.runner.tp is not None and two.engine.runner.tp.shm is None
+        got = two.generate(prompts, params)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
