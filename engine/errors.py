@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "EngineDeadError",
     "EngineError",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -29,3 +30,8 @@ class ModelLoadError(EngineError):
 
 class UnsupportedModelError(ModelLoadError):
     """The model's architecture or a config feature is not implemented."""
+
+
+class EngineDeadError(EngineError, RuntimeError):
+    """The engine can run no more steps (a tensor-parallel rank died, or a step broke the
+    group halfway). Its requests are not at fault: a worker hands them to the fleet."""

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tokenfleet.engine.config import EngineConfig
-from tokenfleet.engine.errors import ModelLoadError, ValidationError
+from tokenfleet.engine.errors import EngineDeadError, ModelLoadError, ValidationError
 from tokenfleet.engine.step_inputs import StepInputs
 from tokenfleet.engine.tensor_parallel import (
     init_process_group,
@@ -163,8 +163,12 @@ class TensorParallelWorkers:
             for conn in ranks.conns:
                 conn.send_bytes(payload)
             yield
-        except BaseException as exc:
+        except Exception as exc:
             _break(ranks, f"a step failed on rank 0 ({type(exc).__name__}: {exc})")
+            raise EngineDeadError(f"{ranks.broken}; this engine cannot run steps any more"
+                                  ) from exc
+        except BaseException as exc:  # Ctrl-C: the group is broken all the same
+            _break(ranks, f"a step was interrupted on rank 0 ({type(exc).__name__})")
             raise
 
     def check_alive(self) -> None:
@@ -210,7 +214,7 @@ def _check_alive(ranks: _Ranks) -> None:
                 _break(ranks, f"tensor-parallel rank {rank} exited (code {proc.exitcode})")
                 break
     if ranks.broken is not None:
-        raise RuntimeError(f"{ranks.broken}; this engine cannot run steps any more")
+        raise EngineDeadError(f"{ranks.broken}; this engine cannot run steps any more")
 
 
 def _break(ranks: _Ranks, reason: str) -> None:

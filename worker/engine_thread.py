@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from tokenfleet.engine.errors import EngineDeadError
 from tokenfleet.engine.outputs import Capacity, StepOutput
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.worker.engine_protocol import EngineLike
@@ -77,7 +78,9 @@ class EngineFailure:
 
     error: str
     request_ids: list[str] = field(default_factory=list)
-    fatal: bool = False  # the engine failed repeatedly; the engine thread has stopped
+    # The engine failed repeatedly, or is dead (EngineDeadError: no requests are failed then);
+    # the engine thread has stopped.
+    fatal: bool = False
 
 
 EngineEvent = StepResult | Rejected | EngineFailure
@@ -204,6 +207,11 @@ class EngineThread:
         try:
             outputs = self.engine.step()
             self._num_failures = 0
+        except EngineDeadError as e:
+            # Not the requests' fault: keep them in flight; the worker stops and hands them
+            # to the fleet, which resumes them on another worker.
+            self._post(EngineFailure(f"{type(e).__name__}: {e}", [], fatal=True))
+            return False
         except Exception as e:
             self._num_failures += 1
             fatal = self._num_failures >= _MAX_CONSECUTIVE_FAILURES

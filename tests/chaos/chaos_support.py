@@ -11,6 +11,7 @@ import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -192,3 +193,26 @@ async def assert_queue_empty(redis: Redis, keys: Keys) -> None:
     assert await redis.xlen(keys.jobs(QUEUE)) == 0
     assert (await redis.xpending(keys.jobs(QUEUE), keys.group(QUEUE)))["pending"] == 0
     assert await redis.xlen(keys.dead(QUEUE)) == 0
+
+
+def child_pids(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """Live child processes of `pid` (by /proc's parent ids) whose command line has
+    `marker` (multiprocessing's spawned children by default: tensor-parallel ranks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and marker in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Running (a zombie not yet reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

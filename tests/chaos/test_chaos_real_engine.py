@@ -6,15 +6,22 @@ the CPU's C kernels (batch invariant, a resumed position's logits the same bits 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 from chaos_support import (
     RawListener,
     assert_queue_empty,
     check_stream,
+    child_pids,
     kill_busiest,
     mixed_workload,
+    pending_by_consumer,
+    pid_alive,
     run_clients,
+    tokens_emitted,
+    wait_until,
 )
 
 from tokenfleet.engine.llm import LLM
@@ -85,3 +92,81 @@ async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, t
     # have held a job that started later, with fewer (a CI run saw one resumed at 19).
     assert sum(line["num_resumed"] >= kill_at for line in resumed) >= 2
     assert num_held >= 2
+
+
+async def test_a_dead_tensor_parallel_rank_hands_its_jobs_to_the_fleet(
+        fleet, redis, keys, tiny_llama_dir):
+    """SIGKILL the second rank of a `--tensor-parallel-size 2` worker mid-generation: that is
+    the worker's failure, not its requests'. It fails none of them, stops (exit 1) and hands
+    its jobs back; the other worker resumes them, and every stream ends with exactly the
+    tokens of an undisturbed offline run (float32, greedy)."""
+    specs = mixed_workload(8, min_tokens=300, max_tokens=450)
+    settings = _worker_settings(tiny_llama_dir, "float32")
+    procs = {"tp": fleet.spawn("tp", **settings, tensor_parallel_size=2),
+             "w1": fleet.spawn("w1", **settings)}
+    await fleet.wait_for_workers(redis, list(procs), timeout_s=120)
+    async with fleet.client() as client, RawListener(redis, keys) as raw:
+        clients = asyncio.create_task(run_clients(client, specs, timeout_s=180))
+
+        async def tp_busy() -> bool:
+            held = (await pending_by_consumer(redis, keys)).get("tp", [])
+            return sum(n >= 20 for n in await tokens_emitted(redis, keys, held)) >= 2
+
+        await wait_until(tp_busy, 60)
+        (rank,) = child_pids(procs["tp"].pid)
+        os.kill(rank, signal.SIGKILL)
+        assert await asyncio.to_thread(procs["tp"].wait, 60) == 1
+        results = await clients
+
+    params = []
+    for spec in specs:
+        p = SamplingParams(**spec.parameters)
+        if not p.greedy:  # the seed a worker picked, persisted for resumes
+            p.seed = check_stream(results[spec.request_id]).details.seed
+        params.append(p)
+    offline = await asyncio.to_thread(
+        lambda: LLM(str(tiny_llama_dir), dtype="float32", num_threads=1).generate(
+            [s.prompt for s in specs], params))
+    for spec, expected in zip(specs, offline, strict=True):
+        final = check_stream(results[spec.request_id], expected.token_ids)  # no error events
+        assert final.generated_text == expected.text
+    assert not raw.conflicts()
+    await assert_queue_empty(redis, keys)
+    lines = fleet.log_lines("tp")
+    assert not [line for line in lines if line.get("event") == "request_failed"]
+    assert any(line.get("event") == "jobs_released" and line["num_released"] >= 2
+               for line in lines)
+    resumed = [line for line in fleet.log_lines("w1") if line.get("event") == "job_resumed"]
+    assert sum(line["num_resumed"] >= 20 for line in resumed) >= 2
+
+
+async def test_a_tensor_parallel_worker_streams_what_one_process_generates(
+        fleet, redis, tiny_llama_dir):
+    """`tokenfleet worker --tensor-parallel-size 2` as a real process: its streams equal the
+    single-process engine's tokens (float32), and its rank dies with it (SIGKILL)."""
+    prompts = ["one two three", "four five", "six"]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    offline = LLM(str(tiny_llama_dir), dtype="float32").generate(prompts, params)
+    proc = fleet.spawn("tp", **_worker_settings(tiny_llama_dir, "float32"),
+                       tensor_parallel_size=2)
+    await fleet.wait_for_workers(redis, ["tp"], timeout_s=120)
+
+    async def ask(client, prompt: str) -> list:
+        return [e async for e in client.generate_stream(prompt, max_new_tokens=10,
+                                                         ignore_eos=True, details=True)]
+
+    async with fleet.client() as client:
+        runs = await asyncio.wait_for(asyncio.gather(*(ask(client, p) for p in prompts)), 300)
+    for events, expected in zip(runs, offline, strict=True):
+        assert [t.id for t in events[-1].details.tokens] == expected.token_ids
+    ranks = child_pids(proc.pid)
+    assert len(ranks) == 1, "the worker runs its second rank in a child process"
+    proc.kill()
+    proc.wait(timeout=10)
+    await wait_until(_async_not(pid_alive, ranks[0]), 15)  # a rank never outlives its worker
+
+
+def _async_not(probe, *args):
+    async def check() -> bool:
+        return not probe(*args)
+    return check

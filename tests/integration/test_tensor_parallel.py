@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tokenfleet.engine import LLM, SamplingParams
-from tokenfleet.engine.errors import ValidationError
+from tokenfleet.engine.errors import EngineDeadError, ValidationError
 
 transformers = pytest.importorskip("transformers")
 
@@ -179,7 +179,7 @@ def test_a_dead_rank_fails_the_step_instead_of_hanging(make_tiny_llama: Any,
         thread.join(timeout=60)
         assert not thread.is_alive(), "rank 0 hung after rank 1 died"
         assert errors and isinstance(errors[0], RuntimeError), errors
-        with pytest.raises(RuntimeError, match="rank 1"):  # and every later step says why
+        with pytest.raises(EngineDeadError, match="rank 1"):  # and every later step says why
             llm.generate(["again"], SamplingParams(max_new_tokens=2))
     finally:
         llm.close()
@@ -198,10 +198,11 @@ def test_a_step_that_fails_on_rank_0_breaks_the_group_for_good(make_tiny_llama: 
             raise MemoryError("injected: rank 0 ran out of memory mid-forward")
 
         layer.forward = fail
-        with pytest.raises(MemoryError):
+        with pytest.raises(EngineDeadError) as failed:
             llm.generate(["hello"], SamplingParams(max_new_tokens=2))
+        assert isinstance(failed.value.__cause__, MemoryError)
         del layer.forward
-        with pytest.raises(RuntimeError, match=r"a step failed on rank 0.*MemoryError"):
+        with pytest.raises(EngineDeadError, match=r"a step failed on rank 0.*MemoryError"):
             llm.generate(["hello"], SamplingParams(max_new_tokens=2))
         assert _wait_gone(pids, 10), "the broken group's ranks are stopped"
     finally:

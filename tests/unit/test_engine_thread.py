@@ -56,3 +56,29 @@ async def test_abort_inside_a_batch_is_not_overtaken() -> None:
     thread.abort("kept")
     await _results_until_finished(thread, {"kept"})
     await thread.stop()
+
+
+async def test_a_dead_engine_stops_the_thread_without_failing_its_requests() -> None:
+    """EngineDeadError (a tensor-parallel rank died) is the worker's failure, not the
+    requests': none is failed (the worker hands them to the fleet), and it is fatal at once,
+    where other step errors fail the running requests and are fatal only when repeated."""
+    from tokenfleet.engine.errors import EngineDeadError
+    from tokenfleet.worker.engine_thread import EngineFailure
+
+    for error, dead in ((EngineDeadError("rank 1 exited"), True), (RuntimeError("oops"), False)):
+        engine = SimulatedEngine(max_num_seqs=8, step_time_s=0.01)
+
+        def broken_step(error: Exception = error) -> list:
+            raise error
+
+        engine.step = broken_step  # type: ignore[method-assign]
+        thread = EngineThread(engine, asyncio.get_running_loop())
+        thread.start()
+        thread.add("r0", [1, 2], SamplingParams(max_new_tokens=5, ignore_eos=True))
+        async with asyncio.timeout(10):
+            event = await thread.events.get()
+            while not isinstance(event, EngineFailure):
+                event = await thread.events.get()
+        assert event.fatal is dead
+        assert event.request_ids == ([] if dead else ["r0"])
+        await thread.stop()
