@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[worker,dev]"
+	$(BIN)/pip install -q -e ".[worker,gateway,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 from tokenfleet.producer.keys import Keys
 from tokenfleet.producer.protocol import WorkerInfo, decode_worker_info
 
-__all__ = ["FleetStatus", "QueueStatus", "fleet_status"]
+__all__ = ["FleetStatus", "QueueStatus", "fleet_status", "live_workers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,21 +36,27 @@ class FleetStatus:
 
 async def fleet_status(redis: Redis, keys: Keys, queues: Iterable[str] = ()) -> FleetStatus:
     """Read every live worker's heartbeat and the status of their queues (plus `queues`)."""
-    status = FleetStatus()
-    async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
-        data = await redis.get(key)
-        if data is None:
-            continue  # expired between SCAN and GET
-        try:
-            status.workers.append(decode_worker_info(data))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            continue
-    status.workers.sort(key=lambda w: w.worker_id)
+    status = FleetStatus(workers=await live_workers(redis, keys))
     names = set(queues) | {w.queue for w in status.workers if w.queue}
     names |= await _queues_with_streams(redis, keys)
     for queue in sorted(names):
         status.queues.append(await _queue_status(redis, keys, queue))
     return status
+
+
+async def live_workers(redis: Redis, keys: Keys) -> list[WorkerInfo]:
+    """Every worker whose heartbeat has not expired, sorted by id."""
+    workers = []
+    async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
+        data = await redis.get(key)
+        if data is None:
+            continue  # expired between SCAN and GET
+        try:
+            workers.append(decode_worker_info(data))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+    workers.sort(key=lambda w: w.worker_id)
+    return workers
 
 
 async def _queues_with_streams(redis: Redis, keys: Keys) -> set[str]:

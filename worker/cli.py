@@ -3,6 +3,7 @@
     tokenfleet worker --model smollm2 --redis-url redis://…   serve a queue
     tokenfleet up                                              embedded Valkey + one worker
     tokenfleet demo                                            ask "What is the capital of France?"
+    tokenfleet gateway                                         TGI + OpenAI HTTP APIs on a queue
     tokenfleet generate "prompt" [--chat] [--stream] [--local]
     tokenfleet status                                          workers, backlog, dead letters
     tokenfleet models pull smollm2                             download + convert a model
@@ -38,6 +39,10 @@ _ENGINE_OPTIONS = ("engine", "model", "cache_dir", "device", "dtype", "max_num_s
                    "tensor_parallel_size",
                    "sim_step_ms", "sim_vocab_size", "sim_max_model_len")
 _CLIENT_OPTIONS = ("redis_url", "cache_dir", "queue", "key_prefix")
+_GATEWAY_OPTIONS = (*_CLIENT_OPTIONS, "gateway_host", "gateway_port", "gateway_api_key",
+                    "gateway_timeout_s", "gateway_default_max_tokens", "drain_timeout_s",
+                    "log_format", "log_level")
+_SECRET_SETTINGS = frozenset({"gateway_api_key"})
 _DEMO_PROMPT = "What is the capital of France?"
 
 
@@ -57,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     WorkerSettings.add_arguments(p, (*_ENGINE_OPTIONS, "log_level"))
     p.add_argument("--prompt", default=_DEMO_PROMPT, help="the chat prompt to ask")
     p.add_argument("--max-new-tokens", type=int, default=40)
+
+    p = sub.add_parser("gateway", help="serve TGI's and OpenAI's HTTP APIs in front of a queue")
+    WorkerSettings.add_arguments(p, _GATEWAY_OPTIONS)
 
     p = sub.add_parser("generate", help="generate text through the fleet (or --local)")
     p.add_argument("prompt")
@@ -161,6 +169,14 @@ async def _demo(settings: WorkerSettings, prompt: str, max_new_tokens: int) -> i
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def _cmd_gateway(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    from tokenfleet.worker.client_commands import serve_gateway
+    from tokenfleet.worker.logging import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    return asyncio.run(serve_gateway(settings))
+
+
 def _cmd_generate(args: argparse.Namespace, settings: WorkerSettings) -> int:
     from tokenfleet.worker.client_commands import generate_local, generate_remote
 
@@ -195,7 +211,10 @@ def _cmd_settings(args: argparse.Namespace, settings: WorkerSettings) -> int:
         sys.stdout.write(WorkerSettings.markdown_table())
         return 0
     for f in dataclasses.fields(WorkerSettings):
-        print(f"{f.name:<24} = {getattr(settings, f.name)!r}")
+        value = getattr(settings, f.name)
+        if f.name in _SECRET_SETTINGS and value is not None:
+            value = "<set>"
+        print(f"{f.name:<26} = {value!r}")
     return 0
 
 
@@ -209,6 +228,7 @@ _COMMANDS = {
     "worker": _cmd_worker,
     "up": _cmd_up,
     "demo": _cmd_demo,
+    "gateway": _cmd_gateway,
     "generate": _cmd_generate,
     "status": _cmd_status,
     "models": _cmd_models,

@@ -1,11 +1,14 @@
-"""The client-side CLI commands: `generate` (through the fleet, or `--local`) and `status`.
+"""The client-side CLI commands: `generate` (through the fleet, or `--local`), `status` and
+`gateway`.
 
 Nothing here imports torch unless `generate --local` runs a real engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sys
 from dataclasses import asdict
 from typing import Any, TextIO
@@ -22,7 +25,8 @@ from tokenfleet.producer.protocol import FinalEvent
 from tokenfleet.worker.embedded import discover_embedded_url
 from tokenfleet.worker.settings import WorkerSettings
 
-__all__ = ["generate_local", "generate_remote", "resolve_redis_url", "show_status"]
+__all__ = ["generate_local", "generate_remote", "resolve_redis_url", "serve_gateway",
+           "show_status"]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -132,6 +136,44 @@ async def show_status(settings: WorkerSettings, queues: list[str], *, as_json: b
         limit = q.max_queue_len or "none"
         out.write(f"  {q.queue:<20} backlog={q.backlog} pending={q.pending} "
                   f"consumers={q.num_consumers} dead={q.num_dead} limit={limit}\n")
+    return 0
+
+
+async def serve_gateway(settings: WorkerSettings) -> int:
+    """Serve the HTTP gateway on `settings.queue` until SIGTERM/SIGINT, then drain."""
+    try:
+        from tokenfleet.producer.gateway import GatewayConfig
+        from tokenfleet.producer.gateway_server import GatewayServer
+    except ImportError as e:
+        print(f"error: the gateway needs aiohttp ({e}): pip install 'tokenfleet[gateway]'",
+              file=sys.stderr)
+        return 2
+    from importlib.metadata import version
+
+    url = resolve_redis_url(settings)
+    config = GatewayConfig(queue=settings.queue, api_key=settings.gateway_api_key,
+                           timeout_s=settings.gateway_timeout_s,
+                           default_max_tokens=settings.gateway_default_max_tokens,
+                           version=version("tokenfleet"))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Client(url, keys=Keys(settings.key_prefix), default_queue=settings.queue,
+                      max_connections=256) as client:
+        server = GatewayServer(client, config, host=settings.gateway_host,
+                               port=settings.gateway_port,
+                               drain_timeout_s=settings.drain_timeout_s)
+        try:
+            await server.start()
+        except OSError as e:
+            print(f"error: cannot listen on {settings.gateway_host}:{settings.gateway_port}: "
+                  f"{e}", file=sys.stderr)
+            return 2
+        print(f"gateway listening on http://{settings.gateway_host}:{server.port} "
+              f"(queue {settings.queue!r}, redis {url})", file=sys.stderr, flush=True)
+        await stop.wait()
+        await server.stop()
     return 0
 
 

@@ -107,6 +107,16 @@ class WorkerSettings:
     read_block_ms: int = _setting(1_000, "XREADGROUP BLOCK time; bounds shutdown latency")
     metrics_port: int = _setting(0, "Prometheus /metrics port; 0 = off")
     metrics_host: str = _setting("0.0.0.0", "address the metrics endpoint binds")
+    gateway_host: str = _setting("127.0.0.1", "address the HTTP gateway binds (0.0.0.0 in a "
+                                 "container)")
+    gateway_port: int = _setting(8080, "HTTP gateway port; 0 = any free port")
+    gateway_api_key: str | None = _setting(None, "HTTP gateway: require `Authorization: Bearer "
+                                           "<key>` on every route but /health; unset = open")
+    gateway_timeout_s: float | None = _setting(None, "HTTP gateway: answer 504 after this long, "
+                                               "and cancel the request (workers will not start "
+                                               "it later); unset = wait as long as it takes")
+    gateway_default_max_tokens: int = _setting(1_024, "HTTP gateway: max_tokens of an OpenAI "
+                                               "request that sets none")
     log_format: str = _setting("auto", "log output: JSON when not a TTY, pretty on a TTY",
                                choices=("auto", "json", "console"))
     log_level: str = _setting("info", "log level",
@@ -127,7 +137,7 @@ class WorkerSettings:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "lease_ms",
                     "max_deliveries", "result_ttl_s", "events_ttl_s", "events_maxlen",
                     "read_block_ms", "sim_vocab_size", "sim_max_model_len",
-                    "tensor_parallel_size")
+                    "tensor_parallel_size", "gateway_default_max_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_describe(name)} must be > 0, got {getattr(self, name)}")
@@ -136,8 +146,11 @@ class WorkerSettings:
         for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms", "cuda_graph_max_batch"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.metrics_port < 65536:
-            raise SettingsError(f"{_describe('metrics_port')} must be a port number")
+        for name in ("metrics_port", "gateway_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise SettingsError(f"{_describe(name)} must be a port number")
+        if self.gateway_timeout_s is not None and self.gateway_timeout_s <= 0:
+            raise SettingsError(f"{_describe('gateway_timeout_s')} must be > 0")
 
     # -- derived --------------------------------------------------------------------------
     @property

@@ -1,0 +1,153 @@
+"""How one request's events become HTTP bodies, per API (TGI, OpenAI chat, OpenAI completions).
+
+The gateway runs every request the same way (enqueue, read events, stream or wait); a
+renderer only decides what the bytes look like: the JSON of each server-sent event, the
+stream's terminator, the whole-response body, and the error body.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenfleet.producer.errors import TokenfleetError
+from tokenfleet.producer.openai_api import (
+    completion_logprobs,
+    finish_reason,
+    logprobs_content,
+)
+from tokenfleet.producer.protocol import FinalEvent, TokenEvent
+from tokenfleet.producer.tgi_api import generate_response, stream_response
+
+__all__ = ["ChatRenderer", "CompletionRenderer", "Renderer", "TgiRenderer"]
+
+
+class Renderer:
+    """Base: TGI-style error bodies, `data:` events, no terminator."""
+
+    sse_prefix = b"data:"
+    stream_done = b""
+
+    def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        raise NotImplementedError
+
+    def error(self, error: TokenfleetError) -> dict[str, Any]:
+        return {"error": str(error), "error_type": error.error_type}
+
+
+@dataclass
+class TgiRenderer(Renderer):
+    """`/generate`, `/generate_stream` and TGI's `/` (whose plain response is a list)."""
+
+    details: bool = False
+    as_list: bool = False
+
+    def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        return [stream_response(event, details=self.details)]
+
+    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        response = generate_response(final, tokens, details=self.details)
+        return [response] if self.as_list else response
+
+
+@dataclass
+class _OpenAIRenderer(Renderer):
+    model: str
+    request_id: str
+    include_usage: bool = False
+    logprobs: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    sse_prefix = b"data: "
+    stream_done = b"data: [DONE]\n\n"
+
+    def error(self, error: TokenfleetError) -> dict[str, Any]:
+        return {"error": {"message": str(error), "type": error.error_type, "param": None,
+                          "code": None}}
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": obj, "created": self.created,
+                "model": self.model, "system_fingerprint": "tokenfleet", "choices": choices}
+
+    def _usage_chunk(self, obj: str, final: FinalEvent) -> list[dict[str, Any]]:
+        if not self.include_usage:
+            return []
+        chunk = self._envelope(obj, [])
+        chunk["usage"] = _usage(final)
+        return [chunk]
+
+
+@dataclass
+class ChatRenderer(_OpenAIRenderer):
+    """`/v1/chat/completions`: `chat.completion` or `chat.completion.chunk` objects."""
+
+    def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        text = "" if event.token is None or event.token.special else event.token.text
+        choice: dict[str, Any] = {
+            "index": 0,
+            # role on every delta: TGI's client types require it; OpenAI's SDK accepts it.
+            "delta": {"role": "assistant", "content": text, "tool_calls": None},
+            "logprobs": ({"content": logprobs_content([event])} if self.logprobs else None),
+            "finish_reason": None,
+        }
+        if isinstance(event, FinalEvent):
+            choice["finish_reason"] = finish_reason(event)
+            return [self._envelope("chat.completion.chunk", [choice]),
+                    *self._usage_chunk("chat.completion.chunk", event)]
+        return [self._envelope("chat.completion.chunk", [choice])] if text else []
+
+    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        logprobs = None
+        if self.logprobs:
+            logprobs = {"content": logprobs_content([*tokens, final])}
+        choice = {"index": 0, "message": {"role": "assistant", "content": final.generated_text},
+                  "logprobs": logprobs, "finish_reason": finish_reason(final)}
+        out = self._envelope("chat.completion", [choice])
+        out["usage"] = _usage(final)
+        return out
+
+
+@dataclass
+class CompletionRenderer(_OpenAIRenderer):
+    """`/v1/completions`: `text_completion` objects (streamed or whole)."""
+
+    echo_prompt: str = ""  # `echo`: streamed once, before the first token
+    _offset: int = field(default=0, init=False)  # characters streamed, for `text_offset`
+
+    def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        text = "" if event.token is None or event.token.special else event.token.text
+        prefix, self.echo_prompt = self.echo_prompt, ""
+        choice: dict[str, Any] = {"index": 0, "text": prefix + text, "logprobs": None,
+                                  "finish_reason": None}
+        if self.logprobs:
+            choice["logprobs"] = completion_logprobs([event], self._offset + len(prefix))
+        self._offset += len(prefix) + len(text)
+        if isinstance(event, FinalEvent):
+            choice["finish_reason"] = finish_reason(event)
+            return [self._envelope("text_completion", [choice]),
+                    *self._usage_chunk("text_completion", event)]
+        return [self._envelope("text_completion", [choice])] if choice["text"] else []
+
+    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        logprobs = None
+        if self.logprobs:
+            # With `echo` the text starts with the prompt; offsets count from its end.
+            events: list[TokenEvent | FinalEvent] = [*tokens, final]
+            prompt_len = len(final.generated_text) - sum(
+                len(e.token.text) for e in events if e.token is not None and not e.token.special)
+            logprobs = completion_logprobs(events, max(prompt_len, 0))
+        choice = {"index": 0, "text": final.generated_text, "logprobs": logprobs,
+                  "finish_reason": finish_reason(final)}
+        out = self._envelope("text_completion", [choice])
+        out["usage"] = _usage(final)
+        return out
+
+
+def _usage(final: FinalEvent) -> dict[str, int]:
+    prompt, completion = final.usage.prompt_tokens, final.usage.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

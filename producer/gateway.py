@@ -1,0 +1,311 @@
+"""The HTTP gateway: TGI's and OpenAI's HTTP APIs in front of the fleet.
+
+    tokenfleet gateway --redis-url redis://… --gateway-port 8080
+    curl localhost:8080/generate -H 'Content-Type: application/json' \\
+         -d '{"inputs": "Hello", "parameters": {"max_new_tokens": 20}}'
+
+The gateway is one more producer: it validates a request, enqueues it through admission
+control and turns the request's events into an HTTP response, streamed as server-sent events
+or whole. It holds no model and no tokenizer and keeps no state between requests, so any
+number of gateways can run behind a load balancer. Routes:
+
+    POST /generate, /generate_stream, /     TGI (text_generation.Client works unchanged)
+    POST /v1/chat/completions, /v1/completions   OpenAI-compatible
+    GET  /health, /info, /v1/models          liveness and what the queue's workers serve
+    DELETE /requests/{id}                    cancel a request
+
+Status codes follow TGI: 422 validation, 429 overloaded (backlog at `max_queue_len`), 424
+generation failed, 500 incomplete generation; plus 504 when a deadline or the gateway's
+timeout passes, 503 when Redis cannot be reached, 401 without the API key. A request that
+its HTTP client abandons (disconnect, gateway timeout) is cancelled in the fleet, unless the
+client named it with an `Idempotency-Key` header: such a request keeps running and the same
+POST with the same key re-attaches to it (its stream replays from the first token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from tokenfleet.producer import openai_api
+from tokenfleet.producer.api_renderers import (
+    ChatRenderer,
+    CompletionRenderer,
+    Renderer,
+    TgiRenderer,
+)
+from tokenfleet.producer.client import Client
+from tokenfleet.producer.errors import TokenfleetError, error_class
+from tokenfleet.producer.fleet_request import FleetRequest
+from tokenfleet.producer.fleet_status import live_workers
+from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
+from tokenfleet.producer.tgi_api import decode_generate_request, job_arguments, response_headers
+from tokenfleet.producer.validation import validate_request_id
+
+__all__ = ["Gateway", "GatewayConfig"]
+
+log = structlog.get_logger("tokenfleet.gateway")
+
+STATUS_BY_ERROR_TYPE: Final = {"validation": 422, "overloaded": 429, "generation": 424,
+                               "incomplete_generation": 500, "deadline_exceeded": 504,
+                               "timeout": 504}
+# How long a stream waits for its first event before sending headers: long enough that a
+# request a worker rejects at intake still gets its 422 status (as from TGI), short enough
+# that a proxy waiting on a deep queue sees bytes soon; keep-alives follow.
+FIRST_EVENT_WAIT_S: Final = 2.0
+KEEPALIVE_S: Final = 15.0
+MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # long prompts: 128k tokens is ~0.5 MB of text
+_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                       "X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
+_OPEN_PATHS: Final = frozenset({"/health"})  # probes need no API key
+_ENCODER: Final = msgspec.json.Encoder()
+# What a handler learnt about its request (id, tokens, disconnect), for the middleware's log
+# line and error headers; a context variable because each request runs in its own task.
+_outcome: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("outcome")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What one gateway serves and how (see the `gateway_*` settings)."""
+
+    queue: str = "default"
+    api_key: str | None = None
+    timeout_s: float | None = None
+    default_max_tokens: int = 1024
+    version: str = ""
+
+
+class Gateway:
+    """The aiohttp application; `app()` builds it, `aclose()` waits for pending cancels."""
+
+    def __init__(self, client: Client, config: GatewayConfig) -> None:
+        self.client = client
+        self.config = config
+        self._background: set[asyncio.Task[None]] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors, self._auth],
+                              client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/", self._compat)
+        app.router.add_post("/generate", self._generate)
+        app.router.add_post("/generate_stream", self._generate_stream)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/info", self._info)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_delete("/requests/{request_id}", self._cancel)
+        return app
+
+    async def aclose(self) -> None:
+        """Let the cancels of abandoned requests reach Redis before the client closes."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=5.0)
+
+    # -- TGI ------------------------------------------------------------------------------
+    async def _compat(self, request: web.Request) -> web.StreamResponse:
+        body = decode_generate_request(await request.read())
+        renderer = TgiRenderer(details=bool(body.parameters.get("details")), as_list=True)
+        return await self._run(request, job_arguments(body), renderer, stream=body.stream)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = decode_generate_request(await request.read())
+        renderer = TgiRenderer(details=bool(body.parameters.get("details")))
+        return await self._run(request, job_arguments(body), renderer, stream=False)
+
+    async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
+        body = decode_generate_request(await request.read())
+        renderer = TgiRenderer(details=bool(body.parameters.get("details")))
+        return await self._run(request, job_arguments(body), renderer, stream=True)
+
+    # -- OpenAI ---------------------------------------------------------------------------
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = openai_api.decode(await request.read(), openai_api.ChatRequest)
+        args = openai_api.chat_job_arguments(body, self.config.default_max_tokens)
+        renderer = ChatRenderer(model=body.model, request_id="",
+                                include_usage=openai_api.include_usage(body),
+                                logprobs=body.logprobs)
+        return await self._run(request, args, renderer, stream=body.stream)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = openai_api.decode(await request.read(), openai_api.CompletionRequest)
+        args = openai_api.completion_job_arguments(body, self.config.default_max_tokens)
+        renderer = CompletionRenderer(model=body.model, request_id="",
+                                      include_usage=openai_api.include_usage(body),
+                                      logprobs=bool(body.logprobs),
+                                      echo_prompt=args["inputs"] if body.echo else "")
+        return await self._run(request, args, renderer, stream=body.stream)
+
+    # -- one request through the fleet ------------------------------------------------------
+    async def _run(self, request: web.Request, args: dict[str, Any], renderer: Renderer, *,
+                   stream: bool) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key")
+        request_id = validate_request_id(key) if key is not None else uuid.uuid4().hex
+        if isinstance(renderer, ChatRenderer | CompletionRenderer):
+            prefix = "chatcmpl-" if isinstance(renderer, ChatRenderer) else "cmpl-"
+            renderer.request_id = prefix + request_id
+        job = self.client.build_job(request_id=request_id, deadline_s=self.config.timeout_s,
+                                    **args)
+        _outcome.get()["id"] = job.id
+        async with FleetRequest(self.client, job, queue=self.config.queue,
+                                timeout_s=self.config.timeout_s, spawn=self._spawn,
+                                cancel_on_abandon=key is None) as fleet:
+            if stream:
+                return await self._stream(request, fleet, renderer)
+            event = await fleet.final()
+            if isinstance(event, ErrorEvent):
+                raise error_class(event.error_type)(event.error, request_id=job.id)
+            _outcome.get()["tokens"] = event.details.generated_tokens
+            return _json(renderer.body(event, fleet.tokens), headers=response_headers(event))
+
+    async def _stream(self, request: web.Request, fleet: FleetRequest,
+                      renderer: Renderer) -> web.StreamResponse:
+        event = await fleet.next_event(FIRST_EVENT_WAIT_S)
+        if isinstance(event, ErrorEvent):  # nothing sent yet: answer with the right status
+            raise error_class(event.error_type)(event.error, request_id=fleet.job.id)
+        response = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": fleet.job.id})
+        await response.prepare(request)
+        try:
+            await self._write_events(response, fleet, renderer, event)
+            await response.write_eof()
+        except ConnectionResetError:
+            _outcome.get()["disconnected"] = True  # FleetRequest's exit cancels the job
+        return response
+
+    async def _write_events(self, response: web.StreamResponse, fleet: FleetRequest,
+                            renderer: Renderer, event: Any) -> None:
+        try:
+            while not isinstance(event, FinalEvent):
+                if event is None:
+                    await response.write(b": keep-alive\n\n")
+                elif isinstance(event, ErrorEvent):
+                    error = error_class(event.error_type)(event.error)
+                    await _write_sse(response, renderer, [renderer.error(error)])
+                    return
+                else:
+                    await _write_sse(response, renderer, renderer.chunks(event))
+                event = await fleet.next_event(KEEPALIVE_S)
+        except TokenfleetError as e:  # the gateway's timeout, or a replay that lost tokens
+            await _write_sse(response, renderer, [renderer.error(e)])
+            return
+        await _write_sse(response, renderer, renderer.chunks(event))
+        if renderer.stream_done:
+            await response.write(renderer.stream_done)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+
+    # -- fleet information ---------------------------------------------------------------------
+    async def _health(self, request: web.Request) -> web.Response:
+        """200 while Redis answers: jobs can be queued even with no worker up yet (a fleet
+        scaled to zero starts workers on queue lag); the body says how many serve."""
+        try:
+            await self.client.redis.ping()
+            workers = await self._queue_workers()
+        except (RedisError, OSError) as e:
+            return _json({"status": "unavailable", "error": f"Redis: {e}"}, status=503)
+        serving = sum(not w.draining for w in workers)
+        return _json({"status": "ok", "queue": self.config.queue, "num_workers": serving})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        workers = await self._queue_workers()
+        models = sorted({w.model for w in workers})
+        return _json({"model_id": models[0] if len(models) == 1 else ",".join(models),
+                      "router": "tokenfleet-gateway", "version": self.config.version,
+                      "queue": self.config.queue, "num_workers": len(workers),
+                      "max_best_of": 1, "max_stop_sequences": 16,
+                      "max_concurrent_requests": sum(w.max_num_seqs for w in workers)})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        workers = await self._queue_workers()
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": "tokenfleet"}
+                for model in sorted({w.model for w in workers})]
+        return _json({"object": "list", "data": data})
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        request_id = validate_request_id(request.match_info["request_id"])
+        await self.client.cancel(request_id)
+        return _json({"id": request_id, "status": "cancelling"}, status=202)
+
+    async def _queue_workers(self) -> list[Any]:
+        return [w for w in await live_workers(self.client.redis, self.client.keys)
+                if w.queue == self.config.queue]
+
+    # -- middlewares ------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        key = self.config.api_key
+        if key and request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return _json({"error": "missing or wrong API key", "error_type": "unauthorized"},
+                             status=401)
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        start = time.perf_counter()
+        status, error_type = 200, ""
+        outcome: dict[str, Any] = {}
+        _outcome.set(outcome)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except TokenfleetError as e:
+            error_type = e.error_type
+            status = STATUS_BY_ERROR_TYPE.get(e.error_type, 500)
+            renderer = _OPENAI_ERRORS if request.path.startswith("/v1/") else _TGI_ERRORS
+            request_id = outcome.get("id")
+            return _json(renderer.error(e), status=status,
+                         headers={"x-request-id": request_id} if request_id else None)
+        except (RedisError, OSError) as e:
+            if isinstance(e, ConnectionResetError):
+                raise  # the HTTP client went away: nothing to answer
+            status, error_type = 503, "unavailable"
+            return _json({"error": f"the queue is unreachable: {e}",
+                          "error_type": "unavailable"}, status=503)
+        finally:
+            if request.path not in _OPEN_PATHS:
+                log.info("request", path=request.path, status=status, error_type=error_type,
+                         ms=round((time.perf_counter() - start) * 1000, 1), **outcome)
+
+
+_TGI_ERRORS: Final = Renderer()
+_OPENAI_ERRORS: Final = ChatRenderer(model="", request_id="")
+
+
+def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+          ) -> web.Response:
+    return web.Response(body=_ENCODER.encode(data), status=status, headers=headers,
+                        content_type="application/json")
+
+
+async def _write_sse(response: web.StreamResponse, renderer: Renderer,
+                     chunks: list[dict[str, Any]]) -> None:
+    if chunks:
+        await response.write(b"".join(renderer.sse_prefix + _ENCODER.encode(c) + b"\n\n"
+                                      for c in chunks))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("cancel_failed", error=repr(task.exception()))

@@ -1,0 +1,52 @@
+"""Run a `Gateway` on a TCP port: start, serve until told to stop, drain, close.
+
+    server = GatewayServer(client, GatewayConfig(queue="default"), host="0.0.0.0", port=8080)
+    await server.start()          # server.port is the bound port (port=0 picks a free one)
+    ...
+    await server.stop()           # stop accepting; in-flight requests get `drain_timeout_s`
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from tokenfleet.producer.client import Client
+from tokenfleet.producer.gateway import Gateway, GatewayConfig
+
+__all__ = ["GatewayServer"]
+
+log = structlog.get_logger("tokenfleet.gateway")
+
+
+class GatewayServer:
+    """One listening gateway. Handlers are cancelled when their HTTP client disconnects
+    (aiohttp's `handler_cancellation`), which is what lets an abandoned request be cancelled
+    in the fleet instead of generating for nobody."""
+
+    def __init__(self, client: Client, config: GatewayConfig, *, host: str = "127.0.0.1",
+                 port: int = 8080, drain_timeout_s: float = 30.0) -> None:
+        self.gateway = Gateway(client, config)
+        self.host = host
+        self.port = port
+        # aiohttp reads a shutdown timeout of 0 as "wait forever"; ours means "do not wait".
+        self._runner = web.AppRunner(self.gateway.app(), handler_cancellation=True,
+                                     access_log=None,
+                                     shutdown_timeout=max(drain_timeout_s, 0.001))
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server  # aiohttp exposes no public accessor for the bound port
+        if server is not None and self.port == 0:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        log.info("gateway_started", host=self.host, port=self.port,
+                 queue=self.gateway.config.queue)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain time), then cancel
+        the rest: their jobs are cancelled in the fleet like any abandoned request's."""
+        await self._runner.cleanup()
+        await self.gateway.aclose()
+        log.info("gateway_stopped")

@@ -1,0 +1,203 @@
+"""OpenAI's chat-completions and completions shapes, mapped onto jobs and events.
+
+The mapping follows OpenAI's semantics, not TGI's parameter names: `temperature` defaults to
+1 (sampling) and 0 means greedy; `stop` may be one string; `max_tokens` (or
+`max_completion_tokens`) left out means the gateway's `default_max_tokens`, because the
+gateway holds no tokenizer to compute "the rest of the context". vLLM's extensions `top_k`,
+`min_p` and `repetition_penalty` are accepted. Fields that would change the answer and that we
+do not implement (tools, response formats other than text, logit_bias, n > 1) are refused
+with a validation error rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from tokenfleet.producer.errors import ValidationError
+from tokenfleet.producer.protocol import FinalEvent, Token, TokenEvent
+
+__all__ = [
+    "ChatRequest",
+    "CompletionRequest",
+    "chat_job_arguments",
+    "completion_job_arguments",
+    "completion_logprobs",
+    "finish_reason",
+    "include_usage",
+    "logprobs_content",
+]
+
+# Our finish reasons -> OpenAI's; a cancelled request stopped early, like a stop sequence.
+_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop", "cancelled": "stop"}
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    user: str | None = None
+    top_k: int | None = None  # vLLM extension
+    min_p: float | None = None  # vLLM extension
+    repetition_penalty: float | None = None  # vLLM / TGI extension
+
+
+class ChatRequest(_Sampling, kw_only=True):
+    """POST /v1/chat/completions body."""
+
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    """POST /v1/completions body (one prompt)."""
+
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+
+
+def decode(body: bytes, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
+    """Parse a request body (raises ValidationError with msgspec's reason)."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValidationError(f"Input validation error: invalid request body: {e}") from e
+
+
+def chat_job_arguments(req: ChatRequest, default_max_tokens: int) -> dict[str, Any]:
+    """`Client.build_job` keyword arguments for a chat request."""
+    _refuse(req.tools, "tools")
+    _refuse(req.tool_choice if req.tool_choice != "none" else None, "tool_choice")
+    if req.response_format not in (None, {"type": "text"}):
+        raise ValidationError("Input validation error: only response_format "
+                              "{'type': 'text'} is supported")
+    args = _sampling(req, req.max_completion_tokens or req.max_tokens or default_max_tokens)
+    args["messages"] = [_message(m) for m in req.messages]
+    if req.logprobs:
+        args["top_n_tokens"] = req.top_logprobs or None
+    elif req.top_logprobs:
+        raise ValidationError("Input validation error: `top_logprobs` needs `logprobs: true`")
+    return args
+
+
+def completion_job_arguments(req: CompletionRequest, default_max_tokens: int
+                             ) -> dict[str, Any]:
+    """`Client.build_job` keyword arguments for a completions request."""
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ValidationError("Input validation error: `prompt` must be one string "
+                                  "(send several requests for several prompts)")
+        prompt = prompt[0]
+    args = _sampling(req, req.max_tokens or default_max_tokens)
+    args["inputs"] = prompt
+    args["return_full_text"] = req.echo
+    if req.logprobs:
+        args["top_n_tokens"] = req.logprobs
+    return args
+
+
+def include_usage(body: ChatRequest | CompletionRequest) -> bool:
+    """Whole responses always carry `usage`; streams only with `stream_options.include_usage`
+    (as a last chunk with no choices)."""
+    return bool((body.stream_options or {}).get("include_usage")) or not body.stream
+
+
+def finish_reason(final: FinalEvent) -> str:
+    return _FINISH.get(final.details.finish_reason, "stop")
+
+
+def logprobs_content(events: list[TokenEvent | FinalEvent]) -> list[dict[str, Any]]:
+    """The chat `logprobs.content` list: one entry per generated (non-special) token."""
+    out = []
+    for e in events:
+        if e.token is None or e.token.special:
+            continue
+        entry = _logprob(e.token)
+        entry["top_logprobs"] = [_logprob(t) for t in e.top_tokens]
+        out.append(entry)
+    return out
+
+
+def completion_logprobs(events: list[TokenEvent | FinalEvent], text_offset: int = 0
+                        ) -> dict[str, list[Any]]:
+    """The legacy completions `logprobs` object (tokens, their logprobs, top alternatives)."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                 "text_offset": []}
+    for e in events:
+        if e.token is None or e.token.special:
+            continue
+        out["tokens"].append(e.token.text)
+        out["token_logprobs"].append(e.token.logprob)
+        out["top_logprobs"].append({t.text: t.logprob for t in e.top_tokens})
+        out["text_offset"].append(text_offset)
+        text_offset += len(e.token.text)
+    return out
+
+
+def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
+    if req.n not in (None, 1):
+        raise ValidationError("Input validation error: only `n` = 1 is supported")
+    if req.logit_bias:
+        raise ValidationError("Input validation error: `logit_bias` is not supported")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    args: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        args["temperature"] = temperature
+    if req.top_p is not None and req.top_p < 1.0:
+        args["top_p"] = req.top_p
+    if req.stop:
+        args["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    for name in ("seed", "frequency_penalty", "presence_penalty", "top_k", "min_p",
+                 "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            args[name] = value
+    return args
+
+
+def _message(message: dict[str, Any]) -> dict[str, str]:
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str):
+        raise ValidationError("Input validation error: every message needs a string `role`")
+    if isinstance(content, list):  # content parts: text only
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ValidationError("Input validation error: only text content parts are "
+                                      "supported")
+            texts.append(str(part.get("text", "")))
+        content = "".join(texts)
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise ValidationError("Input validation error: message `content` must be a string "
+                              "or a list of text parts")
+    return {"role": role, "content": content}
+
+
+def _refuse(value: Any, name: str) -> None:
+    if value:
+        raise ValidationError(f"Input validation error: `{name}` is not supported by "
+                              "tokenfleet")
+
+
+def _logprob(token: Token) -> dict[str, Any]:
+    return {"token": token.text, "logprob": token.logprob,
+            "bytes": list(token.text.encode())}

@@ -1,0 +1,354 @@
+"""The HTTP gateway against a real Valkey/Redis and real workers (simulated engine here; the
+real model in test_gateway_real_engine.py), driven by TGI's own client where it applies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import text_generation
+from text_generation.errors import OverloadedError, ValidationError
+from text_generation.types import ChatComplete, ChatCompletionChunk
+
+from tokenfleet.producer.client import Client
+from tokenfleet.producer.gateway import GatewayConfig
+from tokenfleet.producer.gateway_server import GatewayServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(client: Client, **config: Any) -> AsyncIterator[str]:
+    server = GatewayServer(client, GatewayConfig(**config), port=0, drain_timeout_s=2.0)
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def served(fleet) -> AsyncIterator[tuple[str, Client]]:
+    """A simulated worker and a gateway in front of its queue: (base URL, the gateway's client)."""
+    async with fleet.worker(sim_step_ms=5.0), fleet.client() as client, \
+            running_gateway(client) as url:
+        yield url, client
+
+
+async def _sse(response: aiohttp.ClientResponse) -> list[str]:
+    """The `data` payloads of a server-sent-event stream (comments skipped)."""
+    out = []
+    async for line in response.content:
+        text = line.decode().rstrip("\n")
+        if text.startswith("data:"):
+            out.append(text[len("data:"):].strip())
+    return out
+
+
+async def test_tgi_client_generate_and_stream(served):
+    url, _ = served
+    tgi = text_generation.AsyncClient(url, timeout=30)
+    whole = await tgi.generate("one two three", max_new_tokens=6, top_n_tokens=2,
+                               decoder_input_details=True)
+    streamed = [r async for r in tgi.generate_stream("one two three", max_new_tokens=6)]
+
+    assert whole.details.generated_tokens == 6
+    assert whole.details.finish_reason == "length"
+    assert len(whole.details.tokens) == 6
+    assert [len(t) for t in whole.details.top_tokens] == [2] * 6
+    assert all(r.generated_text is None for r in streamed[:-1])
+    assert streamed[-1].generated_text == whole.generated_text
+    assert "".join(r.token.text for r in streamed) == whole.generated_text
+    assert [r.token.id for r in streamed] == [t.id for t in whole.details.tokens]
+    assert streamed[-1].details.generated_tokens == 6
+
+
+async def test_generate_route_and_timing_headers(served):
+    url, _ = served
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/generate", json={
+            "inputs": "one two", "parameters": {"max_new_tokens": 3}}) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+        headers = resp.headers
+    assert set(body) == {"generated_text"}  # no details unless asked, as in TGI
+    assert len(body["generated_text"].split()) == 3
+    assert headers["x-generated-tokens"] == "3"
+    assert headers["x-prompt-tokens"] == "2"
+    assert int(headers["x-total-time"]) >= int(headers["x-queue-time"])
+    assert len(headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"best_of": 2}, "best_of"),
+    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+    ({"temperature": "hot"}, "temperature"),
+])
+async def test_bad_parameters_are_422_validation_errors(served, parameters, message):
+    url, _ = served
+    async with aiohttp.ClientSession() as http:
+        for path in ("/generate", "/generate_stream"):
+            async with http.post(url + path, json={"inputs": "x", "parameters": parameters}
+                                 ) as resp:
+                assert resp.status == 422
+                body = await resp.json()
+            assert body["error_type"] == "validation"
+            assert message in body["error"]
+
+
+async def test_malformed_bodies_are_422(served):
+    url, _ = served
+    async with aiohttp.ClientSession() as http:
+        for data in (b"{not json", b'{"parameters": {}}', b'{"inputs": 5}', b"[]"):
+            async with http.post(f"{url}/generate", data=data) as resp:
+                assert resp.status == 422, data
+                assert (await resp.json())["error_type"] == "validation"
+
+
+async def test_worker_side_rejection_keeps_its_status_on_a_stream(fleet):
+    # The prompt passes the gateway's checks but not the worker's context length: the worker
+    # rejects it at intake, before any token, so even the stream answers 422 as TGI would.
+    async with fleet.worker(sim_max_model_len=16), fleet.client() as client, \
+            running_gateway(client) as url:
+        async with aiohttp.ClientSession() as http, http.post(f"{url}/generate_stream", json={
+                "inputs": "a b c d e f g h i j", "parameters": {"max_new_tokens": 10}}) as resp:
+            assert resp.status == 422
+            assert (await resp.json())["error_type"] == "validation"
+        tgi = text_generation.AsyncClient(url, timeout=30)
+        with pytest.raises(ValidationError, match="max_new_tokens"):
+            async for _ in tgi.generate_stream("a b c d e f g h i j", max_new_tokens=10):
+                pass
+
+
+async def test_full_queue_is_429_overloaded(fleet):
+    # No worker: the first request waits in the queue, the second finds it full.
+    async with fleet.client(max_queue_len=1) as client, running_gateway(client) as url:
+        tgi = text_generation.AsyncClient(url, timeout=30)
+        waiting = asyncio.create_task(tgi.generate("first", max_new_tokens=2))
+        await asyncio.sleep(0.5)
+        with pytest.raises(OverloadedError):
+            await tgi.generate("second", max_new_tokens=2)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+
+
+async def _read_then_disconnect(url: str, headers: dict[str, str], num_events: int) -> str:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{url}/generate_stream", headers=headers,
+            json={"inputs": "long", "parameters": {"max_new_tokens": 2000}}) as resp:
+        assert resp.status == 200
+        seen = 0
+        async for line in resp.content:
+            seen += line.startswith(b"data:")
+            if seen == num_events:
+                return resp.headers["x-request-id"]
+    raise AssertionError("stream ended early")
+
+
+async def test_disconnect_cancels_the_request_in_the_fleet(fleet):
+    async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+            running_gateway(client) as url:
+        request_id = await _read_then_disconnect(url, {}, num_events=3)
+        final = await client.result(request_id, timeout_s=10)
+    assert final.details.finish_reason == "cancelled"
+    assert final.details.generated_tokens < 200  # stopped within a few steps, not at 2000
+
+
+async def test_a_whole_response_abandoned_by_its_client_is_cancelled(fleet):
+    async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+            running_gateway(client) as url:
+        timeout = aiohttp.ClientTimeout(total=0.5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            with pytest.raises(asyncio.TimeoutError):
+                await http.post(f"{url}/generate", json={
+                    "inputs": "x", "parameters": {"max_new_tokens": 2000}})
+        await asyncio.sleep(0.5)
+        pattern = client.keys.result("ID").replace("ID", "*")  # every request's result
+        results = [json.loads(await client.redis.get(k)) for k in
+                   await client.redis.keys(pattern)]
+    assert [r["details"]["finish_reason"] for r in results] == ["cancelled"]
+    assert results[0]["details"]["generated_tokens"] < 200
+
+
+async def test_idempotency_key_survives_a_disconnect_and_reattaches(fleet):
+    async with fleet.worker(sim_step_ms=5.0), fleet.client() as client, \
+            running_gateway(client) as url, aiohttp.ClientSession() as http:
+        key = {"Idempotency-Key": "order-42"}
+        body = {"inputs": "long", "parameters": {"max_new_tokens": 40, "details": True}}
+        assert await _read_then_disconnect_small(http, url, key, body) == "order-42"
+        # The same POST again re-attaches: the whole stream, from the first token.
+        async with http.post(f"{url}/generate_stream", headers=key, json=body) as resp:
+            events = [json.loads(d) for d in await _sse(resp)]
+    assert [e["index"] for e in events] == list(range(1, 41))
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert events[-1]["details"]["finish_reason"] == "length"  # not cancelled by the disconnect
+
+
+async def _read_then_disconnect_small(http: aiohttp.ClientSession, url: str,
+                                      headers: dict[str, str], body: dict[str, Any]) -> str:
+    async with http.post(f"{url}/generate_stream", headers=headers, json=body) as resp:
+        await resp.content.readline()
+        return resp.headers["x-request-id"]
+
+
+async def test_delete_cancels_a_request(fleet):
+    async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+            running_gateway(client) as url, aiohttp.ClientSession() as http:
+        key = {"Idempotency-Key": "to-cancel"}
+        body = {"inputs": "x", "parameters": {"max_new_tokens": 2000}}
+        async with http.post(f"{url}/generate_stream", headers=key, json=body) as resp:
+            await resp.content.readline()
+            async with http.delete(f"{url}/requests/to-cancel") as deleted:
+                assert deleted.status == 202
+            events = [json.loads(d) for d in await _sse(resp)]
+    assert events[-1]["details"] is None  # details were not asked for
+    final = await client.result("to-cancel", timeout_s=10)
+    assert final.details.finish_reason == "cancelled"
+
+
+async def test_gateway_timeout_is_504_and_cancels(fleet):
+    async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+            running_gateway(client, timeout_s=0.5) as url:
+        async with aiohttp.ClientSession() as http, http.post(f"{url}/generate", json={
+                "inputs": "x", "parameters": {"max_new_tokens": 2000}}) as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error_type"] == "timeout"
+            request_id = resp.headers["x-request-id"]
+        # The abandoned job stops (cancelled, or past its deadline), far short of 2000 tokens.
+        raw = None
+        for _ in range(50):
+            raw = await client.redis.get(client.keys.result(request_id))
+            if raw is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert raw is not None, "the abandoned request kept running"
+        result = json.loads(raw)
+        assert (result["kind"] == "error" and result["error_type"] == "deadline_exceeded") \
+            or result["details"]["finish_reason"] == "cancelled"
+
+
+async def test_openai_chat_whole_and_streamed(served):
+    url, _ = served
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            whole = await resp.json()
+        async with http.post(f"{url}/v1/chat/completions", json={
+                **body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            chunks = await _sse(resp)
+    ChatComplete(**whole)  # TGI's client types parse it
+    assert whole["object"] == "chat.completion" and whole["model"] == "sim"
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens"] == 5
+    assert whole["usage"]["total_tokens"] == whole["usage"]["prompt_tokens"] + 5
+    assert [len(t["top_logprobs"]) for t in choice["logprobs"]["content"]] == [2] * 5
+    assert chunks[-1] == "[DONE]"
+    parsed = [json.loads(c) for c in chunks[:-1]]
+    deltas = [p for p in parsed if p["choices"]]
+    for p in deltas:
+        ChatCompletionChunk(**p)
+    assert "".join(p["choices"][0]["delta"]["content"] for p in deltas) == \
+        choice["message"]["content"]
+    assert deltas[-1]["choices"][0]["finish_reason"] == "length"
+    assert parsed[-1]["usage"] == whole["usage"]  # include_usage: a last chunk, no choices
+
+
+async def test_openai_completions_and_refusals(served):
+    url, _ = served
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/completions", json={
+                "model": "sim", "prompt": "one two", "max_tokens": 4, "temperature": 0,
+                "echo": True, "logprobs": 1}) as resp:
+            assert resp.status == 200
+            out = await resp.json()
+        text = out["choices"][0]["text"]
+        assert text.startswith("one two")  # echo: prompt + completion, verbatim
+        assert len(text[len("one two"):].split()) == 4
+        logprobs = out["choices"][0]["logprobs"]
+        assert len(logprobs["tokens"]) == 4
+        assert logprobs["text_offset"][0] == len("one two")
+        for bad in ({"n": 2}, {"tools": [{"type": "function"}]}, {"logit_bias": {"1": 5}},
+                    {"response_format": {"type": "json_object"}}):
+            async with http.post(f"{url}/v1/chat/completions", json={
+                    "model": "sim", "messages": [{"role": "user", "content": "x"}],
+                    **bad}) as resp:
+                assert resp.status == 422, bad
+                error = (await resp.json())["error"]
+            assert error["type"] == "validation"
+
+
+async def test_health_info_models_and_api_key(fleet):
+    async with fleet.worker(), fleet.client() as client, \
+            running_gateway(client, api_key="s3cret") as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/health") as resp:  # probes need no key
+            assert resp.status == 200
+            assert (await resp.json())["num_workers"] == 1
+        async with http.post(f"{url}/generate", json={"inputs": "x"}) as resp:
+            assert resp.status == 401
+        async with http.get(f"{url}/v1/models",
+                            headers={"Authorization": "Bearer wrong"}) as resp:
+            assert resp.status == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        async with http.get(f"{url}/v1/models", headers=auth) as resp:
+            assert [m["id"] for m in (await resp.json())["data"]] == ["sim"]
+        async with http.get(f"{url}/info", headers=auth) as resp:
+            info = await resp.json()
+        assert info["model_id"] == "sim" and info["num_workers"] == 1
+        async with http.post(f"{url}/generate", headers=auth, json={
+                "inputs": "x", "parameters": {"max_new_tokens": 2}}) as resp:
+            assert resp.status == 200
+
+
+async def test_unreachable_redis_is_503_not_a_crash():
+    client = Client("redis://127.0.0.1:1/0", pool_timeout_s=1)
+    async with client, running_gateway(client) as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/health") as resp:
+            assert resp.status == 503
+        async with http.post(f"{url}/generate", json={"inputs": "x"}) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error_type"] == "unavailable"
+
+
+async def test_gateway_process_serves_and_drains_on_sigterm(fleet):
+    """`tokenfleet gateway` as a real process: it answers, and on SIGTERM it lets a stream
+    in flight finish before it exits 0."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenfleet.worker.cli", "gateway", "--redis-url", fleet.url,
+        "--key-prefix", fleet.keys.prefix, "--gateway-port", "0", "--log-format", "json",
+        "--drain-timeout-s", "20", stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+    try:
+        assert proc.stderr is not None
+        line = b""
+        while b"gateway listening on" not in line:
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert line, "the gateway exited before listening"
+        url = line.decode().split()[3]
+        async with fleet.worker(sim_step_ms=20.0), aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/generate", json={
+                    "inputs": "x", "parameters": {"max_new_tokens": 3}}) as resp:
+                assert resp.status == 200
+            async with http.post(f"{url}/generate_stream", json={
+                    "inputs": "x", "parameters": {"max_new_tokens": 40}}) as resp:
+                await resp.content.readline()
+                proc.send_signal(signal.SIGTERM)
+                events = [json.loads(d) for d in await _sse(resp)]
+            assert len(events) == 39 and events[-1]["generated_text"] is not None
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
