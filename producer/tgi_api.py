@@ -67,10 +67,13 @@ def job_arguments(request: GenerateRequest) -> dict[str, Any]:
 
 
 def stream_response(event: TokenEvent | FinalEvent, *, details: bool) -> dict[str, Any]:
-    """One TGI `StreamResponse`; the final one adds `generated_text` (and `details`)."""
-    index = (event.index or 0) + 1
+    """One TGI `StreamResponse`; the final one adds `generated_text` (and `details`).
+
+    A final event carries no token when its request was cancelled after its last token went
+    out (or before the first): its response then has neither `token` nor `index`.
+    """
     out: dict[str, Any] = {
-        "index": index,
+        "index": None if event.index is None else event.index + 1,
         "token": _token(event.token),
         "top_tokens": [_token(t) for t in event.top_tokens],
         "generated_text": None,

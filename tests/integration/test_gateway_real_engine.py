@@ -1,0 +1,66 @@
+"""The HTTP gateway in front of a real SmolLM2 worker: TGI's client and an OpenAI-style chat
+get exactly what the engine generates offline (greedy, float32)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+import text_generation
+
+from tokenfleet.engine.llm import LLM
+from tokenfleet.engine.sampling_params import SamplingParams
+from tokenfleet.producer.gateway import GatewayConfig
+from tokenfleet.producer.gateway_server import GatewayServer
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+PROMPT = "The three primary colours are"
+
+
+async def test_gateway_answers_what_the_engine_generates_offline(fleet, smollm2_dir: Path):
+    llm = LLM(str(smollm2_dir), dtype="float32")
+    chat_expected, = llm.generate([QUESTION], SamplingParams(max_new_tokens=12), chat=True)
+    raw_expected, = llm.generate([PROMPT], SamplingParams(max_new_tokens=12))
+    del llm
+
+    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
+                            max_num_seqs=4), fleet.client() as client:
+        server = GatewayServer(client, GatewayConfig(), port=0)
+        await server.start()
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            tgi = text_generation.AsyncClient(url, timeout=120)
+            whole, streamed, chat = await asyncio.wait_for(asyncio.gather(
+                tgi.generate(PROMPT, max_new_tokens=12),
+                _collect(tgi.generate_stream(PROMPT, max_new_tokens=12)),
+                _chat(url, QUESTION),
+            ), 300)
+        finally:
+            await server.stop()
+
+    assert whole.generated_text == raw_expected.text
+    assert [t.id for t in whole.details.tokens] == raw_expected.token_ids
+    assert whole.details.finish_reason == raw_expected.finish_reason
+    assert "".join(r.token.text for r in streamed) == raw_expected.text
+    assert streamed[-1].generated_text == raw_expected.text
+    assert chat["choices"][0]["message"]["content"] == chat_expected.text
+    assert "Paris" in chat["choices"][0]["message"]["content"]
+    assert chat["usage"]["completion_tokens"] == len(chat_expected.token_ids)
+
+
+async def _collect(stream) -> list:
+    return [r async for r in stream]
+
+
+async def _chat(url: str, question: str) -> dict:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "smollm2", "messages": [{"role": "user", "content": question}],
+                  "max_tokens": 12, "temperature": 0}) as resp:
+        assert resp.status == 200, await resp.text()
+        return json.loads(await resp.read())
