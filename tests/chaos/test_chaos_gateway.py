@@ -12,7 +12,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from chaos_support import Spec, sim_reference
 
 pytestmark = pytest.mark.chaos
