@@ -42,6 +42,10 @@ class Subscriber:
         self._confirmed: dict[bytes, asyncio.Event] = {}
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        # redis-py's PubSub takes a pool connection on its first command without a lock: N
+        # first subscribes at once would each take one, and all but the last would leak
+        # (never read, never returned: subscribe confirmations lost, the pool drained).
+        self._command_lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def channel(self, name: str) -> AsyncIterator[asyncio.Queue[bytes]]:
@@ -67,11 +71,13 @@ class Subscriber:
                 self._confirmed.pop(key, None)
                 # Best effort: a subscription left behind only brings messages nobody wants.
                 with contextlib.suppress(*_CONNECTION_ERRORS):
-                    await self._pubsub.unsubscribe(key)
+                    async with self._command_lock:
+                        await self._pubsub.unsubscribe(key)
 
     async def _subscribe(self, key: bytes) -> None:
         try:
-            await self._pubsub.subscribe(key)
+            async with self._command_lock:
+                await self._pubsub.subscribe(key)
         except RuntimeError as exc:  # see _CONNECTION_ERRORS: a connection error to callers
             raise RedisConnectionError(f"pub/sub connection is reconnecting: {exc}") from exc
 

@@ -77,3 +77,37 @@ async def test_subscribing_during_the_race_raises_a_connection_error(redis_url: 
     finally:
         await sub.close()
         await client.aclose()
+
+
+async def test_a_burst_of_first_subscribes_shares_one_connection(redis_url: str) -> None:
+    """Many streams followed at once on a fresh client: one pub/sub connection, every
+    subscription confirmed at once (redis-py's PubSub would take, and leak, a connection per
+    concurrent first subscribe: confirmations lost, the pool drained)."""
+    client = Redis.from_url(redis_url)
+    admin = Redis.from_url(redis_url)
+    subscriber = Subscriber(client)
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    count = {"n": 0}
+
+    async def follow(i: int) -> None:
+        async with subscriber.channel(f"burst-{i}"):
+            count["n"] += 1
+            if count["n"] == 40:
+                entered.set()
+            await release.wait()
+
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        tasks = [asyncio.create_task(follow(i)) for i in range(40)]
+        await asyncio.wait_for(entered.wait(), 30)
+        assert loop.time() - start < 2.0  # no 5 s wait for a lost confirmation
+        subscribed = [c for c in await admin.client_list() if int(c.get("sub", 0)) > 0]
+        assert len(subscribed) == 1, subscribed
+        release.set()
+        await asyncio.gather(*tasks)
+    finally:
+        await subscriber.close()
+        await client.aclose()
+        await admin.aclose()
