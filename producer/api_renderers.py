@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenfleet.producer.errors import TokenfleetError
+from tokenfleet.producer.errors import GenerationError, TokenfleetError
 from tokenfleet.producer.openai_api import (
     completion_logprobs,
     finish_reason,
@@ -47,11 +47,22 @@ class TgiRenderer(Renderer):
     as_list: bool = False
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        if isinstance(event, FinalEvent) and event.details.finish_reason == "cancelled":
+            return [self.error(_cancelled(event))]
         return [stream_response(event, details=self.details)]
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        if final.details.finish_reason == "cancelled":
+            raise _cancelled(final)
         response = generate_response(final, tokens, details=self.details)
         return [response] if self.as_list else response
+
+
+def _cancelled(final: FinalEvent) -> GenerationError:
+    # TGI has no "cancelled" finish reason (its clients refuse one): to a TGI client a
+    # cancelled request is a generation that did not complete.
+    return GenerationError(f"request {final.id} was cancelled after "
+                           f"{final.details.generated_tokens} tokens", request_id=final.id)
 
 
 @dataclass
@@ -70,8 +81,11 @@ class _OpenAIRenderer(Renderer):
                           "code": None}}
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.request_id, "object": obj, "created": self.created,
-                "model": self.model, "system_fingerprint": "tokenfleet", "choices": choices}
+        out = {"id": self.request_id, "object": obj, "created": self.created,
+               "model": self.model, "system_fingerprint": "tokenfleet", "choices": choices}
+        if self.include_usage:
+            out["usage"] = None  # OpenAI: null on every chunk but the last
+        return out
 
     def _usage_chunk(self, obj: str, final: FinalEvent) -> list[dict[str, Any]]:
         if not self.include_usage:

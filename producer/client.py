@@ -24,7 +24,7 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from tokenfleet.producer.admission import Admission
+from tokenfleet.producer.admission import Admission, Admitted
 from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
 from tokenfleet.producer.event_stream import EventStream
 from tokenfleet.producer.keys import Keys
@@ -156,11 +156,27 @@ class Client:
         await self.enqueue(job, queue=queue)
         return job.id
 
-    async def enqueue(self, job: Job, *, queue: str | None = None) -> None:
-        """Enqueue an already built (and validated) job through admission control."""
-        await self._admission.admit(
+    async def enqueue(self, job: Job, *, queue: str | None = None) -> Admitted:
+        """Enqueue an already built (and validated) job through admission control.
+
+        Returns the stream entry; `duplicate` when the id was submitted before (then nothing
+        was enqueued: the earlier job is, or was, the request).
+        """
+        return await self._admission.admit(
             queue or self.default_queue, job.id, encode(job), max_queue_len=self.max_queue_len
         )
+
+    async def request_exists(self, request_id: str, admitted: Admitted,
+                             queue: str | None = None) -> bool:
+        """Whether a request that was admitted earlier can still be followed: its job is
+        still queued or running, or its replay stream or result has not expired yet."""
+        jobs = self.keys.jobs(queue or self.default_queue)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            # Finishing SETs the result before it XDELs the job: check the job first.
+            pipe.xrange(jobs, admitted.entry_id, admitted.entry_id)
+            pipe.exists(self.keys.events(request_id), self.keys.result(request_id))
+            entries, num_found = await pipe.execute()
+        return bool(entries) or num_found > 0
 
     # -- following --------------------------------------------------------------------------
     def events(self, request_id: str, *, from_index: int = 0,

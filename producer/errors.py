@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "DeadlineExceededError",
+    "ExpiredRequestError",
     "GenerationError",
     "IncompleteGenerationError",
     "OverloadedError",
@@ -59,6 +60,13 @@ class DeadlineExceededError(TokenfleetError):
     """The job's `deadline_ms` passed: before a worker could start it, or while it ran."""
 
     error_type = "deadline_exceeded"
+
+
+class ExpiredRequestError(TokenfleetError):
+    """The request id was submitted before, but its events and result have expired: it can
+    neither be followed nor (being a duplicate) run again. Not a wire error type."""
+
+    error_type = "expired"
 
 
 class ResultTimeoutError(TokenfleetError, TimeoutError):

@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from tokenfleet.producer.client import Client
-from tokenfleet.producer.errors import TokenfleetError
+from tokenfleet.producer.errors import ExpiredRequestError, TokenfleetError
 from tokenfleet.producer.event_stream import EventStream
 from tokenfleet.producer.protocol import ErrorEvent, Event, FinalEvent, Job, TokenEvent
 
@@ -42,7 +42,7 @@ class FleetRequest:
         self._client = client
         self._queue_name = queue
         self._timeout_s = timeout_s
-        self._cancel_on_abandon = cancel_on_abandon
+        self.cancel_on_abandon = cancel_on_abandon
         self._spawn = spawn
         self._events: EventStream | None = None
         self._items: asyncio.Queue[Event | Exception] = asyncio.Queue()
@@ -55,8 +55,16 @@ class FleetRequest:
         events = self._client.events(self.job.id, timeout_s=self._timeout_s)
         await events.__aenter__()
         try:
-            await self._client.enqueue(self.job, queue=self._queue_name)
-        except BaseException:
+            admitted = await self._client.enqueue(self.job, queue=self._queue_name)
+            if admitted.duplicate and not await self._client.request_exists(
+                    self.job.id, admitted, self._queue_name):
+                raise ExpiredRequestError(
+                    f"request {self.job.id} was submitted before and its result has expired "
+                    "(result_ttl_s); send it with a new Idempotency-Key", request_id=self.job.id)
+        except BaseException as e:
+            # Cancelled while the enqueue was on its way: the job may be queued all the same.
+            if self.cancel_on_abandon and not isinstance(e, TokenfleetError):
+                self._spawn(self._client.cancel(self.job.id))
             await events.__aexit__(None, None, None)
             raise
         self._events = events
@@ -65,14 +73,14 @@ class FleetRequest:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.finished and self.cancel_on_abandon:  # first: the awaits below may be cut
+            self._spawn(self._client.cancel(self.job.id))
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
         if self._events is not None:
             await self._events.__aexit__(None, None, None)
-        if not self.finished and self._cancel_on_abandon:
-            self._spawn(self._client.cancel(self.job.id))
 
     async def next_event(self, wait_s: float | None = None) -> Event | None:
         """The next event, or None when `wait_s` passes first.

@@ -16,16 +16,19 @@ number of gateways can run behind a load balancer. Routes:
 
 Status codes follow TGI: 422 validation, 429 overloaded (backlog at `max_queue_len`), 424
 generation failed, 500 incomplete generation; plus 504 when a deadline or the gateway's
-timeout passes, 503 when Redis cannot be reached, 401 without the API key. A request that
-its HTTP client abandons (disconnect, gateway timeout) is cancelled in the fleet, unless the
-client named it with an `Idempotency-Key` header: such a request keeps running and the same
-POST with the same key re-attaches to it (its stream replays from the first token).
+timeout passes, 503 when Redis cannot be reached, 401 without the API key, 410 when an
+Idempotency-Key's request has expired. A request that its HTTP client abandons (disconnect,
+gateway timeout, gateway shutdown after the drain time) is cancelled in the fleet, unless the
+client sent an `Idempotency-Key` header: such a request keeps running, and the same POST
+with the same key re-attaches to it (its stream replays from the first token).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import hashlib
 import hmac
 import time
 import uuid
@@ -59,7 +62,7 @@ log = structlog.get_logger("tokenfleet.gateway")
 
 STATUS_BY_ERROR_TYPE: Final = {"validation": 422, "overloaded": 429, "generation": 424,
                                "incomplete_generation": 500, "deadline_exceeded": 504,
-                               "timeout": 504}
+                               "timeout": 504, "expired": 410, "unauthorized": 401}
 # How long a stream waits for its first event before sending headers: long enough that a
 # request a worker rejects at intake still gets its 422 status (as from TGI), short enough
 # that a proxy waiting on a deep queue sees bytes soon; keep-alives follow.
@@ -93,6 +96,9 @@ class Gateway:
         self.client = client
         self.config = config
         self._background: set[asyncio.Task[None]] = set()
+        self._in_flight: set[FleetRequest] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth],
@@ -107,6 +113,19 @@ class Gateway:
         app.router.add_get("/v1/models", self._models)
         app.router.add_delete("/requests/{request_id}", self._cancel)
         return app
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the requests in flight to finish, then cancel the rest
+        in the fleet (their streams then end with the cancel), except those sent with an
+        Idempotency-Key: their clients can re-attach through another gateway. Returns how
+        many were cancelled."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        left = [f for f in self._in_flight if not f.finished and f.cancel_on_abandon]
+        for fleet in left:
+            self._spawn(self.client.cancel(fleet.job.id))
+        return len(left)
 
     async def aclose(self) -> None:
         """Let the cancels of abandoned requests reach Redis before the client closes."""
@@ -151,7 +170,7 @@ class Gateway:
     async def _run(self, request: web.Request, args: dict[str, Any], renderer: Renderer, *,
                    stream: bool) -> web.StreamResponse:
         key = request.headers.get("Idempotency-Key")
-        request_id = validate_request_id(key) if key is not None else uuid.uuid4().hex
+        request_id = await _request_id(request, key)
         if isinstance(renderer, ChatRenderer | CompletionRenderer):
             prefix = "chatcmpl-" if isinstance(renderer, ChatRenderer) else "cmpl-"
             renderer.request_id = prefix + request_id
@@ -161,13 +180,21 @@ class Gateway:
         async with FleetRequest(self.client, job, queue=self.config.queue,
                                 timeout_s=self.config.timeout_s, spawn=self._spawn,
                                 cancel_on_abandon=key is None) as fleet:
-            if stream:
-                return await self._stream(request, fleet, renderer)
-            event = await fleet.final()
-            if isinstance(event, ErrorEvent):
-                raise error_class(event.error_type)(event.error, request_id=job.id)
-            _outcome.get()["tokens"] = event.details.generated_tokens
-            return _json(renderer.body(event, fleet.tokens), headers=response_headers(event))
+            self._in_flight.add(fleet)
+            self._idle.clear()
+            try:
+                if stream:
+                    return await self._stream(request, fleet, renderer)
+                event = await fleet.final()
+                if isinstance(event, ErrorEvent):
+                    raise error_class(event.error_type)(event.error, request_id=job.id)
+                _outcome.get()["tokens"] = event.details.generated_tokens
+                return _json(renderer.body(event, fleet.tokens),
+                             headers=response_headers(event))
+            finally:
+                self._in_flight.discard(fleet)
+                if not self._in_flight:
+                    self._idle.set()
 
     async def _stream(self, request: web.Request, fleet: FleetRequest,
                       renderer: Renderer) -> web.StreamResponse:
@@ -190,16 +217,16 @@ class Gateway:
                 if event is None:
                     await response.write(b": keep-alive\n\n")
                 elif isinstance(event, ErrorEvent):
-                    error = error_class(event.error_type)(event.error)
+                    error = error_class(event.error_type)(event.error, request_id=event.id)
                     await _write_sse(response, renderer, [renderer.error(error)])
-                    return
+                    break
                 else:
                     await _write_sse(response, renderer, renderer.chunks(event))
                 event = await fleet.next_event(KEEPALIVE_S)
+            else:
+                await _write_sse(response, renderer, renderer.chunks(event))
         except TokenfleetError as e:  # the gateway's timeout, or a replay that lost tokens
             await _write_sse(response, renderer, [renderer.error(e)])
-            return
-        await _write_sse(response, renderer, renderer.chunks(event))
         if renderer.stream_done:
             await response.write(renderer.stream_done)
 
@@ -251,11 +278,10 @@ class Gateway:
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
         key = self.config.api_key
-        if key and request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return _json({"error": "missing or wrong API key", "error_type": "unauthorized"},
-                             status=401)
+        if key is not None and request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                raise _Unauthorized("missing or wrong API key")
         return await handler(request)
 
     @web.middleware
@@ -263,7 +289,7 @@ class Gateway:
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
         start = time.perf_counter()
-        status, error_type = 200, ""
+        status, error_type = 500, ""
         outcome: dict[str, Any] = {}
         _outcome.set(outcome)
         try:
@@ -273,24 +299,54 @@ class Gateway:
         except TokenfleetError as e:
             error_type = e.error_type
             status = STATUS_BY_ERROR_TYPE.get(e.error_type, 500)
-            renderer = _OPENAI_ERRORS if request.path.startswith("/v1/") else _TGI_ERRORS
-            request_id = outcome.get("id")
-            return _json(renderer.error(e), status=status,
-                         headers={"x-request-id": request_id} if request_id else None)
+            return self._error(request, e, status, outcome.get("id"))
+        except web.HTTPException as e:  # aiohttp's own: 404, 405, 413 …
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's code for it)
+            raise
         except (RedisError, OSError) as e:
             if isinstance(e, ConnectionResetError):
+                status = 499
                 raise  # the HTTP client went away: nothing to answer
-            status, error_type = 503, "unavailable"
-            return _json({"error": f"the queue is unreachable: {e}",
-                          "error_type": "unavailable"}, status=503)
+            error_type, status = "unavailable", 503
+            error = _Unavailable(f"the queue is unreachable: {e}")
+            return self._error(request, error, status, outcome.get("id"))
         finally:
             if request.path not in _OPEN_PATHS:
                 log.info("request", path=request.path, status=status, error_type=error_type,
                          ms=round((time.perf_counter() - start) * 1000, 1), **outcome)
 
+    @staticmethod
+    def _error(request: web.Request, error: TokenfleetError, status: int,
+               request_id: str | None) -> web.Response:
+        renderer = _OPENAI_ERRORS if request.path.startswith("/v1/") else _TGI_ERRORS
+        return _json(renderer.error(error), status=status,
+                     headers={"x-request-id": request_id} if request_id else None)
+
+
+class _Unauthorized(TokenfleetError):
+    error_type = "unauthorized"
+
+
+class _Unavailable(TokenfleetError):
+    error_type = "unavailable"
+
 
 _TGI_ERRORS: Final = Renderer()
 _OPENAI_ERRORS: Final = ChatRenderer(model="", request_id="")
+
+
+async def _request_id(request: web.Request, key: str | None) -> str:
+    """A fresh id, or one derived from the Idempotency-Key and the request body: a retry (same
+    key, same body; streamed or not) finds its earlier request; a different request sent
+    under the same key is a different request, never the earlier one's answer."""
+    if key is None:
+        return uuid.uuid4().hex
+    validate_request_id(key)
+    digest = hashlib.sha256(f"{key}\n".encode() + await request.read())
+    return "idem-" + digest.hexdigest()[:40]
 
 
 def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None

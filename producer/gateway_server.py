@@ -18,6 +18,8 @@ __all__ = ["GatewayServer"]
 
 log = structlog.get_logger("tokenfleet.gateway")
 
+_CLOSE_TIMEOUT_S = 5.0
+
 
 class GatewayServer:
     """One listening gateway. Handlers are cancelled when their HTTP client disconnects
@@ -29,10 +31,11 @@ class GatewayServer:
         self.gateway = Gateway(client, config)
         self.host = host
         self.port = port
-        # aiohttp reads a shutdown timeout of 0 as "wait forever"; ours means "do not wait".
+        self.drain_timeout_s = drain_timeout_s
+        # The drain is ours (`stop`); aiohttp then only waits for the streams of cancelled
+        # jobs to end with their final event.
         self._runner = web.AppRunner(self.gateway.app(), handler_cancellation=True,
-                                     access_log=None,
-                                     shutdown_timeout=max(drain_timeout_s, 0.001))
+                                     access_log=None, shutdown_timeout=_CLOSE_TIMEOUT_S)
 
     async def start(self) -> None:
         await self._runner.setup()
@@ -46,7 +49,11 @@ class GatewayServer:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain time), then cancel
-        the rest: their jobs are cancelled in the fleet like any abandoned request's."""
+        the rest in the fleet, like any abandoned request (those sent with an Idempotency-Key
+        keep running: their clients can re-attach through another gateway)."""
+        for site in list(self._runner.sites):
+            await site.stop()
+        num_cut = await self.gateway.drain(self.drain_timeout_s)
         await self._runner.cleanup()
         await self.gateway.aclose()
-        log.info("gateway_stopped")
+        log.info("gateway_stopped", num_cancelled=num_cut)

@@ -43,7 +43,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     n: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
     user: str | None = None
@@ -57,7 +57,7 @@ class ChatRequest(_Sampling, kw_only=True):
 
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -68,7 +68,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     """POST /v1/completions body (one prompt)."""
 
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
 
 
@@ -76,7 +76,7 @@ def decode(body: bytes, kind: type[ChatRequest] | type[CompletionRequest]) -> An
     """Parse a request body (raises ValidationError with msgspec's reason)."""
     try:
         return msgspec.json.decode(body, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise ValidationError(f"Input validation error: invalid request body: {e}") from e
 
 
@@ -87,7 +87,8 @@ def chat_job_arguments(req: ChatRequest, default_max_tokens: int) -> dict[str, A
     if req.response_format not in (None, {"type": "text"}):
         raise ValidationError("Input validation error: only response_format "
                               "{'type': 'text'} is supported")
-    args = _sampling(req, req.max_completion_tokens or req.max_tokens or default_max_tokens)
+    args = _sampling(req, _first_set(req.max_completion_tokens, req.max_tokens,
+                                     default_max_tokens))
     args["messages"] = [_message(m) for m in req.messages]
     if req.logprobs:
         args["top_n_tokens"] = req.top_logprobs or None
@@ -105,10 +106,10 @@ def completion_job_arguments(req: CompletionRequest, default_max_tokens: int
             raise ValidationError("Input validation error: `prompt` must be one string "
                                   "(send several requests for several prompts)")
         prompt = prompt[0]
-    args = _sampling(req, req.max_tokens or default_max_tokens)
+    args = _sampling(req, _first_set(req.max_tokens, default_max_tokens))
     args["inputs"] = prompt
-    args["return_full_text"] = req.echo
-    if req.logprobs:
+    args["return_full_text"] = bool(req.echo)
+    if req.logprobs is not None:  # 0 = the chosen tokens' logprobs, no alternatives
         args["top_n_tokens"] = req.logprobs
     return args
 
@@ -157,11 +158,13 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
     if req.logit_bias:
         raise ValidationError("Input validation error: `logit_bias` is not supported")
     temperature = 1.0 if req.temperature is None else req.temperature
+    if temperature < 0:
+        raise ValidationError("Input validation error: `temperature` must be >= 0")
     args: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         args["temperature"] = temperature
-    if req.top_p is not None and req.top_p < 1.0:
-        args["top_p"] = req.top_p
+    if req.top_p is not None and req.top_p != 1.0:
+        args["top_p"] = req.top_p  # out of (0, 1]: refused by the job's validation
     if req.stop:
         args["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
     for name in ("seed", "frequency_penalty", "presence_penalty", "top_k", "min_p",
@@ -182,7 +185,11 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise ValidationError("Input validation error: only text content parts are "
                                       "supported")
-            texts.append(str(part.get("text", "")))
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ValidationError("Input validation error: a text part needs a string "
+                                      "`text`")
+            texts.append(text)
         content = "".join(texts)
     if content is None:
         content = ""
@@ -190,6 +197,14 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
         raise ValidationError("Input validation error: message `content` must be a string "
                               "or a list of text parts")
     return {"role": role, "content": content}
+
+
+def _first_set(*values: int | None) -> int:
+    """The first value that is not None (0 included: the job's validation refuses it)."""
+    for value in values:
+        if value is not None:
+            return value
+    raise AssertionError("the last value is the gateway's default")
 
 
 def _refuse(value: Any, name: str) -> None:

@@ -48,7 +48,7 @@ def decode_generate_request(body: bytes) -> GenerateRequest:
     """Parse a request body (raises ValidationError with msgspec's reason)."""
     try:
         return _DECODER.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise ValidationError(f"Input validation error: invalid request body: {e}") from e
 
 

@@ -29,6 +29,7 @@ __all__ = ["generate_local", "generate_remote", "resolve_redis_url", "serve_gate
            "show_status"]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def resolve_redis_url(settings: WorkerSettings) -> str:
@@ -172,6 +173,9 @@ async def serve_gateway(settings: WorkerSettings) -> int:
             return 2
         print(f"gateway listening on http://{settings.gateway_host}:{server.port} "
               f"(queue {settings.queue!r}, redis {url})", file=sys.stderr, flush=True)
+        if settings.gateway_api_key is None and settings.gateway_host not in _LOOPBACK:
+            print("warning: the gateway accepts requests from the network without an API key "
+                  "(set TOKENFLEET_GATEWAY_API_KEY)", file=sys.stderr, flush=True)
         await stop.wait()
         await server.stop()
     return 0

@@ -149,6 +149,9 @@ class WorkerSettings:
         for name in ("metrics_port", "gateway_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise SettingsError(f"{_describe(name)} must be a port number")
+        if self.gateway_api_key is not None and not self.gateway_api_key.strip():
+            raise SettingsError(f"{_describe('gateway_api_key')} is empty: unset it to run "
+                                "without a key")
         if self.gateway_timeout_s is not None and self.gateway_timeout_s <= 0:
             raise SettingsError(f"{_describe('gateway_timeout_s')} must be > 0")
 

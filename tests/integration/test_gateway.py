@@ -108,10 +108,14 @@ async def test_bad_parameters_are_422_validation_errors(served, parameters, mess
 async def test_malformed_bodies_are_422(served):
     url, _ = served
     async with aiohttp.ClientSession() as http:
-        for data in (b"{not json", b'{"parameters": {}}', b'{"inputs": 5}', b"[]"):
-            async with http.post(f"{url}/generate", data=data) as resp:
-                assert resp.status == 422, data
-                assert (await resp.json())["error_type"] == "validation"
+        for path in ("/generate", "/", "/v1/chat/completions", "/v1/completions"):
+            for data in (b"{not json", b'{"parameters": {}}', b'{"inputs": 5}', b"[]",
+                         b'{"inputs": "hi \xff", "prompt": "\xfe", "messages": []}'):
+                async with http.post(url + path, data=data) as resp:
+                    assert resp.status == 422, (path, data)
+                    body = await resp.json()
+                assert "validation" in (body["error_type"] if "error_type" in body
+                                        else body["error"]["type"])
 
 
 async def test_worker_side_rejection_keeps_its_status_on_a_stream(fleet):
@@ -185,10 +189,22 @@ async def test_idempotency_key_survives_a_disconnect_and_reattaches(fleet):
             running_gateway(client) as url, aiohttp.ClientSession() as http:
         key = {"Idempotency-Key": "order-42"}
         body = {"inputs": "long", "parameters": {"max_new_tokens": 40, "details": True}}
-        assert await _read_then_disconnect_small(http, url, key, body) == "order-42"
+        request_id = await _read_then_disconnect_small(http, url, key, body)
         # The same POST again re-attaches: the whole stream, from the first token.
         async with http.post(f"{url}/generate_stream", headers=key, json=body) as resp:
+            assert resp.headers["x-request-id"] == request_id
             events = [json.loads(d) for d in await _sse(resp)]
+        # The same key on another request is another request, not the first's answer.
+        async with http.post(f"{url}/generate", headers=key, json={
+                "inputs": "other", "parameters": {"max_new_tokens": 3}}) as resp:
+            assert resp.headers["x-request-id"] != request_id
+            assert len((await resp.json())["generated_text"].split()) == 3
+        # Once its result has expired, a retry can be neither answered nor run twice: 410.
+        await client.redis.delete(client.keys.events(request_id),
+                                  client.keys.result(request_id))
+        async with http.post(f"{url}/generate", headers=key, json=body) as resp:
+            assert resp.status == 410
+            assert (await resp.json())["error_type"] == "expired"
     assert [e["index"] for e in events] == list(range(1, 41))
     assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
     assert events[-1]["details"]["finish_reason"] == "length"  # not cancelled by the disconnect
@@ -204,16 +220,17 @@ async def _read_then_disconnect_small(http: aiohttp.ClientSession, url: str,
 async def test_delete_cancels_a_request(fleet):
     async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
             running_gateway(client) as url, aiohttp.ClientSession() as http:
-        key = {"Idempotency-Key": "to-cancel"}
         body = {"inputs": "x", "parameters": {"max_new_tokens": 2000}}
-        async with http.post(f"{url}/generate_stream", headers=key, json=body) as resp:
+        async with http.post(f"{url}/generate_stream", json=body) as resp:
             await resp.content.readline()
-            async with http.delete(f"{url}/requests/to-cancel") as deleted:
+            request_id = resp.headers["x-request-id"]
+            async with http.delete(f"{url}/requests/{request_id}") as deleted:
                 assert deleted.status == 202
             events = [json.loads(d) for d in await _sse(resp)]
-    assert events[-1]["details"] is None  # details were not asked for
-    final = await client.result("to-cancel", timeout_s=10)
+        final = await client.result(request_id, timeout_s=10)
     assert final.details.finish_reason == "cancelled"
+    # TGI has no "cancelled": to its clients the stream ends with a generation error.
+    assert events[-1]["error_type"] == "generation" and "cancelled" in events[-1]["error"]
 
 
 async def test_gateway_timeout_is_504_and_cancels(fleet):
@@ -282,7 +299,11 @@ async def test_openai_completions_and_refusals(served):
         assert len(logprobs["tokens"]) == 4
         assert logprobs["text_offset"][0] == len("one two")
         for bad in ({"n": 2}, {"tools": [{"type": "function"}]}, {"logit_bias": {"1": 5}},
-                    {"response_format": {"type": "json_object"}}):
+                    {"response_format": {"type": "json_object"}}, {"max_tokens": 0},
+                    {"temperature": -1}, {"top_p": 1.5},
+                    {"messages": [{"role": "user", "content": [{"type": "text",
+                                                                "text": None}]}]},
+                    {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}):
             async with http.post(f"{url}/v1/chat/completions", json={
                     "model": "sim", "messages": [{"role": "user", "content": "x"}],
                     **bad}) as resp:
@@ -294,6 +315,10 @@ async def test_openai_completions_and_refusals(served):
 async def test_health_info_models_and_api_key(fleet):
     async with fleet.worker(), fleet.client() as client, \
             running_gateway(client, api_key="s3cret") as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/v1/models",
+                            headers={"Authorization": "Bearer \u00ff\u00fe"}) as resp:
+            assert resp.status == 401  # not a 500 on a header that is not ASCII
+            assert resp.headers["Content-Type"].startswith("application/json")
         async with http.get(f"{url}/health") as resp:  # probes need no key
             assert resp.status == 200
             assert (await resp.json())["num_workers"] == 1
@@ -331,12 +356,7 @@ async def test_gateway_process_serves_and_drains_on_sigterm(fleet):
         "--key-prefix", fleet.keys.prefix, "--gateway-port", "0", "--log-format", "json",
         "--drain-timeout-s", "20", stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
     try:
-        assert proc.stderr is not None
-        line = b""
-        while b"gateway listening on" not in line:
-            line = await asyncio.wait_for(proc.stderr.readline(), 30)
-            assert line, "the gateway exited before listening"
-        url = line.decode().split()[3]
+        url = await _listening_url(proc)
         async with fleet.worker(sim_step_ms=20.0), aiohttp.ClientSession() as http:
             async with http.post(f"{url}/generate", json={
                     "inputs": "x", "parameters": {"max_new_tokens": 3}}) as resp:
@@ -352,3 +372,50 @@ async def test_gateway_process_serves_and_drains_on_sigterm(fleet):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_tgi_client_chat(served):
+    """TGI's own client sends `null` for every unset field, `logprobs` and `stream` too."""
+    url, _ = served
+    tgi = text_generation.AsyncClient(url, timeout=30)
+    reply = await tgi.chat(messages=[text_generation.types.Message(role="user", content="hi")],
+                           max_tokens=4, temperature=0.0001, seed=3)
+    assert reply.choices[0].finish_reason == "length"
+    assert len(reply.choices[0].message.content.split()) == 4
+
+
+async def test_sigterm_cancels_what_the_drain_time_leaves(fleet):
+    """Past the drain time, a gateway stopping cancels the requests it still serves: their
+    streams end with the cancel, and no worker keeps generating for nobody."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenfleet.worker.cli", "gateway", "--redis-url", fleet.url,
+        "--key-prefix", fleet.keys.prefix, "--gateway-port", "0", "--log-format", "json",
+        "--drain-timeout-s", "0.5", stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+    try:
+        url = await _listening_url(proc)
+        async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+                aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/generate_stream", json={
+                    "inputs": "x", "parameters": {"max_new_tokens": 2000}}) as resp:
+                await resp.content.readline()
+                request_id = resp.headers["x-request-id"]
+                proc.send_signal(signal.SIGTERM)
+                events = [json.loads(d) for d in await _sse(resp)]
+            final = await client.result(request_id, timeout_s=10)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert final.details.finish_reason == "cancelled"
+    assert final.details.generated_tokens < 500
+    assert "cancelled" in events[-1]["error"]
+
+
+async def _listening_url(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stderr is not None
+    line = b""
+    while b"gateway listening on" not in line:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line, "the gateway exited before listening"
+    return line.decode().split()[3]

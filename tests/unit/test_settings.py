@@ -51,6 +51,9 @@ def test_command_line_beats_environment_beats_default():
     ({"TOKENFLEET_LOG_FORMAT": "xml"}, "TOKENFLEET_LOG_FORMAT"),
     ({"TOKENFLEET_METRICS_PORT": "70000"}, "port"),
     ({"TOKENFLEET_DRAIN_TIMEOUT_S": "-1"}, ">= 0"),
+    ({"TOKENFLEET_GATEWAY_PORT": "-1"}, "port"),
+    ({"TOKENFLEET_GATEWAY_API_KEY": "  "}, "TOKENFLEET_GATEWAY_API_KEY.*empty"),
+    ({"TOKENFLEET_GATEWAY_TIMEOUT_S": "0"}, "TOKENFLEET_GATEWAY_TIMEOUT_S"),
 ])
 def test_bad_values_name_the_setting(env, message):
     with pytest.raises(SettingsError, match=message):
