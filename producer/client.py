@@ -56,6 +56,9 @@ class Client:
     `max_connections`: size of the connection pool; callers beyond it wait for a free
     connection (up to `pool_timeout_s`) instead of failing, so thousands of concurrent
     streams share a bounded number of connections.
+    `socket_timeout_s`: fail a command (RedisError) when a stalled server does not answer in
+    time, instead of waiting for it; event streams retry through it (an outage is waited
+    out), so a submit fails fast while a stream in progress survives a Redis restart.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Client:
         poll_interval_s: float = 1.0,
         max_connections: int = 64,
         pool_timeout_s: float = 30.0,
+        socket_timeout_s: float | None = None,
         redis: Redis | None = None,
     ) -> None:
         self.keys = keys if keys is not None else Keys()
@@ -82,7 +86,9 @@ class Client:
         self._owns_redis = redis is None
         self.redis: Redis = redis if redis is not None else Redis.from_pool(
             BlockingConnectionPool.from_url(redis_url, max_connections=max_connections,
-                                            timeout=pool_timeout_s))
+                                            timeout=pool_timeout_s,
+                                            socket_timeout=socket_timeout_s,
+                                            socket_connect_timeout=socket_timeout_s))
         self._admission = Admission(self.redis, self.keys, idempotency_ttl_s=idempotency_ttl_s)
         self._subscriber = Subscriber(self.redis)
 

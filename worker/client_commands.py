@@ -160,8 +160,9 @@ async def serve_gateway(settings: WorkerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A stalled Redis answers 503 at submit in 10 s rather than holding requests open.
     async with Client(url, keys=Keys(settings.key_prefix), default_queue=settings.queue,
-                      max_connections=256) as client:
+                      max_connections=256, socket_timeout_s=10.0) as client:
         server = GatewayServer(client, config, host=settings.gateway_host,
                                port=settings.gateway_port,
                                drain_timeout_s=settings.drain_timeout_s)

@@ -419,3 +419,20 @@ async def _listening_url(proc: asyncio.subprocess.Process) -> str:
         line = await asyncio.wait_for(proc.stderr.readline(), 30)
         assert line, "the gateway exited before listening"
     return line.decode().split()[3]
+
+
+async def test_a_stalled_redis_is_a_prompt_503(server_process):
+    """SIGSTOPped Redis: a submit fails with 503 after the client's socket timeout instead of
+    hanging; once Redis resumes the gateway serves again."""
+    client = Client(server_process.url, socket_timeout_s=1.0, pool_timeout_s=1.0)
+    async with client, running_gateway(client) as url, aiohttp.ClientSession() as http:
+        server_process.signal(signal.SIGSTOP)
+        try:
+            start = asyncio.get_running_loop().time()
+            async with http.post(f"{url}/generate", json={"inputs": "x"}) as resp:
+                assert resp.status == 503
+            assert asyncio.get_running_loop().time() - start < 10
+        finally:
+            server_process.signal(signal.SIGCONT)
+        async with http.get(f"{url}/health") as resp:
+            assert resp.status == 200
