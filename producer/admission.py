@@ -1,8 +1,8 @@
 """Admission control: enqueue a job with one Lua call (`admit.lua`), or refuse it.
 
-The script checks the queue's backlog against `max_queue_len` (the caller's, or the limit
-workers publish in `Keys.limits(queue)`), XADDs the job and records the request id so that a
-retried submit of the same id is not enqueued twice.
+The script checks the queue's backlog (all priority lanes) against `max_queue_len` (the
+caller's, or the limit workers publish in `Keys.limits(queue)`), XADDs the job to its lane
+and records the request id so that a retried submit of the same id is not enqueued twice.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Final
 from redis.asyncio import Redis
 
 from tokenfleet.producer.errors import OverloadedError
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 
 __all__ = ["ADMIT_LUA", "Admission", "Admitted"]
 
@@ -40,15 +40,17 @@ class Admission:
         self._script = redis.register_script(ADMIT_LUA)
 
     async def admit(
-        self, queue: str, request_id: str, job_json: bytes, *, max_queue_len: int | None = None
+        self, queue: str, request_id: str, job_json: bytes, *, max_queue_len: int | None = None,
+        lane: str = "normal",
     ) -> Admitted:
-        """Enqueue `job_json`; raise OverloadedError when the backlog is at the limit.
+        """Enqueue `job_json` on `lane`; raise OverloadedError when the backlog is at the limit.
 
         `max_queue_len`: None uses the limit the queue's workers published; 0 means no limit.
         """
         keys = self._keys
         reply = await self._script(
-            keys=[keys.jobs(queue), keys.limits(queue), keys.submitted(queue, request_id)],
+            keys=[keys.jobs(queue, lane), keys.limits(queue), keys.submitted(queue, request_id),
+                  *(keys.jobs(queue, name) for name in LANES)],
             args=[
                 keys.group(queue),
                 -1 if max_queue_len is None else max_queue_len,

@@ -2,7 +2,8 @@
 -- One atomic call, so concurrent producers cannot overshoot the limit, and a retried
 -- submit with the same request id does not enqueue twice.
 --
--- KEYS[1] jobs stream      KEYS[2] limits hash      KEYS[3] idempotency key (same slot)
+-- KEYS[1] the job's lane stream   KEYS[2] limits hash   KEYS[3] idempotency key
+-- KEYS[4..] every lane stream of the queue (the backlog counts them all); same slot
 -- ARGV[1] consumer group   ARGV[2] max_queue_len (< 0: read limits hash; 0: no limit)
 -- ARGV[3] job JSON         ARGV[4] idempotency TTL in seconds
 -- Returns {"queued", entry_id} | {"duplicate", entry_id} | {"overloaded", backlog}
@@ -18,12 +19,15 @@ if limit < 0 then
 end
 
 if limit > 0 then
-  -- Backlog = entries not yet delivered to a worker. Delivered entries stay in the
-  -- stream (pending) until acked and deleted, so subtract the group's pending count.
-  local backlog = redis.call('XLEN', KEYS[1])
-  local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-  if type(pending) == 'table' and pending.err == nil then
-    backlog = backlog - tonumber(pending[1])
+  -- Backlog = entries not yet delivered to a worker, over every lane. Delivered entries
+  -- stay in a stream (pending) until acked and deleted: subtract the group's pending count.
+  local backlog = 0
+  for i = 4, #KEYS do
+    backlog = backlog + redis.call('XLEN', KEYS[i])
+    local pending = redis.pcall('XPENDING', KEYS[i], ARGV[1])
+    if type(pending) == 'table' and pending.err == nil then
+      backlog = backlog - tonumber(pending[1])
+    end
   end
   if backlog >= limit then
     return {'overloaded', tostring(backlog)}

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from tokenfleet.producer.admission import Admission, Admitted
 from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
 from tokenfleet.producer.event_stream import EventStream
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import Keys, lane_for_priority
 from tokenfleet.producer.protocol import (
     CancelCommand,
     ErrorEvent,
@@ -169,14 +169,15 @@ class Client:
         was enqueued: the earlier job is, or was, the request).
         """
         return await self._admission.admit(
-            queue or self.default_queue, job.id, encode(job), max_queue_len=self.max_queue_len
-        )
+            queue or self.default_queue, job.id, encode(job), max_queue_len=self.max_queue_len,
+            lane=lane_for_priority(job.priority))
 
-    async def request_exists(self, request_id: str, admitted: Admitted,
+    async def request_exists(self, job: Job, admitted: Admitted,
                              queue: str | None = None) -> bool:
         """Whether a request that was admitted earlier can still be followed: its job is
         still queued or running, or its replay stream or result has not expired yet."""
-        jobs = self.keys.jobs(queue or self.default_queue)
+        request_id = job.id
+        jobs = self.keys.jobs(queue or self.default_queue, lane_for_priority(job.priority))
         async with self.redis.pipeline(transaction=False) as pipe:
             # Finishing SETs the result before it XDELs the job: check the job first.
             pipe.xrange(jobs, admitted.entry_id, admitted.entry_id)

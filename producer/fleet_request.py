@@ -57,7 +57,7 @@ class FleetRequest:
         try:
             admitted = await self._client.enqueue(self.job, queue=self._queue_name)
             if admitted.duplicate and not await self._client.request_exists(
-                    self.job.id, admitted, self._queue_name):
+                    self.job, admitted, self._queue_name):
                 raise ExpiredRequestError(
                     f"request {self.job.id} was submitted before and its result has expired "
                     "(result_ttl_s); send it with a new Idempotency-Key", request_id=self.job.id)

@@ -9,23 +9,25 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.producer.protocol import WorkerInfo, decode_worker_info
 
 __all__ = ["FleetStatus", "QueueStatus", "fleet_status", "live_workers"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueueStatus:
-    """One queue: `backlog` = not yet delivered (lag), `pending` = delivered, not acked."""
+    """One queue, all priority lanes summed: `backlog` = not yet delivered (lag), `pending` =
+    delivered, not acked; `backlog_by_lane` splits the backlog by lane."""
 
     queue: str
     length: int
-    backlog: int | None
+    backlog: int
     pending: int
     num_consumers: int
     num_dead: int
     max_queue_len: int
+    backlog_by_lane: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -69,10 +71,26 @@ async def _queues_with_streams(redis: Redis, keys: Keys) -> set[str]:
 
 
 async def _queue_status(redis: Redis, keys: Keys, queue: str) -> QueueStatus:
-    jobs = keys.jobs(queue)
+    status = QueueStatus(queue=queue, length=0, backlog=0, pending=0, num_consumers=0,
+                         num_dead=await redis.xlen(keys.dead(queue)), max_queue_len=0)
+    for lane in LANES:
+        length, backlog, pending, num_consumers = await _lane_status(redis, keys, queue, lane)
+        status.length += length
+        status.backlog += backlog
+        status.pending += pending
+        status.num_consumers = max(status.num_consumers, num_consumers)
+        status.backlog_by_lane[lane] = backlog
+    limit = await redis.hget(keys.limits(queue), "max_queue_len")
+    status.max_queue_len = int(limit or 0)
+    return status
+
+
+async def _lane_status(redis: Redis, keys: Keys, queue: str,
+                       lane: str) -> tuple[int, int, int, int]:
+    """(length, backlog, pending, consumers) of one lane's stream."""
+    jobs = keys.jobs(queue, lane)
     length = await redis.xlen(jobs)
-    backlog: int | None = length
-    pending = num_consumers = 0
+    backlog, pending, num_consumers = length, 0, 0
     try:
         groups = await redis.xinfo_groups(jobs)
     except ResponseError:  # no stream yet
@@ -83,16 +101,7 @@ async def _queue_status(redis: Redis, keys: Keys, queue: str) -> QueueStatus:
             num_consumers = int(group["consumers"])
             lag = group.get("lag")
             backlog = int(lag) if lag is not None else length - pending
-    limit = await redis.hget(keys.limits(queue), "max_queue_len")
-    return QueueStatus(
-        queue=queue,
-        length=length,
-        backlog=backlog,
-        pending=pending,
-        num_consumers=num_consumers,
-        num_dead=await redis.xlen(keys.dead(queue)),
-        max_queue_len=int(limit or 0),
-    )
+    return length, backlog, pending, num_consumers
 
 
 def _text(value: bytes | str) -> str:

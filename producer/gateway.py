@@ -14,6 +14,9 @@ number of gateways can run behind a load balancer. Routes:
     GET  /health, /info, /v1/models          liveness and what the queue's workers serve
     DELETE /requests/{id}                    cancel a request
 
+An `X-Priority` header (an integer) puts a request in the queue's high (> 0) or low (< 0)
+priority lane; workers pull high before normal before low.
+
 Status codes follow TGI: 422 validation, 429 overloaded (backlog at `max_queue_len`), 424
 generation failed, 500 incomplete generation; plus 504 when a deadline or the gateway's
 timeout passes, 503 when Redis cannot be reached, 401 without the API key, 410 when an
@@ -27,12 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
-import hmac
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -49,9 +49,10 @@ from tokenfleet.producer.api_renderers import (
     TgiRenderer,
 )
 from tokenfleet.producer.client import Client
-from tokenfleet.producer.errors import TokenfleetError, error_class
+from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
 from tokenfleet.producer.fleet_request import FleetRequest
 from tokenfleet.producer.fleet_status import live_workers
+from tokenfleet.producer.gateway_middleware import GatewayMiddleware, json_response, outcome
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
 from tokenfleet.producer.tgi_api import decode_generate_request, job_arguments, response_headers
 from tokenfleet.producer.validation import validate_request_id
@@ -60,9 +61,6 @@ __all__ = ["Gateway", "GatewayConfig"]
 
 log = structlog.get_logger("tokenfleet.gateway")
 
-STATUS_BY_ERROR_TYPE: Final = {"validation": 422, "overloaded": 429, "generation": 424,
-                               "incomplete_generation": 500, "deadline_exceeded": 504,
-                               "timeout": 504, "expired": 410, "unauthorized": 401}
 # How long a stream waits for its first event before sending headers: long enough that a
 # request a worker rejects at intake still gets its 422 status (as from TGI), short enough
 # that a proxy waiting on a deep queue sees bytes soon; keep-alives follow.
@@ -71,11 +69,7 @@ KEEPALIVE_S: Final = 15.0
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # long prompts: 128k tokens is ~0.5 MB of text
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                        "X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
-_OPEN_PATHS: Final = frozenset({"/health"})  # probes need no API key
 _ENCODER: Final = msgspec.json.Encoder()
-# What a handler learnt about its request (id, tokens, disconnect), for the middleware's log
-# line and error headers; a context variable because each request runs in its own task.
-_outcome: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("outcome")
 
 
 @dataclass(frozen=True)
@@ -101,7 +95,8 @@ class Gateway:
         self._idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth],
+        middleware = GatewayMiddleware(self.config.api_key)
+        app = web.Application(middlewares=[middleware.errors, middleware.auth],
                               client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/", self._compat)
         app.router.add_post("/generate", self._generate)
@@ -175,8 +170,8 @@ class Gateway:
             prefix = "chatcmpl-" if isinstance(renderer, ChatRenderer) else "cmpl-"
             renderer.request_id = prefix + request_id
         job = self.client.build_job(request_id=request_id, deadline_s=self.config.timeout_s,
-                                    **args)
-        _outcome.get()["id"] = job.id
+                                    priority=_priority(request), **args)
+        outcome()["id"] = job.id
         async with FleetRequest(self.client, job, queue=self.config.queue,
                                 timeout_s=self.config.timeout_s, spawn=self._spawn,
                                 cancel_on_abandon=key is None) as fleet:
@@ -188,8 +183,8 @@ class Gateway:
                 event = await fleet.final()
                 if isinstance(event, ErrorEvent):
                     raise error_class(event.error_type)(event.error, request_id=job.id)
-                _outcome.get()["tokens"] = event.details.generated_tokens
-                return _json(renderer.body(event, fleet.tokens),
+                outcome()["tokens"] = event.details.generated_tokens
+                return json_response(renderer.body(event, fleet.tokens),
                              headers=response_headers(event))
             finally:
                 self._in_flight.discard(fleet)
@@ -207,7 +202,7 @@ class Gateway:
             await self._write_events(response, fleet, renderer, event)
             await response.write_eof()
         except ConnectionResetError:
-            _outcome.get()["disconnected"] = True  # FleetRequest's exit cancels the job
+            outcome()["disconnected"] = True  # FleetRequest's exit cancels the job
         return response
 
     async def _write_events(self, response: web.StreamResponse, fleet: FleetRequest,
@@ -244,14 +239,14 @@ class Gateway:
             await self.client.redis.ping()
             workers = await self._queue_workers()
         except (RedisError, OSError) as e:
-            return _json({"status": "unavailable", "error": f"Redis: {e}"}, status=503)
+            return json_response({"status": "unavailable", "error": f"Redis: {e}"}, status=503)
         serving = sum(not w.draining for w in workers)
-        return _json({"status": "ok", "queue": self.config.queue, "num_workers": serving})
+        return json_response({"status": "ok", "queue": self.config.queue, "num_workers": serving})
 
     async def _info(self, request: web.Request) -> web.Response:
         workers = await self._queue_workers()
         models = sorted({w.model for w in workers})
-        return _json({"model_id": models[0] if len(models) == 1 else ",".join(models),
+        return json_response({"model_id": models[0] if len(models) == 1 else ",".join(models),
                       "router": "tokenfleet-gateway", "version": self.config.version,
                       "queue": self.config.queue, "num_workers": len(workers),
                       "max_best_of": 1, "max_stop_sequences": 16,
@@ -261,81 +256,31 @@ class Gateway:
         workers = await self._queue_workers()
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tokenfleet"}
                 for model in sorted({w.model for w in workers})]
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     async def _cancel(self, request: web.Request) -> web.Response:
         request_id = validate_request_id(request.match_info["request_id"])
         await self.client.cancel(request_id)
-        return _json({"id": request_id, "status": "cancelling"}, status=202)
+        return json_response({"id": request_id, "status": "cancelling"}, status=202)
 
     async def _queue_workers(self) -> list[Any]:
         return [w for w in await live_workers(self.client.redis, self.client.keys)
                 if w.queue == self.config.queue]
 
-    # -- middlewares ------------------------------------------------------------------------------
-    @web.middleware
-    async def _auth(self, request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
-        key = self.config.api_key
-        if key is not None and request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-                raise _Unauthorized("missing or wrong API key")
-        return await handler(request)
 
-    @web.middleware
-    async def _errors(self, request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-        start = time.perf_counter()
-        status, error_type = 500, ""
-        outcome: dict[str, Any] = {}
-        _outcome.set(outcome)
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except TokenfleetError as e:
-            error_type = e.error_type
-            status = STATUS_BY_ERROR_TYPE.get(e.error_type, 500)
-            return self._error(request, e, status, outcome.get("id"))
-        except web.HTTPException as e:  # aiohttp's own: 404, 405, 413 …
-            status = e.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # the client went away (nginx's code for it)
-            raise
-        except (RedisError, OSError) as e:
-            if isinstance(e, ConnectionResetError):
-                status = 499
-                raise  # the HTTP client went away: nothing to answer
-            error_type, status = "unavailable", 503
-            error = _Unavailable(f"the queue is unreachable: {e}")
-            return self._error(request, error, status, outcome.get("id"))
-        finally:
-            if request.path not in _OPEN_PATHS:
-                log.info("request", path=request.path, status=status, error_type=error_type,
-                         ms=round((time.perf_counter() - start) * 1000, 1), **outcome)
-
-    @staticmethod
-    def _error(request: web.Request, error: TokenfleetError, status: int,
-               request_id: str | None) -> web.Response:
-        renderer = _OPENAI_ERRORS if request.path.startswith("/v1/") else _TGI_ERRORS
-        return _json(renderer.error(error), status=status,
-                     headers={"x-request-id": request_id} if request_id else None)
-
-
-class _Unauthorized(TokenfleetError):
-    error_type = "unauthorized"
-
-
-class _Unavailable(TokenfleetError):
-    error_type = "unavailable"
-
-
-_TGI_ERRORS: Final = Renderer()
-_OPENAI_ERRORS: Final = ChatRenderer(model="", request_id="")
+def _priority(request: web.Request) -> int:
+    """The `X-Priority` header: > 0 the queue's high lane, < 0 its low lane (default 0)."""
+    raw = request.headers.get("X-Priority")
+    if raw is None:
+        return 0
+    try:
+        priority = int(raw)
+    except ValueError:
+        priority = None
+    if priority is None or not -(2**31) <= priority < 2**31:
+        raise ValidationError(f"Input validation error: X-Priority must be an integer, "
+                              f"got {raw!r}")
+    return priority
 
 
 async def _request_id(request: web.Request, key: str | None) -> str:
@@ -347,12 +292,6 @@ async def _request_id(request: web.Request, key: str | None) -> str:
     validate_request_id(key)
     digest = hashlib.sha256(f"{key}\n".encode() + await request.read())
     return "idem-" + digest.hexdigest()[:40]
-
-
-def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None
-          ) -> web.Response:
-    return web.Response(body=_ENCODER.encode(data), status=status, headers=headers,
-                        content_type="application/json")
 
 
 async def _write_sse(response: web.StreamResponse, renderer: Renderer,

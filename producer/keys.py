@@ -5,7 +5,10 @@ Hash tags keep what one Lua script or one request touches in one Redis Cluster s
 script touches them together), `{r:<id>}` for a request's replay stream, result, cancel
 flag and token channel.
 
-    tf:{<queue>}:jobs            stream   one entry per job, field `job` = Job JSON
+    tf:{<queue>}:jobs            stream   one entry per job, field `job` = Job JSON (the
+                                          normal lane: priority 0)
+    tf:{<queue>}:jobs:high       stream   the high lane (priority > 0): pulled first
+    tf:{<queue>}:jobs:low        stream   the low lane (priority < 0): pulled last
     tf:{<queue>}:dead            stream   dead letters: raw entry + error
     tf:{<queue>}:limits          hash     max_queue_len (written by workers, read by admission)
     tf:{<queue>}:submitted:<id>  string   idempotency: the job's stream entry id
@@ -25,9 +28,18 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CONSUMER_GROUP", "Keys"]
+__all__ = ["CONSUMER_GROUP", "LANES", "Keys", "lane_for_priority"]
 
 CONSUMER_GROUP: Final = "workers"  # one group per queue stream; every worker joins it
+# A queue's priority lanes, in the order workers pull them (strict: a lane is read only
+# when the lanes before it have nothing waiting). All share the queue's hash tag, so one
+# XREADGROUP can block on all of them, in Redis Cluster too.
+LANES: Final = ("high", "normal", "low")
+
+
+def lane_for_priority(priority: int) -> str:
+    """The lane a job's `priority` puts it in: > 0 high, 0 normal, < 0 low."""
+    return "high" if priority > 0 else "low" if priority < 0 else "normal"
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 
 
@@ -41,9 +53,12 @@ class Keys:
         _check_name("prefix", self.prefix)
 
     # -- per queue (hash tag {<queue>}) -------------------------------------------------
-    def jobs(self, queue: str) -> str:
-        """The queue's job stream."""
-        return f"{self._queue(queue)}:jobs"
+    def jobs(self, queue: str, lane: str = "normal") -> str:
+        """One lane of the queue's job stream (the normal lane keeps the original name)."""
+        if lane not in LANES:
+            raise ValueError(f"lane must be one of {LANES}, got {lane!r}")
+        base = f"{self._queue(queue)}:jobs"
+        return base if lane == "normal" else f"{base}:{lane}"
 
     def dead(self, queue: str) -> str:
         """The queue's dead-letter stream."""

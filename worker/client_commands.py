@@ -135,7 +135,8 @@ async def show_status(settings: WorkerSettings, queues: list[str], *, as_json: b
     out.write(f"\nqueues ({len(status.queues)}):\n")
     for q in status.queues:
         limit = q.max_queue_len or "none"
-        out.write(f"  {q.queue:<20} backlog={q.backlog} pending={q.pending} "
+        lanes = ", ".join(f"{lane} {n}" for lane, n in q.backlog_by_lane.items())
+        out.write(f"  {q.queue:<20} backlog={q.backlog} ({lanes}) pending={q.pending} "
                   f"consumers={q.num_consumers} dead={q.num_dead} limit={limit}\n")
     return 0
 

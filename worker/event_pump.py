@@ -126,7 +126,8 @@ class EventPump:
             if req is None:
                 continue
             raw = {b"job": encode(req.job)} if error_type == "validation" else None
-            await self._publisher.fail(req.entry_id, request_id, error, error_type, raw=raw)
+            await self._publisher.fail(req.entry_id, request_id, error, error_type, raw=raw,
+                                       lane=req.lane)
             self._metrics.errors.labels(error_type=error_type).inc()
             if raw is not None:
                 self._metrics.dead_letters.inc()

@@ -19,7 +19,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.producer.protocol import WorkerInfo
 from tokenfleet.worker.connectivity import Connectivity
 from tokenfleet.worker.inflight import InFlightRequest
@@ -73,13 +73,20 @@ class Heartbeat:
         # A resumed job that generated new tokens here is not what killed its workers.
         progressed = [r for r in running if r.num_delivered > 1 and not r.delivery_reset
                       and r.num_tokens > r.num_resumed]
-        renewal = await self._lease.renew([r.entry_id for r in running if r not in progressed])
-        reset = await self._lease.reset([r.entry_id for r in progressed])
+        stolen: set[tuple[str, bytes]] = set()
+        for lane in LANES:
+            in_lane = [r for r in running if r.lane == lane]
+            if not in_lane:
+                continue
+            renewal = await self._lease.renew(
+                [r.entry_id for r in in_lane if r not in progressed], lane)
+            reset = await self._lease.reset([r.entry_id for r in in_lane if r in progressed],
+                                            lane)
+            stolen.update((lane, e) for e in (*renewal.stolen, *reset.stolen))
         for req in progressed:
             req.delivery_reset = True
-        stolen = {*renewal.stolen, *reset.stolen}
         for req in running:
-            if req.entry_id in stolen and self._inflight.get(req.request_id) is req:
+            if (req.lane, req.entry_id) in stolen and self._inflight.get(req.request_id) is req:
                 self._log.warning("lease_lost", request_id=req.request_id,
                                   entry_id=req.entry_id.decode())
                 self._on_stolen(req)

@@ -26,13 +26,14 @@ class InFlightRequest:
     """One job between intake and its final event. Times are Unix epoch milliseconds."""
 
     request_id: str
-    entry_id: bytes  # the job's entry in the queue stream: XACK/XDEL it at the end
+    entry_id: bytes  # the job's entry in its lane of the queue stream: XACK/XDEL it at the end
     job: Job
     params: SamplingParams
     num_prompt_tokens: int
     intake_ms: float
     prompt_text: str = ""  # kept only for return_full_text
     num_delivered: int = 1  # delivery count of the stream entry
+    lane: str = "normal"  # the priority lane (stream) the entry is in
     first_token_ms: float | None = None
     num_tokens: int = 0  # tokens emitted so far = next index
     tokens: list[Token] = field(default_factory=list)  # kept only when details=True

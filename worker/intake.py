@@ -1,11 +1,13 @@
 """Intake: pull only the jobs the engine can start now, check them, hand them to the engine.
 
 `XREADGROUP … COUNT <free slots> BLOCK` runs only while the engine has room (DESIGN §3.2), so
-the backlog stays in Redis where any idle worker can take it. Nothing from the stream is
-trusted (§3.3): a malformed entry, an unknown model, bad parameters or a prompt the tokenizer
-or engine refuses become an `error` event (when the id is readable), the raw entry is copied
-to the dead-letter stream, and the job is acked. Expired deadlines and cancelled jobs are
-dropped here too (§3.9), and so is a job delivered more than `max_deliveries` times (§3.8).
+the backlog stays in Redis where any idle worker can take it. The queue's priority lanes are
+read in order (high, normal, low): a lane only gets the slots the lanes before it left.
+Nothing from the stream is trusted (§3.3): a malformed entry, an unknown model, bad
+parameters or a prompt the tokenizer or engine refuses become an `error` event (when the id
+is readable), the raw entry is copied to the dead-letter stream, and the job is acked.
+Expired deadlines and cancelled jobs are dropped here too (§3.9), and so is a job delivered
+more than `max_deliveries` times (§3.8).
 
 The reclaimer hands its entries to `take` as well: every job starts through the same checks,
 and one that an earlier run had begun resumes after the tokens in its replay stream (§3.7).
@@ -18,6 +20,7 @@ import contextlib
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
@@ -28,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 from tokenfleet.engine.outputs import FinishReason, StepOutput
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.producer.errors import ValidationError as ProducerValidationError
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.producer.protocol import PROTOCOL_VERSION, Job, decode_job
 from tokenfleet.producer.validation import validate_job, validate_request_id
 from tokenfleet.worker.connectivity import Connectivity, is_transient
@@ -59,7 +62,8 @@ class Intake:
         self._redis = redis
         self._keys = keys
         self._queue = queue
-        self._jobs = keys.jobs(queue)
+        self._lanes = {lane: keys.jobs(queue, lane) for lane in LANES}
+        self._lane_of = {stream.encode(): lane for lane, stream in self._lanes.items()}
         self._group = keys.group(queue)
         self._consumer = consumer
         self._engine = engine_thread
@@ -79,11 +83,12 @@ class Intake:
     async def ensure_group(self) -> None:
         """Create the consumer group (from the stream's start: no job enqueued before the
         first worker started is skipped)."""
-        try:
-            await self._redis.xgroup_create(self._jobs, self._group, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in self._lanes.values():
+            try:
+                await self._redis.xgroup_create(stream, self._group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull and admit jobs until `stop` is set (the drain stops intake first)."""
@@ -97,14 +102,11 @@ class Intake:
                         await self.wakeup.wait()
                 continue
             try:
-                reply: Any = await self._redis.xreadgroup(
-                    self._group, self._consumer, {self._jobs: ">"},
-                    count=num_free, block=self._read_block_ms)
+                entries = await self._read(num_free)
                 self._connectivity.succeeded(backoff)
                 with self._engine.batched():  # the whole read reaches the engine at once
-                    for _stream, entries in reply or []:
-                        for entry_id, fields in entries:
-                            await self.take(entry_id, fields)
+                    for lane, entry_id, fields in entries:
+                        await self.take(entry_id, fields, lane=lane)
             except (RedisError, OSError) as e:
                 if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost it)
                     await self.ensure_group()
@@ -115,39 +117,61 @@ class Intake:
                 # after the lease, and resumed.
                 await self._connectivity.failed(e, "intake", backoff)
 
+    async def _read(self, num_free: int) -> list[tuple[str, bytes, Mapping[bytes, bytes]]]:
+        """Up to `num_free` new entries, lane by lane; when every lane is empty, block until
+        one gets an entry (at most one per lane then, so a read never takes much more than
+        the free slots)."""
+        out: list[tuple[str, bytes, Mapping[bytes, bytes]]] = []
+        for stream in self._lanes.values():
+            if len(out) < num_free:
+                reply: Any = await self._redis.xreadgroup(
+                    self._group, self._consumer, {stream: ">"}, count=num_free - len(out))
+                out += self._entries(reply)
+        if not out:
+            reply = await self._redis.xreadgroup(
+                self._group, self._consumer, dict.fromkeys(self._lanes.values(), ">"),
+                count=1, block=self._read_block_ms)
+            out = sorted(self._entries(reply), key=lambda e: LANES.index(e[0]))
+        return out
+
+    def _entries(self, reply: Any) -> list[tuple[str, bytes, Mapping[bytes, bytes]]]:
+        return [(self._lane_of[_as_bytes(stream)], entry_id, fields)
+                for stream, entries in reply or [] for entry_id, fields in entries]
+
     async def take(self, entry_id: bytes, fields: Mapping[bytes, bytes],
-                   num_delivered: int = 1) -> None:
+                   num_delivered: int = 1, lane: str = "normal") -> None:
         """Check one stream entry and start (or resume) it, or finish it with an error.
 
         Raises only transient Redis errors (an outage); the entry then stays pending and is
         reclaimed later.
         """
         try:
-            await self._take(entry_id, fields, num_delivered)
+            await self._take(_Entry(entry_id, lane), fields, num_delivered)
         except Exception as e:  # a bug must not kill the worker: fail the job, keep serving
             if is_transient(e):
                 raise
-            self._log.exception("intake_failed", entry_id=entry_id.decode())
+            self._log.exception("intake_failed", entry_id=entry_id.decode(), lane=lane)
             request_id = _salvage_id(fields.get(b"job"))
             if request_id is not None and (req := self._inflight.get(request_id)) is not None \
-                    and req.entry_id == entry_id:
+                    and (req.lane, req.entry_id) == (lane, entry_id):
                 del self._inflight[request_id]
-            await self._fail(entry_id, request_id, f"internal error while starting the job: "
-                             f"{type(e).__name__}: {e}", "generation", fields)
+            await self._fail(_Entry(entry_id, lane), request_id, f"internal error while "
+                             f"starting the job: {type(e).__name__}: {e}", "generation", fields)
 
-    async def _take(self, entry_id: bytes, fields: Mapping[bytes, bytes],
+    async def _take(self, entry: _Entry, fields: Mapping[bytes, bytes],
                     num_delivered: int) -> None:
-        job = await self._decode(entry_id, fields)
+        job = await self._decode(entry, fields)
         if job is None:
             return
         running = self._inflight.get(job.id)
         if running is not None:
-            if running.entry_id != entry_id:  # a duplicate entry: no event, it would end ours
-                await self._fail(entry_id, None, f"request id {job.id!r} is already running",
+            if (running.lane, running.entry_id) != (entry.lane, entry.entry_id):
+                # A duplicate entry: no event, it would end ours.
+                await self._fail(entry, None, f"request id {job.id!r} is already running",
                                  "validation", fields)
             return  # our own job, claimed back after late renewals: it runs on
         if num_delivered > self._max_deliveries:
-            await self._fail(entry_id, _safe_id(job.id),
+            await self._fail(entry, _safe_id(job.id),
                              f"job {job.id!r} was delivered {num_delivered} times without "
                              f"finishing (max_deliveries={self._max_deliveries}): the workers "
                              "that started it may have crashed on it; it was moved to the "
@@ -156,35 +180,36 @@ class Intake:
         try:
             params = self._check(job)
         except ValueError as e:
-            await self._reject(entry_id, _safe_id(job.id), str(e), fields)
+            await self._reject(entry, _safe_id(job.id), str(e), fields)
             return
         now_ms = time.time() * 1000
         if job.deadline_ms is not None and now_ms > job.deadline_ms:
-            await self._fail(entry_id, job.id, f"deadline passed {now_ms - job.deadline_ms:.0f} "
+            await self._fail(entry, job.id, f"deadline passed {now_ms - job.deadline_ms:.0f} "
                              "ms before a worker could start the job", "deadline_exceeded")
             return
         try:
             prompt_ids, prompt_text = self._tokenize(job)
         except Exception as e:  # a chat template may raise anything on odd messages
-            await self._reject(entry_id, job.id, f"Input validation error: {e}", fields)
+            await self._reject(entry, job.id, f"Input validation error: {e}", fields)
             return
         self._hooks.on_start(job)
-        req = InFlightRequest(request_id=job.id, entry_id=entry_id, job=job, params=params,
+        req = InFlightRequest(request_id=job.id, entry_id=entry.entry_id, lane=entry.lane,
+                              job=job, params=params,
                               num_prompt_tokens=len(prompt_ids), intake_ms=now_ms,
                               prompt_text=prompt_text if job.parameters.return_full_text else "",
                               num_delivered=num_delivered)
         await self._start(req, prompt_ids)
 
-    async def _decode(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Job | None:
+    async def _decode(self, entry: _Entry, fields: Mapping[bytes, bytes]) -> Job | None:
         raw = fields.get(b"job")
         if raw is not None and len(raw) > MAX_JOB_BYTES:
-            await self._reject(entry_id, None, f"job is {len(raw)} bytes, more than "
+            await self._reject(entry, None, f"job is {len(raw)} bytes, more than "
                                f"{MAX_JOB_BYTES}", fields)
             return None
         try:
             return decode_job(raw if raw is not None else b"")
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            await self._reject(entry_id, _salvage_id(raw), f"malformed job: {e}", fields)
+            await self._reject(entry, _salvage_id(raw), f"malformed job: {e}", fields)
             return None
 
     async def _start(self, req: InFlightRequest, prompt_ids: list[int]) -> None:
@@ -202,7 +227,8 @@ class Intake:
         if finished is not None:  # an earlier run finished it; only its ack was missing
             self._inflight.pop(req.request_id, None)
             self._log.info("job_already_finished", request_id=req.request_id)
-            await self._publisher.finish_again(req.entry_id, req.request_id, finished)
+            await self._publisher.finish_again(req.entry_id, req.request_id, finished,
+                                               lane=req.lane)
             return
         if new_seed is not None:
             params.seed = state.seed  # the first run's seed: a resumed run draws the same
@@ -254,20 +280,34 @@ class Intake:
         self._inflight.pop(req.request_id, None)
         self._metrics.requests.labels(outcome="cancelled").inc()
 
-    async def _reject(self, entry_id: bytes, request_id: str | None, error: str,
+    async def _reject(self, entry: _Entry, request_id: str | None, error: str,
                       fields: Mapping[bytes, bytes]) -> None:
-        await self._fail(entry_id, request_id, error, "validation", fields)
+        await self._fail(entry, request_id, error, "validation", fields)
 
-    async def _fail(self, entry_id: bytes, request_id: str | None, error: str, error_type: str,
+    async def _fail(self, entry: _Entry, request_id: str | None, error: str, error_type: str,
                     dead: Mapping[bytes, bytes] | None = None) -> None:
         if not error.startswith("Input validation error") and error_type == "validation":
             error = f"Input validation error: {error}"
-        self._log.info("job_rejected", request_id=request_id, entry_id=entry_id.decode(),
+        self._log.info("job_rejected", request_id=request_id, entry_id=entry.entry_id.decode(),
+                       lane=entry.lane,
                        error_type=error_type, error=error)
-        await self._publisher.fail(entry_id, request_id, error, error_type, raw=dead)
+        await self._publisher.fail(entry.entry_id, request_id, error, error_type, raw=dead,
+                                   lane=entry.lane)
         self._metrics.errors.labels(error_type=error_type).inc()
         if dead is not None:
             self._metrics.dead_letters.inc()
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """Where a job is: its entry id in one lane's stream (ids are per stream)."""
+
+    entry_id: bytes
+    lane: str
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _safe_id(request_id: str) -> str | None:

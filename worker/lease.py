@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 
 __all__ = ["LEASE_LUA", "Lease", "Renewal"]
 
@@ -66,29 +66,29 @@ class Lease:
 
     def __init__(self, redis: Redis, keys: Keys, queue: str, consumer: str, *,
                  lease_ms: int) -> None:
-        self._jobs = keys.jobs(queue)
+        self._jobs = {lane: keys.jobs(queue, lane) for lane in LANES}
         self._group = keys.group(queue)
         self._consumer = consumer
         self._lease_ms = lease_ms
         self._script = redis.register_script(LEASE_LUA)
 
-    async def renew(self, entry_ids: Sequence[bytes]) -> Renewal:
-        """Reset the idle time of those of `entry_ids` still pending for us."""
-        return await self._call("renew", entry_ids)
+    async def renew(self, entry_ids: Sequence[bytes], lane: str = "normal") -> Renewal:
+        """Reset the idle time of those of `entry_ids` (in `lane`) still pending for us."""
+        return await self._call("renew", entry_ids, lane)
 
-    async def reset(self, entry_ids: Sequence[bytes]) -> Renewal:
+    async def reset(self, entry_ids: Sequence[bytes], lane: str = "normal") -> Renewal:
         """Renew, and set the delivery count of those still ours back to 1 (they progress)."""
-        return await self._call("reset", entry_ids)
+        return await self._call("reset", entry_ids, lane)
 
-    async def release(self, entry_ids: Sequence[bytes]) -> Renewal:
+    async def release(self, entry_ids: Sequence[bytes], lane: str = "normal") -> Renewal:
         """Make those of `entry_ids` still ours look expired, for another worker to resume."""
-        return await self._call("release", entry_ids)
+        return await self._call("release", entry_ids, lane)
 
-    async def _call(self, mode: str, entry_ids: Sequence[bytes]) -> Renewal:
+    async def _call(self, mode: str, entry_ids: Sequence[bytes], lane: str) -> Renewal:
         if not entry_ids:
             return Renewal()
         renewed, stolen = await self._script(
-            keys=[self._jobs],
+            keys=[self._jobs[lane]],
             args=[self._group, self._consumer, mode, self._lease_ms, *entry_ids])
         return Renewal(_ids(renewed), _ids(stolen))
 

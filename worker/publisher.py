@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenfleet.engine.outputs import FinishReason, StepOutput
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent, encode
 from tokenfleet.worker.connectivity import Connectivity, is_transient
 from tokenfleet.worker.inflight import InFlightRequest
@@ -47,7 +47,7 @@ class Publisher:
         self._redis = redis
         self._connectivity = connectivity if connectivity is not None else Connectivity()
         self._keys = keys
-        self._jobs = keys.jobs(queue)
+        self._jobs = {lane: keys.jobs(queue, lane) for lane in LANES}
         self._dead = keys.dead(queue)
         self._group = keys.group(queue)
         self._worker_id = worker_id
@@ -87,12 +87,12 @@ class Publisher:
             if out.finished:
                 batch.append(_cmd("set", self._keys.result(req.request_id), payloads[-1],
                                   ex=self._result_ttl_s))
-                self._ack(batch, req.entry_id)
+                self._ack(batch, req.entry_id, req.lane)
         await self._run(batch)
         return finished
 
     async def fail(self, entry_id: bytes, request_id: str | None, error: str, error_type: str,
-                   *, raw: Mapping[bytes, bytes] | None = None) -> None:
+                   *, raw: Mapping[bytes, bytes] | None = None, lane: str = "normal") -> None:
         """Finish a job with an error event (when its id is known); dead-letter the raw entry
         when `raw` is given; then ack and delete the job."""
         batch: list[_Command] = []
@@ -107,20 +107,22 @@ class Publisher:
                 b"dead_error": error.encode(),
                 b"dead_error_type": error_type.encode(),
                 b"dead_entry_id": entry_id,
+                b"dead_lane": lane.encode(),
                 b"dead_worker": self._worker_id.encode(),
                 b"dead_ms": str(int(time.time() * 1000)).encode(),
             })
             batch.append(_cmd("xadd", self._dead, fields, maxlen=DEAD_LETTERS_MAXLEN,
                               approximate=True))
-        self._ack(batch, entry_id)
+        self._ack(batch, entry_id, lane)
         await self._run(batch)
 
-    async def finish_again(self, entry_id: bytes, request_id: str, payload: bytes) -> None:
+    async def finish_again(self, entry_id: bytes, request_id: str, payload: bytes, *,
+                           lane: str = "normal") -> None:
         """A job that an earlier run finished (its terminal event is `payload`) was delivered
         again: make sure the result is stored, then ack and delete the entry."""
         batch = [_cmd("set", self._keys.result(request_id), payload, ex=self._result_ttl_s,
                       nx=True)]
-        self._ack(batch, entry_id)
+        self._ack(batch, entry_id, lane)
         await self._run(batch)
 
     def _emit(self, batch: list[_Command], request_id: str, payloads: list[bytes],
@@ -136,9 +138,10 @@ class Publisher:
         if set_ttl:
             batch.append(_cmd("expire", events_key, self._events_ttl_s))
 
-    def _ack(self, batch: list[_Command], entry_id: bytes) -> None:
-        batch.append(_cmd("xack", self._jobs, self._group, entry_id))
-        batch.append(_cmd("xdel", self._jobs, entry_id))
+    def _ack(self, batch: list[_Command], entry_id: bytes, lane: str) -> None:
+        jobs = self._jobs[lane]
+        batch.append(_cmd("xack", jobs, self._group, entry_id))
+        batch.append(_cmd("xdel", jobs, entry_id))
 
     async def _run(self, batch: list[_Command]) -> None:
         """Execute the batch as one pipeline; retry on connection loss; never half-cancel."""

@@ -71,7 +71,8 @@ end
 return {'0-0', claimed, num_deleted}
 """
 
-Take = Callable[[bytes, Mapping[bytes, bytes], int], Awaitable[None]]
+# take(entry_id, fields, num_delivered, lane)
+Take = Callable[[bytes, Mapping[bytes, bytes], int, str], Awaitable[None]]
 _MAX_CLAIMS_PER_ROUND: Final = 256
 
 
@@ -89,8 +90,10 @@ class Reclaimer:
 
     def __init__(self, redis: Redis, keys: Keys, queue: str, consumer: str, *, lease_ms: int,
                  features: ServerFeatures, connectivity: Connectivity,
-                 free_slots: Callable[[], int], take: Take, metrics: WorkerMetrics) -> None:
-        self._jobs = keys.jobs(queue)
+                 free_slots: Callable[[], int], take: Take, metrics: WorkerMetrics,
+                 lane: str = "normal") -> None:
+        self.lane = lane
+        self._jobs = keys.jobs(queue, lane)
         self._group = keys.group(queue)
         self._consumer = consumer
         self._lease_ms = lease_ms
@@ -154,10 +157,10 @@ class Reclaimer:
 
     async def _hand_over(self, entry: Claimed) -> None:
         self._metrics.reclaims.inc()
-        self._log.info("job_reclaimed", entry_id=entry.entry_id.decode(),
+        self._log.info("job_reclaimed", entry_id=entry.entry_id.decode(), lane=self.lane,
                        num_delivered=entry.num_delivered)
         try:
-            await self._take(entry.entry_id, entry.fields, entry.num_delivered)
+            await self._take(entry.entry_id, entry.fields, entry.num_delivered, self.lane)
         except (RedisError, OSError) as e:
             # Still pending for us but not running: the lease expires, it is reclaimed again.
             self._log.warning("reclaim_take_failed", entry_id=entry.entry_id.decode(),

@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.producer.protocol import WorkerInfo
 from tokenfleet.worker.connectivity import Connectivity
 from tokenfleet.worker.control import ControlListener
@@ -159,10 +159,10 @@ class Worker:
             metrics=self.metrics, wakeup=intake.wakeup, on_fatal=self._on_fatal,
             worker_id=self.worker_id)
         control = ControlListener(redis, self.keys, pump.cancel, connectivity=self.connectivity)
-        reclaimer = Reclaimer(redis, self.keys, s.queue, self.worker_id, lease_ms=s.lease_ms,
-                              features=features, connectivity=self.connectivity,
-                              free_slots=engine_thread.num_free_seqs, take=intake.take,
-                              metrics=self.metrics)
+        reclaimers = [Reclaimer(redis, self.keys, s.queue, self.worker_id, lease_ms=s.lease_ms,
+                                features=features, connectivity=self.connectivity,
+                                free_slots=engine_thread.num_free_seqs, take=intake.take,
+                                metrics=self.metrics, lane=lane) for lane in LANES]
         heartbeat = Heartbeat(redis=redis, keys=self.keys, lease=lease, registry=registry,
                               interval_s=s.heartbeat_s, connectivity=self.connectivity,
                               inflight=self.inflight, info=self._info,
@@ -172,7 +172,8 @@ class Worker:
         self.metrics.serve(s.metrics_port, s.metrics_host)
         engine_thread.start()
         pulling = [asyncio.create_task(intake.run(self._stop), name="intake"),
-                   asyncio.create_task(reclaimer.run(self._stop), name="reclaim")]
+                   *(asyncio.create_task(r.run(self._stop), name=f"reclaim-{r.lane}")
+                     for r in reclaimers)]
         others = [asyncio.create_task(pump.run(self._closing), name="consume"),
                   asyncio.create_task(heartbeat.run(self._closing), name="beat"),
                   asyncio.create_task(control.run(self._closing), name="control")]
@@ -228,9 +229,12 @@ class Worker:
 
     async def _hand_off(self, lease: Lease) -> None:
         """Release what is still in flight so another worker resumes it now."""
+        num_released = 0
+        for lane in LANES:
+            entry_ids = [r.entry_id for r in self.inflight.values() if r.lane == lane]
+            num_released += len((await lease.release(entry_ids, lane)).renewed)
         if self.inflight:
-            released = await lease.release([r.entry_id for r in self.inflight.values()])
-            self._log.info("jobs_released", num_released=len(released.renewed))
+            self._log.info("jobs_released", num_released=num_released)
 
     def _info(self) -> WorkerInfo:
         assert self._engine_thread is not None

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.simulated_engine import SimulatedEngine
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.producer.protocol import FinalEvent, TokenEvent, decode_event
 
 QUEUE = "default"
@@ -36,7 +36,8 @@ class Spec:
 
 def mixed_workload(num_requests: int, *, seed: int = 0, min_tokens: int = 10,
                    max_tokens: int = 120, prefix: str = "req") -> list[Spec]:
-    """Greedy, seeded-sampled and unseeded-sampled requests of mixed lengths."""
+    """Greedy, seeded-sampled and unseeded-sampled requests of mixed lengths, in all three
+    priority lanes (`priority` rides along in `parameters`: `build_job` takes it)."""
     rng = random.Random(seed)
     specs = []
     for i in range(num_requests):
@@ -45,14 +46,21 @@ def mixed_workload(num_requests: int, *, seed: int = 0, min_tokens: int = 10,
             params.update(do_sample=True, temperature=0.8, seed=1000 + i)
         elif i % 3 == 2:
             params.update(do_sample=True, top_k=50)  # the worker picks (and persists) a seed
+        if i % 5 in (1, 2):
+            params["priority"] = 1 if i % 5 == 1 else -1
         specs.append(Spec(f"{prefix}-{i}", f"chaos prompt {i} " + "word " * (i % 7), params))
     return specs
+
+
+def sampling_params(spec: Spec) -> SamplingParams:
+    """The engine's parameters of a spec (its TGI parameters, without the queue priority)."""
+    return SamplingParams(**{k: v for k, v in spec.parameters.items() if k != "priority"})
 
 
 def sim_reference(spec: Spec, seed: int | None, **engine_kwargs: Any) -> list[int]:
     """Token ids an undisturbed SimulatedEngine produces for `spec` (with the seed used)."""
     engine = SimulatedEngine(step_time_s=0, **engine_kwargs)
-    params = SamplingParams(**spec.parameters)
+    params = sampling_params(spec)
     if not params.greedy:
         params.seed = seed
     engine.add_request("r", engine.tokenizer.encode(spec.prompt), params)
@@ -136,19 +144,22 @@ class RawListener:
 
 
 async def pending_by_consumer(redis: Redis, keys: Keys) -> dict[str, list[bytes]]:
-    """Entry ids pending in the queue's group, per consumer."""
-    rows = await redis.xpending_range(keys.jobs(QUEUE), keys.group(QUEUE), "-", "+", 10_000)
-    out: dict[str, list[bytes]] = defaultdict(list)
-    for row in rows:
-        out[row["consumer"].decode()].append(row["message_id"])
+    """Entries pending in the queue's group (every lane), per consumer, as (lane, entry id)."""
+    out: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+    for lane in LANES:
+        rows = await redis.xpending_range(keys.jobs(QUEUE, lane), keys.group(QUEUE), "-", "+",
+                                          10_000)
+        for row in rows:
+            out[row["consumer"].decode()].append((lane, row["message_id"]))
     return out
 
 
-async def tokens_emitted(redis: Redis, keys: Keys, entry_ids: list[bytes]) -> list[int]:
+async def tokens_emitted(redis: Redis, keys: Keys,
+                         entries_pending: list[tuple[str, bytes]]) -> list[int]:
     """How many replay entries each pending job already has."""
     counts = []
-    for entry_id in entry_ids:
-        entries = await redis.xrange(keys.jobs(QUEUE), entry_id, entry_id)
+    for lane, entry_id in entries_pending:
+        entries = await redis.xrange(keys.jobs(QUEUE, lane), entry_id, entry_id)
         if not entries:
             continue
         request_id = json.loads(entries[0][1][b"job"])["id"]
@@ -189,9 +200,10 @@ async def wait_until(probe: Any, timeout_s: float, interval_s: float = 0.05) -> 
 
 
 async def assert_queue_empty(redis: Redis, keys: Keys) -> None:
-    """Every job acked and deleted, none dead-lettered."""
-    assert await redis.xlen(keys.jobs(QUEUE)) == 0
-    assert (await redis.xpending(keys.jobs(QUEUE), keys.group(QUEUE)))["pending"] == 0
+    """Every job acked and deleted (every lane), none dead-lettered."""
+    for lane in LANES:
+        assert await redis.xlen(keys.jobs(QUEUE, lane)) == 0
+        assert (await redis.xpending(keys.jobs(QUEUE, lane), keys.group(QUEUE)))["pending"] == 0
     assert await redis.xlen(keys.dead(QUEUE)) == 0
 
 

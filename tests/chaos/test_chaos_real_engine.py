@@ -20,6 +20,7 @@ from chaos_support import (
     pending_by_consumer,
     pid_alive,
     run_clients,
+    sampling_params,
     tokens_emitted,
     wait_until,
 )
@@ -65,7 +66,7 @@ async def test_sigkill_a_real_engine_worker_mid_generation(fleet, redis, keys, t
     finals = [check_stream(results[s.request_id]) for s in specs]
     params = []
     for spec, final in zip(specs, finals, strict=True):
-        p = SamplingParams(**spec.parameters)
+        p = sampling_params(spec)
         if not p.greedy:
             p.seed = final.details.seed
         params.append(p)
@@ -120,7 +121,7 @@ async def test_a_dead_tensor_parallel_rank_hands_its_jobs_to_the_fleet(
 
     params = []
     for spec in specs:
-        p = SamplingParams(**spec.parameters)
+        p = sampling_params(spec)
         if not p.greedy:  # the seed a worker picked, persisted for resumes
             p.seed = check_stream(results[spec.request_id]).details.seed
         params.append(p)

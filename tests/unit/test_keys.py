@@ -7,7 +7,7 @@ import pytest
 from redis.crc import key_slot
 
 from tokenfleet.producer.admission import ADMIT_LUA
-from tokenfleet.producer.keys import CONSUMER_GROUP, Keys
+from tokenfleet.producer.keys import CONSUMER_GROUP, LANES, Keys, lane_for_priority
 
 
 def test_names_follow_the_design():
@@ -60,9 +60,24 @@ def test_names_that_would_break_hash_tags_or_patterns_are_refused(bad):
 
 
 def test_admission_script_touches_only_its_declared_keys():
-    # Redis Cluster requires scripts to name every key they touch in KEYS.
+    # Redis Cluster requires scripts to name every key they touch in KEYS: the job's lane,
+    # the limits, the idempotency key, then (KEYS[4..]) every lane, for the backlog.
     assert "KEYS[1]" in ADMIT_LUA and "KEYS[3]" in ADMIT_LUA
+    assert "for i = 4, #KEYS do" in ADMIT_LUA
     assert "KEYS[4]" not in ADMIT_LUA
+
+
+def test_a_queues_lanes_share_its_cluster_slot():
+    """One XREADGROUP blocks on every lane and one script admits across them: in Redis
+    Cluster that needs one hash slot, i.e. the same hash tag."""
+    keys = Keys()
+    tags = {keys.jobs("q", lane).split("{")[1].split("}")[0] for lane in LANES}
+    assert tags == {"q"}
+    assert keys.jobs("q") == keys.jobs("q", "normal") == "tf:{q}:jobs"  # the original name
+    assert [lane_for_priority(p) for p in (5, 1, 0, -1, -9)] == \
+        ["high", "high", "normal", "low", "low"]
+    with pytest.raises(ValueError):
+        keys.jobs("q", "urgent")
 
 
 def test_the_keda_trigger_watches_the_default_queue_of_the_default_prefix():
@@ -70,7 +85,8 @@ def test_the_keda_trigger_watches_the_default_queue_of_the_default_prefix():
     from pathlib import Path
 
     manifest = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "keda-scaledobject.yaml"
-    (trigger,) = yaml.safe_load(manifest.read_text())["spec"]["triggers"]
-    assert trigger["type"] == "redis-streams"
-    assert trigger["metadata"]["stream"] == Keys().jobs("default")
-    assert trigger["metadata"]["consumerGroup"] == CONSUMER_GROUP
+    triggers = yaml.safe_load(manifest.read_text())["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["redis-streams"] * len(LANES)
+    assert [t["metadata"]["stream"] for t in triggers] == \
+        [Keys().jobs("default", lane) for lane in LANES]
+    assert {t["metadata"]["consumerGroup"] for t in triggers} == {CONSUMER_GROUP}

@@ -1,0 +1,68 @@
+"""Priority lanes: a job's `priority` puts it in the queue's high (> 0), normal (0) or low
+(< 0) lane; workers pull the high lane first and the low lane last, FIFO within a lane."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tokenfleet.producer.client import Client
+from tokenfleet.producer.errors import OverloadedError
+from tokenfleet.producer.keys import LANES
+
+QUEUE = "default"
+
+
+async def _submit(client: Client, request_id: str, priority: int, **parameters) -> float:
+    """Enqueue a job; returns its submit time (epoch ms)."""
+    job = client.build_job(f"prompt {request_id}", request_id=request_id, priority=priority,
+                           **parameters)
+    await client.enqueue(job)
+    return job.submitted_ms
+
+
+async def _start_times(client: Client, submitted: dict[str, float]) -> dict[str, float]:
+    """When a worker took each job (epoch ms): its submit time + its final's queue_ms."""
+    finals = await asyncio.wait_for(asyncio.gather(
+        *(client.result(rid, timeout_s=60) for rid in submitted)), 90)
+    return {f.id: submitted[f.id] + f.queue_ms for f in finals}
+
+
+async def test_workers_pull_lanes_in_priority_order(fleet, redis, keys):
+    # Queued before any worker runs; then one worker that starts one job at a time.
+    plan = [("n0", 0), ("n1", 0), ("l0", -1), ("h0", 1), ("n2", 0), ("l1", -5), ("h1", 2)]
+    async with fleet.client() as client:
+        submitted = {rid: await _submit(client, rid, p, max_new_tokens=3) for rid, p in plan}
+        assert await redis.xlen(keys.jobs(QUEUE, "high")) == 2
+        assert await redis.xlen(keys.jobs(QUEUE, "low")) == 2
+        async with fleet.worker(max_num_seqs=1, sim_step_ms=2.0):
+            started = await _start_times(client, submitted)
+    assert sorted(started, key=started.__getitem__) == ["h0", "h1", "n0", "n1", "n2", "l0", "l1"]
+    for lane in LANES:
+        assert await redis.xlen(keys.jobs(QUEUE, lane)) == 0  # acked and deleted everywhere
+
+
+async def test_a_high_priority_job_overtakes_a_backlog(fleet):
+    """With a worker busy on a backlog of normal jobs, a high-priority job submitted last
+    starts at the next free slot, before every normal job still waiting then."""
+    async with fleet.client() as client, fleet.worker(max_num_seqs=2, sim_step_ms=5.0):
+        submitted = {f"n{i}": await _submit(client, f"n{i}", 0, max_new_tokens=20)
+                     for i in range(12)}
+        await asyncio.sleep(0.1)
+        submitted["urgent"] = await _submit(client, "urgent", 1, max_new_tokens=20)
+        started = await _start_times(client, submitted)
+    urgent = started.pop("urgent")
+    waiting = [rid for rid, t in started.items() if t > submitted["urgent"]]
+    assert len(waiting) >= 6, started  # the backlog was real
+    assert all(urgent < started[rid] for rid in waiting)
+
+
+@pytest.mark.parametrize("priority", [1, 0, -1])
+async def test_admission_counts_every_lane(fleet, priority):
+    """`max_queue_len` bounds the queue's whole backlog, whatever lanes it is in."""
+    async with fleet.client(max_queue_len=3) as client:
+        for i, p in enumerate((1, 0, -1)):
+            await client.submit(f"job {i}", priority=p)
+        with pytest.raises(OverloadedError):
+            await client.submit("one too many", priority=priority)
