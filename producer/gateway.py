@@ -52,6 +52,7 @@ from tokenfleet.producer.client import Client
 from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
 from tokenfleet.producer.fleet_request import FleetRequest
 from tokenfleet.producer.fleet_status import live_workers
+from tokenfleet.producer.gateway_metrics import GatewayMetrics
 from tokenfleet.producer.gateway_middleware import GatewayMiddleware, json_response, outcome
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
 from tokenfleet.producer.tgi_api import decode_generate_request, job_arguments, response_headers
@@ -89,13 +90,14 @@ class Gateway:
     def __init__(self, client: Client, config: GatewayConfig) -> None:
         self.client = client
         self.config = config
+        self.metrics = GatewayMetrics()
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight: set[FleetRequest] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def app(self) -> web.Application:
-        middleware = GatewayMiddleware(self.config.api_key)
+        middleware = GatewayMiddleware(self.config.api_key, self.metrics)
         app = web.Application(middlewares=[middleware.errors, middleware.auth],
                               client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/", self._compat)
@@ -106,6 +108,7 @@ class Gateway:
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_delete("/requests/{request_id}", self._cancel)
         return app
 
@@ -120,6 +123,8 @@ class Gateway:
         left = [f for f in self._in_flight if not f.finished and f.cancel_on_abandon]
         for fleet in left:
             self._spawn(self.client.cancel(fleet.job.id))
+            fleet.cancel_on_abandon = False  # cancelled (and counted) here, not at its exit
+        self.metrics.abandoned.inc(len(left))
         return len(left)
 
     async def aclose(self) -> None:
@@ -187,6 +192,8 @@ class Gateway:
                 return json_response(renderer.body(event, fleet.tokens),
                              headers=response_headers(event))
             finally:
+                if not fleet.finished and fleet.cancel_on_abandon:
+                    outcome()["abandoned"] = True  # FleetRequest's exit cancels it
                 self._in_flight.discard(fleet)
                 if not self._in_flight:
                     self._idle.set()
@@ -257,6 +264,10 @@ class Gateway:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "tokenfleet"}
                 for model in sorted({w.model for w in workers})]
         return json_response({"object": "list", "data": data})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(),
+                            content_type="text/plain", charset="utf-8")
 
     async def _cancel(self, request: web.Request) -> web.Response:
         request_id = validate_request_id(request.match_info["request_id"])

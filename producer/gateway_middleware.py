@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from tokenfleet.producer.api_renderers import ChatRenderer, Renderer
 from tokenfleet.producer.errors import TokenfleetError
+from tokenfleet.producer.gateway_metrics import GatewayMetrics
 
 __all__ = ["STATUS_BY_ERROR_TYPE", "GatewayMiddleware", "json_response", "outcome"]
 
@@ -25,7 +26,7 @@ log = structlog.get_logger("tokenfleet.gateway")
 STATUS_BY_ERROR_TYPE: Final = {"validation": 422, "overloaded": 429, "generation": 424,
                                "incomplete_generation": 500, "deadline_exceeded": 504,
                                "timeout": 504, "expired": 410, "unauthorized": 401}
-_OPEN_PATHS: Final = frozenset({"/health"})  # probes need no API key
+_OPEN_PATHS: Final = frozenset({"/health", "/metrics"})  # probes and scrapes need no key
 _ENCODER: Final = msgspec.json.Encoder()
 _TGI_ERRORS: Final = Renderer()
 _OPENAI_ERRORS: Final = ChatRenderer(model="", request_id="")
@@ -50,8 +51,9 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
 class GatewayMiddleware:
     """`errors` (outermost) and `auth`, as aiohttp middlewares."""
 
-    def __init__(self, api_key: str | None) -> None:
+    def __init__(self, api_key: str | None, metrics: GatewayMetrics) -> None:
         self._api_key = api_key
+        self._metrics = metrics
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -68,6 +70,7 @@ class GatewayMiddleware:
         status, error_type = 500, ""
         record: dict[str, Any] = {}
         _outcome.set(record)
+        self._metrics.in_flight.inc()
         try:
             response = await handler(request)
             status = response.status
@@ -90,7 +93,13 @@ class GatewayMiddleware:
             error = _Unavailable(f"the queue is unreachable: {e}")
             return self._error(request, error, status, record.get("id"))
         finally:
+            self._metrics.in_flight.dec()
+            if record.get("abandoned"):
+                self._metrics.abandoned.inc()
             if request.path not in _OPEN_PATHS:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                self._metrics.observe(route, status, time.perf_counter() - start)
                 log.info("request", path=request.path, status=status, error_type=error_type,
                          ms=round((time.perf_counter() - start) * 1000, 1), **record)
 

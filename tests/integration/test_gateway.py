@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -164,6 +165,18 @@ async def test_disconnect_cancels_the_request_in_the_fleet(fleet):
             running_gateway(client) as url:
         request_id = await _read_then_disconnect(url, {}, num_events=3)
         final = await client.result(request_id, timeout_s=10)
+        metrics = ""
+        async with aiohttp.ClientSession() as http:
+            for _ in range(40):  # the handler may still be finishing its stream
+                async with http.get(f"{url}/metrics") as resp:
+                    metrics = await resp.text()
+                if "tokenfleet_gateway_abandoned_total 1.0" in metrics:
+                    break
+                await asyncio.sleep(0.05)
+    assert "tokenfleet_gateway_abandoned_total 1.0" in metrics
+    # 499 when the disconnect cancelled the handler, 200 when a write found it first.
+    assert re.search(r'tokenfleet_gateway_requests_total\{route="/generate_stream",'
+                     r'status="(499|200)"\} 1.0', metrics)
     assert final.details.finish_reason == "cancelled"
     assert final.details.generated_tokens < 200  # stopped within a few steps, not at 2000
 
