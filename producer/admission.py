@@ -23,10 +23,12 @@ ADMIT_LUA: Final = files("tokenfleet.producer").joinpath("admit.lua").read_text(
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A job that is on the queue: `duplicate` when an earlier submit already put it there."""
+    """A job that is on the queue: its entry id in its lane's stream; `duplicate` when an
+    earlier submit already put it there (then `lane` is that submit's lane)."""
 
     entry_id: str
     duplicate: bool
+    lane: str = "normal"
 
 
 class Admission:
@@ -56,6 +58,7 @@ class Admission:
                 -1 if max_queue_len is None else max_queue_len,
                 job_json,
                 self._idempotency_ttl_s,
+                lane,
             ],
         )
         status, value = (_text(part) for part in reply)
@@ -65,7 +68,10 @@ class Admission:
                 request_id=request_id,
             )
         assert status in ("queued", "duplicate"), reply
-        return Admitted(entry_id=value, duplicate=status == "duplicate")
+        if status == "queued":
+            return Admitted(entry_id=value, duplicate=False, lane=lane)
+        earlier_lane, _, entry_id = value.rpartition(":")
+        return Admitted(entry_id=entry_id, duplicate=True, lane=earlier_lane or "normal")
 
 
 def _text(value: bytes | str) -> str:

@@ -5,8 +5,9 @@
 -- KEYS[1] the job's lane stream   KEYS[2] limits hash   KEYS[3] idempotency key
 -- KEYS[4..] every lane stream of the queue (the backlog counts them all); same slot
 -- ARGV[1] consumer group   ARGV[2] max_queue_len (< 0: read limits hash; 0: no limit)
--- ARGV[3] job JSON         ARGV[4] idempotency TTL in seconds
--- Returns {"queued", entry_id} | {"duplicate", entry_id} | {"overloaded", backlog}
+-- ARGV[3] job JSON         ARGV[4] idempotency TTL in seconds   ARGV[5] the job's lane
+-- Returns {"queued", entry_id} | {"duplicate", "<lane>:<entry_id>" (or a bare entry id
+-- recorded before lanes: the normal lane)} | {"overloaded", backlog}
 
 local previous = redis.call('GET', KEYS[3])
 if previous then
@@ -35,5 +36,6 @@ if limit > 0 then
 end
 
 local entry_id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[3])
-redis.call('SET', KEYS[3], entry_id, 'EX', tonumber(ARGV[4]))
+-- The lane too: a retry may come with another priority, and entry ids are per stream.
+redis.call('SET', KEYS[3], ARGV[5] .. ':' .. entry_id, 'EX', tonumber(ARGV[4]))
 return {'queued', entry_id}

@@ -177,7 +177,7 @@ class Client:
         """Whether a request that was admitted earlier can still be followed: its job is
         still queued or running, or its replay stream or result has not expired yet."""
         request_id = job.id
-        jobs = self.keys.jobs(queue or self.default_queue, lane_for_priority(job.priority))
+        jobs = self.keys.jobs(queue or self.default_queue, admitted.lane)
         async with self.redis.pipeline(transaction=False) as pipe:
             # Finishing SETs the result before it XDELs the job: check the job first.
             pipe.xrange(jobs, admitted.entry_id, admitted.entry_id)

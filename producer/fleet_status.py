@@ -64,9 +64,11 @@ async def live_workers(redis: Redis, keys: Keys) -> list[WorkerInfo]:
 async def _queues_with_streams(redis: Redis, keys: Keys) -> set[str]:
     found = set()
     prefix = f"{keys.prefix}:{{"
-    async for raw in redis.scan_iter(match=f"{prefix}*}}:jobs", count=500):
+    async for raw in redis.scan_iter(match=f"{prefix}*}}:jobs*", count=500):
         key = raw.decode() if isinstance(raw, bytes) else raw
-        found.add(key[len(prefix): -len("}:jobs")])
+        queue, _, rest = key[len(prefix):].rpartition("}:")
+        if queue and rest in {"jobs", *(f"jobs:{lane}" for lane in LANES)}:
+            found.add(queue)  # any lane's stream names the queue
     return found
 
 

@@ -11,7 +11,7 @@ flag and token channel.
     tf:{<queue>}:jobs:low        stream   the low lane (priority < 0): pulled last
     tf:{<queue>}:dead            stream   dead letters: raw entry + error
     tf:{<queue>}:limits          hash     max_queue_len (written by workers, read by admission)
-    tf:{<queue>}:submitted:<id>  string   idempotency: the job's stream entry id
+    tf:{<queue>}:submitted:<id>  string   idempotency: '<lane>:<entry id>' of the job
     tf:{r:<id>}:events           stream   replay of every event of a request (capped, TTL)
     tf:{r:<id>}:result           string   the final (or error) event JSON (TTL)
     tf:{r:<id>}:cancel           string   set by Client.cancel (TTL)

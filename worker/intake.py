@@ -119,13 +119,23 @@ class Intake:
 
     async def _read(self, num_free: int) -> list[tuple[str, bytes, Mapping[bytes, bytes]]]:
         """Up to `num_free` new entries, lane by lane; when every lane is empty, block until
-        one gets an entry (at most one per lane then, so a read never takes much more than
-        the free slots)."""
+        one gets an entry. That read takes at most one entry per lane, and in practice one:
+        Redis serves a blocked reader after each command, and producers add one entry per
+        command (the admission script); only a writer that fills several lanes in one
+        MULTI could hand it more than one."""
         out: list[tuple[str, bytes, Mapping[bytes, bytes]]] = []
         for stream in self._lanes.values():
             if len(out) < num_free:
-                reply: Any = await self._redis.xreadgroup(
-                    self._group, self._consumer, {stream: ">"}, count=num_free - len(out))
+                try:
+                    reply: Any = await self._redis.xreadgroup(
+                        self._group, self._consumer, {stream: ">"}, count=num_free - len(out))
+                except ResponseError as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    # This lane's stream was deleted: recreate it, and keep what earlier
+                    # lanes delivered (dropping it would strand it pending until the lease).
+                    await self.ensure_group()
+                    continue
                 out += self._entries(reply)
         if not out:
             reply = await self._redis.xreadgroup(

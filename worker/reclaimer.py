@@ -25,7 +25,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tokenfleet.producer.keys import Keys
+from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.worker.connectivity import Connectivity, is_transient
 from tokenfleet.worker.metrics import WorkerMetrics
 from tokenfleet.worker.server_features import ServerFeatures
@@ -86,14 +86,16 @@ class Claimed:
 
 
 class Reclaimer:
-    """Claims expired entries of one queue for one consumer and passes them to `take`."""
+    """Claims expired entries of one queue for one consumer and passes them to `take`.
+
+    One loop over the queue's priority lanes in order, so that recovered work keeps the
+    order new work has (high before normal before low), and one claim at a time, so that
+    the free slots it checks are not spent twice."""
 
     def __init__(self, redis: Redis, keys: Keys, queue: str, consumer: str, *, lease_ms: int,
                  features: ServerFeatures, connectivity: Connectivity,
-                 free_slots: Callable[[], int], take: Take, metrics: WorkerMetrics,
-                 lane: str = "normal") -> None:
-        self.lane = lane
-        self._jobs = keys.jobs(queue, lane)
+                 free_slots: Callable[[], int], take: Take, metrics: WorkerMetrics) -> None:
+        self._streams = {lane: keys.jobs(queue, lane) for lane in LANES}
         self._group = keys.group(queue)
         self._consumer = consumer
         self._lease_ms = lease_ms
@@ -101,7 +103,7 @@ class Reclaimer:
         self._free_slots = free_slots
         self._take = take
         self._metrics = metrics
-        self._cursor = b"0-0"
+        self._cursors = dict.fromkeys(LANES, b"0-0")
         self._script = redis.register_script(
             AUTOCLAIM_LUA if features.has_xautoclaim else PENDING_CLAIM_LUA)
         self.interval_s = lease_ms / 3 / 1000
@@ -130,37 +132,41 @@ class Reclaimer:
             self._connectivity.succeeded(backoff)
 
     async def reclaim_round(self) -> None:
-        """Claim and start expired entries one at a time while the engine has room.
+        """Claim and start expired entries one at a time while the engine has room, lane by
+        lane in priority order.
 
         One at a time, because a claim counts as a delivery: if starting one kills us (a
         poison job), the entries after it were not claimed and do not pay for it.
         """
-        for _ in range(_MAX_CLAIMS_PER_ROUND):
-            if self._free_slots() <= 0:
-                return
-            claimed = await self.claim(1)
-            for entry in claimed:
-                await self._hand_over(entry)
-            if not claimed and self._cursor == b"0-0":
-                return  # scanned the whole pending list
+        num_claims = 0
+        for lane in LANES:
+            while num_claims < _MAX_CLAIMS_PER_ROUND:
+                if self._free_slots() <= 0:
+                    return
+                claimed = await self.claim(1, lane)
+                num_claims += 1
+                for entry in claimed:
+                    await self._hand_over(entry, lane)
+                if not claimed and self._cursors[lane] == b"0-0":
+                    break  # scanned this lane's whole pending list
 
-    async def claim(self, count: int) -> list[Claimed]:
-        """Claim up to `count` entries idle for at least the lease."""
+    async def claim(self, count: int, lane: str = "normal") -> list[Claimed]:
+        """Claim up to `count` entries of `lane` idle for at least the lease."""
         cursor, entries, num_deleted = await self._script(
-            keys=[self._jobs],
-            args=[self._group, self._consumer, self._lease_ms, self._cursor, count])
+            keys=[self._streams[lane]],
+            args=[self._group, self._consumer, self._lease_ms, self._cursors[lane], count])
         # Continue the scan next time; "0-0" means it wrapped around.
-        self._cursor = cursor if isinstance(cursor, bytes) else str(cursor).encode()
+        self._cursors[lane] = cursor if isinstance(cursor, bytes) else str(cursor).encode()
         if num_deleted:
             self._log.info("reclaim_dropped_deleted", num_deleted=int(num_deleted))
         return [Claimed(_bytes(entry_id), _pairs(flat), int(n)) for entry_id, flat, n in entries]
 
-    async def _hand_over(self, entry: Claimed) -> None:
+    async def _hand_over(self, entry: Claimed, lane: str) -> None:
         self._metrics.reclaims.inc()
-        self._log.info("job_reclaimed", entry_id=entry.entry_id.decode(), lane=self.lane,
+        self._log.info("job_reclaimed", entry_id=entry.entry_id.decode(), lane=lane,
                        num_delivered=entry.num_delivered)
         try:
-            await self._take(entry.entry_id, entry.fields, entry.num_delivered, self.lane)
+            await self._take(entry.entry_id, entry.fields, entry.num_delivered, lane)
         except (RedisError, OSError) as e:
             # Still pending for us but not running: the lease expires, it is reclaimed again.
             self._log.warning("reclaim_take_failed", entry_id=entry.entry_id.decode(),

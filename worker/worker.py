@@ -159,10 +159,10 @@ class Worker:
             metrics=self.metrics, wakeup=intake.wakeup, on_fatal=self._on_fatal,
             worker_id=self.worker_id)
         control = ControlListener(redis, self.keys, pump.cancel, connectivity=self.connectivity)
-        reclaimers = [Reclaimer(redis, self.keys, s.queue, self.worker_id, lease_ms=s.lease_ms,
-                                features=features, connectivity=self.connectivity,
-                                free_slots=engine_thread.num_free_seqs, take=intake.take,
-                                metrics=self.metrics, lane=lane) for lane in LANES]
+        reclaimer = Reclaimer(redis, self.keys, s.queue, self.worker_id, lease_ms=s.lease_ms,
+                              features=features, connectivity=self.connectivity,
+                              free_slots=engine_thread.num_free_seqs, take=intake.take,
+                              metrics=self.metrics)
         heartbeat = Heartbeat(redis=redis, keys=self.keys, lease=lease, registry=registry,
                               interval_s=s.heartbeat_s, connectivity=self.connectivity,
                               inflight=self.inflight, info=self._info,
@@ -172,8 +172,7 @@ class Worker:
         self.metrics.serve(s.metrics_port, s.metrics_host)
         engine_thread.start()
         pulling = [asyncio.create_task(intake.run(self._stop), name="intake"),
-                   *(asyncio.create_task(r.run(self._stop), name=f"reclaim-{r.lane}")
-                     for r in reclaimers)]
+                   asyncio.create_task(reclaimer.run(self._stop), name="reclaim")]
         others = [asyncio.create_task(pump.run(self._closing), name="consume"),
                   asyncio.create_task(heartbeat.run(self._closing), name="beat"),
                   asyncio.create_task(control.run(self._closing), name="control")]

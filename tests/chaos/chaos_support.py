@@ -143,7 +143,8 @@ class RawListener:
         return {k: v for k, v in self.seen.items() if len(v) > 1}
 
 
-async def pending_by_consumer(redis: Redis, keys: Keys) -> dict[str, list[bytes]]:
+async def pending_by_consumer(redis: Redis, keys: Keys
+                              ) -> dict[str, list[tuple[str, bytes]]]:
     """Entries pending in the queue's group (every lane), per consumer, as (lane, entry id)."""
     out: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
     for lane in LANES:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -17,19 +16,6 @@ from chaos_support import Spec, sim_reference
 pytestmark = pytest.mark.chaos
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _start_gateway(fleet) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenfleet.worker.cli", "gateway", "--redis-url", fleet.url,
-        "--key-prefix", fleet.keys.prefix, "--gateway-port", "0", "--log-format", "json",
-        stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
-    assert proc.stderr is not None
-    line = b""
-    while b"gateway listening on" not in line:
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        assert line, "the gateway exited before listening"
-    return proc, line.decode().split()[3]
 
 
 async def _sse_events(resp: aiohttp.ClientResponse, limit: int | None = None) -> list[dict]:
@@ -45,35 +31,27 @@ async def _sse_events(resp: aiohttp.ClientResponse, limit: int | None = None) ->
 async def test_requests_survive_a_sigkilled_gateway(fleet):
     specs = [Spec(f"order-{i}", f"gateway chaos {i}", {"max_new_tokens": 40 + i,
                                                        "details": True}) for i in range(4)]
-    gateway_a, url_a = await _start_gateway(fleet)
-    gateway_b, url_b = await _start_gateway(fleet)
-    try:
-        async with fleet.worker(sim_step_ms=20.0, max_num_seqs=8), \
-                aiohttp.ClientSession() as http:
+    async with fleet.gateway() as (gateway_a, url_a), fleet.gateway() as (_, url_b), \
+            fleet.worker(sim_step_ms=20.0, max_num_seqs=8), aiohttp.ClientSession() as http:
 
-            async def first_tokens(spec: Spec) -> list[dict]:
-                async with http.post(f"{url_a}/generate_stream", json={
-                        "inputs": spec.prompt, "parameters": spec.parameters},
-                        headers={"Idempotency-Key": spec.request_id}) as resp:
-                    return await _sse_events(resp, limit=5)
+        async def first_tokens(spec: Spec) -> list[dict]:
+            async with http.post(f"{url_a}/generate_stream", json={
+                    "inputs": spec.prompt, "parameters": spec.parameters},
+                    headers={"Idempotency-Key": spec.request_id}) as resp:
+                return await _sse_events(resp, limit=5)
 
-            before = await asyncio.gather(*(first_tokens(s) for s in specs))
-            gateway_a.send_signal(signal.SIGKILL)
-            await gateway_a.wait()
+        before = await asyncio.gather(*(first_tokens(s) for s in specs))
+        gateway_a.send_signal(signal.SIGKILL)
+        await gateway_a.wait()
 
-            async def reattach(spec: Spec) -> list[dict]:
-                async with http.post(f"{url_b}/generate_stream", json={
-                        "inputs": spec.prompt, "parameters": spec.parameters},
-                        headers={"Idempotency-Key": spec.request_id}) as resp:
-                    assert resp.status == 200
-                    return await _sse_events(resp)
+        async def reattach(spec: Spec) -> list[dict]:
+            async with http.post(f"{url_b}/generate_stream", json={
+                    "inputs": spec.prompt, "parameters": spec.parameters},
+                    headers={"Idempotency-Key": spec.request_id}) as resp:
+                assert resp.status == 200
+                return await _sse_events(resp)
 
-            after = await asyncio.wait_for(asyncio.gather(*(reattach(s) for s in specs)), 60)
-    finally:
-        for proc in (gateway_a, gateway_b):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        after = await asyncio.wait_for(asyncio.gather(*(reattach(s) for s in specs)), 60)
 
     for spec, head, events in zip(specs, before, after, strict=True):
         n = spec.parameters["max_new_tokens"]

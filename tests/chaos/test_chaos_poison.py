@@ -13,6 +13,7 @@ import pytest
 from chaos_support import QUEUE, check_stream, mixed_workload, run_clients, sim_reference
 
 from tokenfleet.producer.errors import GenerationError
+from tokenfleet.producer.keys import LANES
 from tokenfleet.producer.protocol import decode_job
 from tokenfleet.worker.test_hooks import KILL_MARKER
 
@@ -41,8 +42,9 @@ async def _keep_two_workers(fleet, redis, keys, request_id: str) -> list[int]:
 async def test_poison_job_is_dead_lettered_and_others_finish(fleet, redis, keys):
     specs = mixed_workload(12, max_tokens=60)
     async with fleet.client() as client:
+        # In the high lane: a lane other than the original stream must dead-letter too.
         poison_id = await client.submit(f"{KILL_MARKER} I take workers down",
-                                        request_id="poison", max_new_tokens=5)
+                                        request_id="poison", max_new_tokens=5, priority=1)
         clients = asyncio.create_task(run_clients(client, specs, timeout_s=90))
         codes = await _keep_two_workers(fleet, redis, keys, poison_id)
         results = await clients
@@ -53,10 +55,13 @@ async def test_poison_job_is_dead_lettered_and_others_finish(fleet, redis, keys)
     (_id, dead), = await redis.xrange(keys.dead(QUEUE))
     assert decode_job(dead[b"job"]).id == poison_id
     assert dead[b"dead_error_type"] == b"generation"
+    assert dead[b"dead_lane"] == b"high"
     for spec in specs:
         final = check_stream(results[spec.request_id])
         check_stream(results[spec.request_id], sim_reference(spec, final.details.seed))
-    assert await redis.xlen(keys.jobs(QUEUE)) == 0
+    for lane in LANES:  # every job acked and deleted, in every lane
+        assert await redis.xlen(keys.jobs(QUEUE, lane)) == 0
+        assert (await redis.xpending(keys.jobs(QUEUE, lane), keys.group(QUEUE)))["pending"] == 0
     fleet.stop_all()
     survivors = [p for p in fleet.processes if p.returncode != -signal.SIGKILL]
     assert survivors and all(p.returncode == 0 for p in survivors)

@@ -163,6 +163,26 @@ class Fleet:
         self.processes.append(proc)
         return proc
 
+    @contextlib.asynccontextmanager
+    async def gateway(self, *args: str) -> AsyncIterator[tuple[Any, str]]:
+        """`tokenfleet gateway` as a real process on a free port: (process, base URL).
+        Killed on exit unless the test already stopped it."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tokenfleet.worker.cli", "gateway", "--redis-url", self.url,
+            "--key-prefix", self.keys.prefix, "--gateway-port", "0", "--log-format", "json",
+            *args, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+        try:
+            assert proc.stderr is not None
+            line = b""
+            while b"gateway listening on" not in line:
+                line = await asyncio.wait_for(proc.stderr.readline(), 30)
+                assert line, "the gateway exited before listening"
+            yield proc, line.decode().split()[3]
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
     def log_lines(self, worker_id: str) -> list[dict[str, Any]]:
         """The JSON log lines a spawned worker wrote so far."""
         lines = []

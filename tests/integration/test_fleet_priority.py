@@ -66,3 +66,33 @@ async def test_admission_counts_every_lane(fleet, priority):
             await client.submit(f"job {i}", priority=p)
         with pytest.raises(OverloadedError):
             await client.submit("one too many", priority=priority)
+
+
+async def test_reclaimed_jobs_keep_their_priority_order(fleet, redis, keys):
+    """A dead consumer's expired jobs in every lane: a 1-slot worker's reclaimer starts them
+    high lane first, then normal, then low (and never more than its free slot at once)."""
+    async with fleet.client() as client:
+        submitted = {}
+        for rid, priority in [("l0", -1), ("n0", 0), ("h0", 1), ("l1", -1), ("h1", 1)]:
+            submitted[rid] = await _submit(client, rid, priority, max_new_tokens=2)
+        for lane in LANES:  # a consumer that then died: everything is pending for it
+            await redis.xgroup_create(keys.jobs(QUEUE, lane), keys.group(QUEUE), id="0",
+                                      mkstream=True)
+            await redis.xreadgroup(keys.group(QUEUE), "dead", {keys.jobs(QUEUE, lane): ">"})
+        await asyncio.sleep(0.6)  # the lease below
+        async with fleet.worker(max_num_seqs=1, sim_step_ms=2.0, lease_ms=500):
+            started = await _start_times(client, submitted)
+    assert sorted(started, key=started.__getitem__) == ["h0", "h1", "n0", "l0", "l1"]
+
+
+async def test_a_retry_with_another_priority_finds_its_job(fleet):
+    """The idempotency key remembers the job's lane: a retry of the same id sent with a
+    different priority is the same (queued) request, not an expired one."""
+    async with fleet.client() as client:
+        first = client.build_job("same", request_id="retry-me", priority=1)
+        admitted = await client.enqueue(first)
+        retry = client.build_job("same", request_id="retry-me", priority=0)
+        again = await client.enqueue(retry)
+        assert again.duplicate and again.lane == "high"
+        assert again.entry_id == admitted.entry_id
+        assert await client.request_exists(retry, again)

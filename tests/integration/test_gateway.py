@@ -8,7 +8,6 @@ import contextlib
 import json
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -365,27 +364,18 @@ async def test_unreachable_redis_is_503_not_a_crash():
 async def test_gateway_process_serves_and_drains_on_sigterm(fleet):
     """`tokenfleet gateway` as a real process: it answers, and on SIGTERM it lets a stream
     in flight finish before it exits 0."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenfleet.worker.cli", "gateway", "--redis-url", fleet.url,
-        "--key-prefix", fleet.keys.prefix, "--gateway-port", "0", "--log-format", "json",
-        "--drain-timeout-s", "20", stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
-    try:
-        url = await _listening_url(proc)
-        async with fleet.worker(sim_step_ms=20.0), aiohttp.ClientSession() as http:
-            async with http.post(f"{url}/generate", json={
-                    "inputs": "x", "parameters": {"max_new_tokens": 3}}) as resp:
-                assert resp.status == 200
-            async with http.post(f"{url}/generate_stream", json={
-                    "inputs": "x", "parameters": {"max_new_tokens": 40}}) as resp:
-                await resp.content.readline()
-                proc.send_signal(signal.SIGTERM)
-                events = [json.loads(d) for d in await _sse(resp)]
-            assert len(events) == 39 and events[-1]["generated_text"] is not None
-            assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with fleet.gateway("--drain-timeout-s", "20") as (proc, url), \
+            fleet.worker(sim_step_ms=20.0), aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/generate", json={
+                "inputs": "x", "parameters": {"max_new_tokens": 3}}) as resp:
+            assert resp.status == 200
+        async with http.post(f"{url}/generate_stream", json={
+                "inputs": "x", "parameters": {"max_new_tokens": 40}}) as resp:
+            await resp.content.readline()
+            proc.send_signal(signal.SIGTERM)
+            events = [json.loads(d) for d in await _sse(resp)]
+        assert len(events) == 39 and events[-1]["generated_text"] is not None
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
 
 
 async def test_tgi_client_chat(served):
@@ -401,38 +391,20 @@ async def test_tgi_client_chat(served):
 async def test_sigterm_cancels_what_the_drain_time_leaves(fleet):
     """Past the drain time, a gateway stopping cancels the requests it still serves: their
     streams end with the cancel, and no worker keeps generating for nobody."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenfleet.worker.cli", "gateway", "--redis-url", fleet.url,
-        "--key-prefix", fleet.keys.prefix, "--gateway-port", "0", "--log-format", "json",
-        "--drain-timeout-s", "0.5", stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
-    try:
-        url = await _listening_url(proc)
-        async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
-                aiohttp.ClientSession() as http:
-            async with http.post(f"{url}/generate_stream", json={
-                    "inputs": "x", "parameters": {"max_new_tokens": 2000}}) as resp:
-                await resp.content.readline()
-                request_id = resp.headers["x-request-id"]
-                proc.send_signal(signal.SIGTERM)
-                events = [json.loads(d) for d in await _sse(resp)]
-            final = await client.result(request_id, timeout_s=10)
-            assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with fleet.gateway("--drain-timeout-s", "0.5") as (proc, url), \
+            fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/generate_stream", json={
+                "inputs": "x", "parameters": {"max_new_tokens": 2000}}) as resp:
+            await resp.content.readline()
+            request_id = resp.headers["x-request-id"]
+            proc.send_signal(signal.SIGTERM)
+            events = [json.loads(d) for d in await _sse(resp)]
+        final = await client.result(request_id, timeout_s=10)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert final.details.finish_reason == "cancelled"
     assert final.details.generated_tokens < 500
     assert "cancelled" in events[-1]["error"]
-
-
-async def _listening_url(proc: asyncio.subprocess.Process) -> str:
-    assert proc.stderr is not None
-    line = b""
-    while b"gateway listening on" not in line:
-        line = await asyncio.wait_for(proc.stderr.readline(), 30)
-        assert line, "the gateway exited before listening"
-    return line.decode().split()[3]
 
 
 async def test_a_stalled_redis_is_a_prompt_503(server_process):
