@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 import structlog
@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 from tokenfleet.engine.outputs import FinishReason, StepOutput
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.producer.errors import ValidationError as ProducerValidationError
-from tokenfleet.producer.keys import LANES, Keys
+from tokenfleet.producer.keys import Keys
 from tokenfleet.producer.protocol import PROTOCOL_VERSION, Job, decode_job
 from tokenfleet.producer.validation import validate_job, validate_request_id
 from tokenfleet.worker.connectivity import Connectivity, is_transient
@@ -39,6 +39,7 @@ from tokenfleet.worker.engine_protocol import TokenizerLike
 from tokenfleet.worker.engine_thread import EngineThread
 from tokenfleet.worker.inflight import InFlightRequest
 from tokenfleet.worker.job_state import fetch_job_state
+from tokenfleet.worker.lane_reader import LaneReader
 from tokenfleet.worker.metrics import WorkerMetrics
 from tokenfleet.worker.publisher import Publisher
 from tokenfleet.worker.test_hooks import TestHooks
@@ -62,8 +63,7 @@ class Intake:
         self._redis = redis
         self._keys = keys
         self._queue = queue
-        self._lanes = {lane: keys.jobs(queue, lane) for lane in LANES}
-        self._lane_of = {stream.encode(): lane for lane, stream in self._lanes.items()}
+        self._reader = LaneReader(redis, keys, queue, consumer, read_block_ms)
         self._group = keys.group(queue)
         self._consumer = consumer
         self._engine = engine_thread
@@ -72,7 +72,6 @@ class Intake:
         self._inflight = inflight
         self._publisher = publisher
         self._metrics = metrics
-        self._read_block_ms = read_block_ms
         self._max_deliveries = max_deliveries
         self._seed_ttl_s = seed_ttl_s
         self._connectivity = connectivity if connectivity is not None else Connectivity()
@@ -83,7 +82,7 @@ class Intake:
     async def ensure_group(self) -> None:
         """Create the consumer group (from the stream's start: no job enqueued before the
         first worker started is skipped)."""
-        for stream in self._lanes.values():
+        for stream in self._reader.streams.values():
             try:
                 await self._redis.xgroup_create(stream, self._group, id="0", mkstream=True)
             except ResponseError as e:
@@ -102,11 +101,13 @@ class Intake:
                         await self.wakeup.wait()
                 continue
             try:
-                entries = await self._read(num_free)
+                entries, missing_group = await self._reader.read(num_free)
                 self._connectivity.succeeded(backoff)
                 with self._engine.batched():  # the whole read reaches the engine at once
-                    for lane, entry_id, fields in entries:
-                        await self.take(entry_id, fields, lane=lane)
+                    for e in entries:
+                        await self.take(e.entry_id, e.fields, lane=e.lane)
+                if missing_group:  # a lane's stream was deleted (or Redis lost it)
+                    await self.ensure_group()
             except (RedisError, OSError) as e:
                 if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost it)
                     await self.ensure_group()
@@ -116,37 +117,6 @@ class Intake:
                 # Entries read but not started stay pending for us: they are reclaimed
                 # after the lease, and resumed.
                 await self._connectivity.failed(e, "intake", backoff)
-
-    async def _read(self, num_free: int) -> list[tuple[str, bytes, Mapping[bytes, bytes]]]:
-        """Up to `num_free` new entries, lane by lane; when every lane is empty, block until
-        one gets an entry. That read takes at most one entry per lane, and in practice one:
-        Redis serves a blocked reader after each command, and producers add one entry per
-        command (the admission script); only a writer that fills several lanes in one
-        MULTI could hand it more than one."""
-        out: list[tuple[str, bytes, Mapping[bytes, bytes]]] = []
-        for stream in self._lanes.values():
-            if len(out) < num_free:
-                try:
-                    reply: Any = await self._redis.xreadgroup(
-                        self._group, self._consumer, {stream: ">"}, count=num_free - len(out))
-                except ResponseError as e:
-                    if "NOGROUP" not in str(e):
-                        raise
-                    # This lane's stream was deleted: recreate it, and keep what earlier
-                    # lanes delivered (dropping it would strand it pending until the lease).
-                    await self.ensure_group()
-                    continue
-                out += self._entries(reply)
-        if not out:
-            reply = await self._redis.xreadgroup(
-                self._group, self._consumer, dict.fromkeys(self._lanes.values(), ">"),
-                count=1, block=self._read_block_ms)
-            out = sorted(self._entries(reply), key=lambda e: LANES.index(e[0]))
-        return out
-
-    def _entries(self, reply: Any) -> list[tuple[str, bytes, Mapping[bytes, bytes]]]:
-        return [(self._lane_of[_as_bytes(stream)], entry_id, fields)
-                for stream, entries in reply or [] for entry_id, fields in entries]
 
     async def take(self, entry_id: bytes, fields: Mapping[bytes, bytes],
                    num_delivered: int = 1, lane: str = "normal") -> None:
@@ -314,10 +284,6 @@ class _Entry:
 
     entry_id: bytes
     lane: str
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
 
 
 def _safe_id(request_id: str) -> str | None:

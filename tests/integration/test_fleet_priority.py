@@ -96,3 +96,17 @@ async def test_a_retry_with_another_priority_finds_its_job(fleet):
         assert again.duplicate and again.lane == "high"
         assert again.entry_id == admitted.entry_id
         assert await client.request_exists(retry, again)
+
+
+async def test_a_deleted_lane_is_recreated_without_stranding_other_lanes(fleet, redis, keys):
+    """Someone deletes the low lane's stream (its group goes with it) while jobs wait in the
+    normal lane: they are served at once, not left pending for a lease, and the low lane
+    works again."""
+    async with fleet.client() as client, fleet.worker(max_num_seqs=4, sim_step_ms=2.0):
+        await client.generate("warm", max_new_tokens=1)
+        await redis.delete(keys.jobs(QUEUE, "low"))
+        finals = await asyncio.wait_for(asyncio.gather(
+            *(client.generate(f"n{i}", max_new_tokens=2) for i in range(3)),
+            client.generate("low", max_new_tokens=2, priority=-1)), 5)  # < the 30 s lease
+    assert [f.details.generated_tokens for f in finals] == [2, 2, 2, 2]
+    assert all(f.queue_ms < 2000 for f in finals)
