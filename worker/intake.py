@@ -109,7 +109,9 @@ class Intake:
                 if missing_group:  # a lane's stream was deleted (or Redis lost it)
                     await self.ensure_group()
             except (RedisError, OSError) as e:
-                if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost it)
+                # The stream was deleted (or Redis lost it): NOGROUP, or on Redis >= 7
+                # "UNBLOCKED the stream key no longer exists" for a read blocked on it.
+                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
                     await self.ensure_group()
                     continue
                 if not is_transient(e):
