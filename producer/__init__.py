@@ -8,6 +8,7 @@
 from tokenfleet.producer.client import Client, raise_for_error
 from tokenfleet.producer.errors import (
     DeadlineExceededError,
+    ExpiredRequestError,
     GenerationError,
     IncompleteGenerationError,
     OverloadedError,
@@ -32,6 +33,7 @@ __all__ = [
     "DeadlineExceededError",
     "ErrorEvent",
     "Event",
+    "ExpiredRequestError",
     "FinalEvent",
     "GenerationError",
     "IncompleteGenerationError",

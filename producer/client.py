@@ -25,7 +25,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from tokenfleet.producer.admission import Admission, Admitted
-from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
+from tokenfleet.producer.errors import (
+    ExpiredRequestError,
+    TokenfleetError,
+    ValidationError,
+    error_class,
+)
 from tokenfleet.producer.event_stream import EventStream
 from tokenfleet.producer.keys import Keys, lane_for_priority
 from tokenfleet.producer.protocol import (
@@ -156,7 +161,8 @@ class Client:
         deadline_ms, deadline_s, tenant) plus TGI parameters (max_new_tokens, temperature …).
         Raises ValidationError, or OverloadedError when the queue's backlog is full.
         Submitting an id that was already submitted is a no-op, so a submit that failed on a
-        connection error can be retried with the same `request_id` safely.
+        connection error can be retried with the same `request_id` safely; if that earlier
+        request's result has expired meanwhile, ExpiredRequestError (it cannot run twice).
         """
         job = self.build_job(inputs, **kwargs)
         await self.enqueue(job, queue=queue)
@@ -166,11 +172,18 @@ class Client:
         """Enqueue an already built (and validated) job through admission control.
 
         Returns the stream entry; `duplicate` when the id was submitted before (then nothing
-        was enqueued: the earlier job is, or was, the request).
+        was enqueued: the earlier job is the request). Raises ExpiredRequestError when that
+        earlier request can no longer be followed (its result expired): waiting for it would
+        never end.
         """
-        return await self._admission.admit(
+        admitted = await self._admission.admit(
             queue or self.default_queue, job.id, encode(job), max_queue_len=self.max_queue_len,
             lane=lane_for_priority(job.priority))
+        if admitted.duplicate and not await self.request_exists(job, admitted, queue):
+            raise ExpiredRequestError(
+                f"request {job.id} was submitted before and its result has expired "
+                "(result_ttl_s); submit it under a new id", request_id=job.id)
+        return admitted
 
     async def request_exists(self, job: Job, admitted: Admitted,
                              queue: str | None = None) -> bool:

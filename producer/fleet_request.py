@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from tokenfleet.producer.client import Client
-from tokenfleet.producer.errors import ExpiredRequestError, TokenfleetError
+from tokenfleet.producer.errors import TokenfleetError
 from tokenfleet.producer.event_stream import EventStream
 from tokenfleet.producer.protocol import ErrorEvent, Event, FinalEvent, Job, TokenEvent
 
@@ -55,12 +55,8 @@ class FleetRequest:
         events = self._client.events(self.job.id, timeout_s=self._timeout_s)
         await events.__aenter__()
         try:
-            admitted = await self._client.enqueue(self.job, queue=self._queue_name)
-            if admitted.duplicate and not await self._client.request_exists(
-                    self.job, admitted, self._queue_name):
-                raise ExpiredRequestError(
-                    f"request {self.job.id} was submitted before and its result has expired "
-                    "(result_ttl_s); send it with a new Idempotency-Key", request_id=self.job.id)
+            # A duplicate whose result expired raises ExpiredRequestError (410).
+            await self._client.enqueue(self.job, queue=self._queue_name)
         except BaseException as e:
             # Cancelled while the enqueue was on its way: the job may be queued all the same.
             if self.cancel_on_abandon and not isinstance(e, TokenfleetError):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tokenfleet.producer.errors import OverloadedError
+from tokenfleet.producer.errors import ExpiredRequestError, OverloadedError
 
 QUEUE = "default"
 
@@ -88,3 +88,19 @@ async def _until(probe, expected, timeout_s: float = 10.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise TimeoutError(f"probe never returned {expected}")
+
+
+async def test_a_resubmitted_id_whose_result_expired_is_refused(fleet, redis, keys):
+    """A retried submit of a finished request whose events and result have expired cannot
+    be answered (nothing to replay) nor run again (idempotency): a clear error, not a wait
+    that never ends."""
+    async with fleet.worker(), fleet.client() as client:
+        await client.generate("once", request_id="old-one", max_new_tokens=2)
+        await client.submit("once", request_id="old-one", max_new_tokens=2)  # still there: ok
+        await redis.delete(keys.events("old-one"), keys.result("old-one"))  # as after the TTLs
+        with pytest.raises(ExpiredRequestError, match="expired"):
+            await client.submit("once", request_id="old-one", max_new_tokens=2)
+        with pytest.raises(ExpiredRequestError):
+            async for _ in client.generate_stream("once", request_id="old-one",
+                                                  max_new_tokens=2):
+                pass
