@@ -16,7 +16,7 @@ from typing import Final
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenfleet.producer.backoff import Backoff
@@ -24,13 +24,16 @@ from tokenfleet.producer.backoff import Backoff
 __all__ = ["Connectivity", "is_transient"]
 
 # Replies of a server that is restarting, failing over or resharding: retry, do not give up.
+# UNBLOCKED: a blocked read cut short (the node was demoted, or the stream deleted: the next
+# read reports the missing group, which the intake recreates).
 _TRANSIENT_REPLIES: Final = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
-                             "BUSY ")
+                             "BUSY ", "UNBLOCKED")
 
 
 def is_transient(error: BaseException) -> bool:
     """True for errors that mean "Redis is not answering normally right now"."""
-    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError):
+    # redis-py strips the "READONLY" of a demoted node's reply into its own class.
+    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | ReadOnlyError):
         return True
     return isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES)
 

@@ -109,16 +109,27 @@ class Intake:
                 if missing_group:  # a lane's stream was deleted (or Redis lost it)
                     await self.ensure_group()
             except (RedisError, OSError) as e:
-                # The stream was deleted (or Redis lost it): NOGROUP, or on Redis >= 7
-                # "UNBLOCKED the stream key no longer exists" for a read blocked on it.
-                if "NOGROUP" in str(e) or "UNBLOCKED" in str(e):
-                    await self.ensure_group()
-                    continue
-                if not is_transient(e):
-                    raise
-                # Entries read but not started stay pending for us: they are reclaimed
-                # after the lease, and resumed.
-                await self._connectivity.failed(e, "intake", backoff)
+                error: BaseException = e
+                if "NOGROUP" in str(e):  # the stream was deleted (or Redis lost it)
+                    refused = await self._try_ensure_group()
+                    if refused is None:
+                        continue
+                    error = refused
+                if not is_transient(error):
+                    raise error from None
+                # A failover, a restart (on Redis >= 7 also a blocked read whose stream was
+                # deleted: UNBLOCKED). Entries read but not started stay pending for us:
+                # they are reclaimed after the lease, and resumed.
+                await self._connectivity.failed(error, "intake", backoff)
+
+    async def _try_ensure_group(self) -> BaseException | None:
+        """`ensure_group`, returning its Redis error instead of raising it (a demoted node
+        refuses the XGROUP CREATE: that is an outage to wait out, not a reason to stop)."""
+        try:
+            await self.ensure_group()
+        except (RedisError, OSError) as e:
+            return e
+        return None
 
     async def take(self, entry_id: bytes, fields: Mapping[bytes, bytes],
                    num_delivered: int = 1, lane: str = "normal") -> None:

@@ -64,23 +64,28 @@ class LaneReader:
 
     async def read(self, num_free: int) -> tuple[list[LaneEntry], bool]:
         """Up to `num_free` new entries in priority order, and whether a lane's group was
-        missing. When every lane is empty, blocks until one gets an entry: that read takes
-        at most one per lane, and in practice one (Redis serves a blocked reader after each
-        command, and the admission script adds one entry; only a writer filling several
-        lanes in one MULTI could hand it more)."""
+        missing. When every lane is empty, blocks until one gets an entry. That read takes
+        at most one per lane, and one when it really blocked (Redis serves a blocked reader
+        after each command; the admission script adds one entry); two or three, beyond the
+        free slots, only if entries reached several lanes in the moment between the script
+        and the blocking read."""
         reply: Any = await self._script(keys=list(self.streams.values()),
                                         args=[self._group, self._consumer, num_free])
         out: list[LaneEntry] = []
         missing_group = False
+        refused: ResponseError | None = None
         for lane_number, entries in reply or []:
             lane = LANES[int(lane_number) - 1]
-            if isinstance(entries, bytes | str):  # an error: the lane's group is gone
-                if "NOGROUP" not in _text(entries):
-                    raise ResponseError(_text(entries))
-                missing_group = True
+            if isinstance(entries, bytes | str):  # an error, usually: the lane's group is gone
+                if "NOGROUP" in _text(entries):
+                    missing_group = True
+                else:
+                    refused = ResponseError(_text(entries))
                 continue
             out += [LaneEntry(lane, _bytes(entry_id), _pairs(flat))
                     for entry_id, flat in entries]
+        if refused is not None and not out:
+            raise refused  # after delivering what other lanes gave: it would strand them
         if out or missing_group:
             return out, missing_group
         blocked: Any = await self._redis.xreadgroup(

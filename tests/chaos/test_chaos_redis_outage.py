@@ -80,3 +80,39 @@ async def test_redis_stall_longer_than_the_lease(own_fleet, server_process, keys
         server_process.signal(signal.SIGCONT)
 
     await _run_with_fault(own_fleet, keys, stall)
+
+
+async def test_a_failover_demotion_is_waited_out(own_fleet, server_process, keys):
+    """The server is demoted to a replica for a second, as in a failover (blocked reads are
+    cut short with UNBLOCKED, writes refused with READONLY), then promoted again: workers
+    wait it out instead of stopping, and nothing is lost or changed."""
+    async def demote() -> None:
+        admin = Redis.from_url(server_process.url)
+        try:
+            await admin.execute_command("REPLICAOF", "127.0.0.1", "1")  # a master never seen
+            await asyncio.sleep(1.0)
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+        finally:
+            await admin.aclose()
+
+    await _run_with_fault(own_fleet, keys, demote)
+
+
+async def test_an_idle_worker_survives_a_demotion(own_fleet, server_process):
+    """An idle worker's intake is blocked in XREADGROUP when the node is demoted: the read
+    is cut short (UNBLOCKED) and recreating the groups is refused (READONLY). The worker
+    waits that out; once the node is promoted again it serves as before."""
+    admin = Redis.from_url(server_process.url)
+    try:
+        async with own_fleet.worker(read_block_ms=5000) as worker, \
+                own_fleet.client() as client:
+            await client.generate("warm up", max_new_tokens=2)
+            await asyncio.sleep(0.3)  # the intake blocks again
+            await admin.execute_command("REPLICAOF", "127.0.0.1", "1")
+            await asyncio.sleep(1.0)
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            final = await asyncio.wait_for(client.generate("after", max_new_tokens=3), 30)
+            assert final.details.generated_tokens == 3
+            assert worker.exit_code == 0  # not stopped by the intake dying
+    finally:
+        await admin.aclose()
