@@ -100,7 +100,7 @@ class ChatRenderer(_OpenAIRenderer):
     """`/v1/chat/completions`: `chat.completion` or `chat.completion.chunk` objects."""
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
-        text = "" if event.token is None or event.token.special else event.token.text
+        text = _text(event)
         choice: dict[str, Any] = {
             "index": 0,
             # role on every delta: TGI's client types require it; OpenAI's SDK accepts it.
@@ -133,7 +133,7 @@ class CompletionRenderer(_OpenAIRenderer):
     _offset: int = field(default=0, init=False)  # characters streamed, for `text_offset`
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
-        text = "" if event.token is None or event.token.special else event.token.text
+        text = _text(event)
         prefix, self.echo_prompt = self.echo_prompt, ""
         choice: dict[str, Any] = {"index": 0, "text": prefix + text, "logprobs": None,
                                   "finish_reason": None}
@@ -151,14 +151,18 @@ class CompletionRenderer(_OpenAIRenderer):
         if self.logprobs:
             # With `echo` the text starts with the prompt; offsets count from its end.
             events: list[TokenEvent | FinalEvent] = [*tokens, final]
-            prompt_len = len(final.generated_text) - sum(
-                len(e.token.text) for e in events if e.token is not None and not e.token.special)
+            prompt_len = len(final.generated_text) - sum(len(_text(e)) for e in events)
             logprobs = completion_logprobs(events, max(prompt_len, 0))
         choice = {"index": 0, "text": final.generated_text, "logprobs": logprobs,
                   "finish_reason": finish_reason(final)}
         out = self._envelope("text_completion", [choice])
         out["usage"] = _usage(final)
         return out
+
+
+def _text(event: TokenEvent | FinalEvent) -> str:
+    """The text an event adds to the answer (none for a special token, or no token)."""
+    return "" if event.token is None or event.token.special else event.token.text
 
 
 def _usage(final: FinalEvent) -> dict[str, int]:

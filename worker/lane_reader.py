@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from tokenfleet.producer.keys import LANES, Keys
+from tokenfleet.worker.script_reply import as_bytes, field_map
 
 __all__ = ["LaneEntry", "LaneReader"]
 
@@ -82,7 +83,7 @@ class LaneReader:
                 else:
                     refused = ResponseError(_text(entries))
                 continue
-            out += [LaneEntry(lane, _bytes(entry_id), _pairs(flat))
+            out += [LaneEntry(lane, as_bytes(entry_id), field_map(flat))
                     for entry_id, flat in entries]
         if refused is not None and not out:
             raise refused  # after delivering what other lanes gave: it would strand them
@@ -91,18 +92,10 @@ class LaneReader:
         blocked: Any = await self._redis.xreadgroup(
             self._group, self._consumer, dict.fromkeys(self.streams.values(), ">"),
             count=1, block=self._read_block_ms)
-        out = [LaneEntry(self._lane_of[_bytes(stream)], entry_id, fields)
+        out = [LaneEntry(self._lane_of[as_bytes(stream)], entry_id, fields)
                for stream, entries in blocked or [] for entry_id, fields in entries]
         return sorted(out, key=lambda e: LANES.index(e.lane)), False
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
-    return {_bytes(k): _bytes(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}

@@ -23,6 +23,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 
 from tokenfleet.producer.keys import LANES, Keys
+from tokenfleet.worker.script_reply import as_bytes
 
 __all__ = ["LEASE_LUA", "Lease", "Renewal"]
 
@@ -94,4 +95,4 @@ class Lease:
 
 
 def _ids(values: Any) -> list[bytes]:
-    return [v if isinstance(v, bytes) else str(v).encode() for v in values or []]
+    return [as_bytes(v) for v in values or []]

@@ -19,7 +19,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 from redis.asyncio import Redis
@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from tokenfleet.producer.keys import LANES, Keys
 from tokenfleet.worker.connectivity import Connectivity, is_transient
 from tokenfleet.worker.metrics import WorkerMetrics
+from tokenfleet.worker.script_reply import as_bytes, field_map
 from tokenfleet.worker.server_features import ServerFeatures
 
 __all__ = ["AUTOCLAIM_LUA", "PENDING_CLAIM_LUA", "Claimed", "Reclaimer"]
@@ -156,10 +157,11 @@ class Reclaimer:
             keys=[self._streams[lane]],
             args=[self._group, self._consumer, self._lease_ms, self._cursors[lane], count])
         # Continue the scan next time; "0-0" means it wrapped around.
-        self._cursors[lane] = cursor if isinstance(cursor, bytes) else str(cursor).encode()
+        self._cursors[lane] = as_bytes(cursor)
         if num_deleted:
             self._log.info("reclaim_dropped_deleted", num_deleted=int(num_deleted))
-        return [Claimed(_bytes(entry_id), _pairs(flat), int(n)) for entry_id, flat, n in entries]
+        return [Claimed(as_bytes(entry_id), field_map(flat), int(n))
+                for entry_id, flat, n in entries]
 
     async def _hand_over(self, entry: Claimed, lane: str) -> None:
         self._metrics.reclaims.inc()
@@ -171,11 +173,3 @@ class Reclaimer:
             # Still pending for us but not running: the lease expires, it is reclaimed again.
             self._log.warning("reclaim_take_failed", entry_id=entry.entry_id.decode(),
                               error=str(e))
-
-
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
-    return {_bytes(k): _bytes(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}

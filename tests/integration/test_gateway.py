@@ -146,10 +146,11 @@ async def test_full_queue_is_429_overloaded(fleet):
             await waiting
 
 
-async def _read_then_disconnect(url: str, headers: dict[str, str], num_events: int) -> str:
-    async with aiohttp.ClientSession() as http, http.post(
-            f"{url}/generate_stream", headers=headers,
-            json={"inputs": "long", "parameters": {"max_new_tokens": 2000}}) as resp:
+async def _read_then_disconnect(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                                headers: dict[str, str] | None = None,
+                                num_events: int = 1) -> str:
+    """Read `num_events` events of a stream, then drop the connection; the request id."""
+    async with http.post(f"{url}/generate_stream", headers=headers, json=body) as resp:
         assert resp.status == 200
         seen = 0
         async for line in resp.content:
@@ -162,7 +163,9 @@ async def _read_then_disconnect(url: str, headers: dict[str, str], num_events: i
 async def test_disconnect_cancels_the_request_in_the_fleet(fleet):
     async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
             running_gateway(client) as url:
-        request_id = await _read_then_disconnect(url, {}, num_events=3)
+        async with aiohttp.ClientSession() as http:
+            request_id = await _read_then_disconnect(http, url, {
+                "inputs": "long", "parameters": {"max_new_tokens": 2000}}, num_events=3)
         final = await client.result(request_id, timeout_s=10)
         metrics = ""
         async with aiohttp.ClientSession() as http:
@@ -201,7 +204,7 @@ async def test_idempotency_key_survives_a_disconnect_and_reattaches(fleet):
             running_gateway(client) as url, aiohttp.ClientSession() as http:
         key = {"Idempotency-Key": "order-42"}
         body = {"inputs": "long", "parameters": {"max_new_tokens": 40, "details": True}}
-        request_id = await _read_then_disconnect_small(http, url, key, body)
+        request_id = await _read_then_disconnect(http, url, body, key)
         # The same POST again re-attaches: the whole stream, from the first token.
         async with http.post(f"{url}/generate_stream", headers=key, json=body) as resp:
             assert resp.headers["x-request-id"] == request_id
@@ -220,13 +223,6 @@ async def test_idempotency_key_survives_a_disconnect_and_reattaches(fleet):
     assert [e["index"] for e in events] == list(range(1, 41))
     assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
     assert events[-1]["details"]["finish_reason"] == "length"  # not cancelled by the disconnect
-
-
-async def _read_then_disconnect_small(http: aiohttp.ClientSession, url: str,
-                                      headers: dict[str, str], body: dict[str, Any]) -> str:
-    async with http.post(f"{url}/generate_stream", headers=headers, json=body) as resp:
-        await resp.content.readline()
-        return resp.headers["x-request-id"]
 
 
 async def test_delete_cancels_a_request(fleet):
