@@ -18,9 +18,10 @@ from tokenfleet.engine.block_manager import BlockManager
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.detokenizer import IncrementalDetokenizer
 from tokenfleet.engine.errors import ValidationError
+from tokenfleet.engine.grammar_compiler import GrammarCompiler
 from tokenfleet.engine.hub import resolve_model
 from tokenfleet.engine.loader import load_engine_model, load_model_config
-from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, needs_history
+from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, reads_tokens_on_host
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
 from tokenfleet.engine.sampling_params import SamplingParams
@@ -49,6 +50,7 @@ class LLMEngine:
                                    mc.max_position_embeddings)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.grammars = GrammarCompiler(self.tokenizer.to_json, mc.vocab_size, self.eos_token_ids)
         self.runner = self._start_runner(config, mc)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -104,11 +106,13 @@ class LLMEngine:
         resumed = list(resume_token_ids)
         if len(resumed) >= params.max_new_tokens:
             raise ValidationError("resume_token_ids already reach max_new_tokens")
+        matcher = (self.grammars.matcher(params.grammar, resumed)
+                   if params.grammar is not None else None)
         seq = Sequence(
             request_id=request_id, prompt_token_ids=prompt, params=params,
             seed=params.seed if params.seed is not None else secrets.randbits(63),
             eos_token_ids=frozenset(()) if params.ignore_eos else self.eos_token_ids,
-            want_prompt_logprobs=params.decoder_input_details,
+            want_prompt_logprobs=params.decoder_input_details, grammar_matcher=matcher,
         )
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt)
         seq.stop_matcher = StopMatcher(params.stop)
@@ -215,9 +219,10 @@ class LLMEngine:
 
     # ---- asynchronous decode ---------------------------------------------------------------
     def _async_decode_ok(self, batch: ScheduledBatch) -> bool:
-        """Decode-only, replayable, and no penalty (those read the token history on the host)."""
+        """Decode-only, replayable, and no row needs the previous token on the host (a
+        penalty reads the history; a grammar's mask follows each token)."""
         return (self.config.async_decode and self.runner.replayable(batch)
-                and not needs_history(batch.seqs))
+                and not reads_tokens_on_host(batch.seqs))
 
     def _launch(self, seqs: list[Sequence], prev: LaunchedDecode | None) -> LaunchedDecode:
         launched = self.runner.launch_decode(seqs, prev)
@@ -251,7 +256,7 @@ class LLMEngine:
         assert max_len is not None
         seqs = [s for s in sched.running
                 if s.num_output_tokens < s.params.max_new_tokens and s.num_tokens < max_len]
-        if not seqs or not self.runner.can_replay(len(seqs)) or needs_history(seqs):
+        if not seqs or not self.runner.can_replay(len(seqs)) or reads_tokens_on_host(seqs):
             return None
         if not all(self.block_manager.append_slot(s) for s in seqs):
             return None  # out of blocks: the scheduler preempts in a normal step

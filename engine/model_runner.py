@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
+from tokenfleet.engine.grammar_compiler import grammar_masks
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
 from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
@@ -285,6 +286,8 @@ class ModelRunner:
             token_histories=[s.token_ids for s in sampled] if needs_history(sampled) else None,
             prompt_lens=[s.num_prompt_tokens for s in sampled],
             banned_token_ids=[_banned(s) for s in sampled],
+            allowed=grammar_masks([s.grammar_matcher for s in sampled],
+                                  self.model_config.vocab_size),
             vocab_size=self.model_config.vocab_size,
             device=self.device,
         )
@@ -343,8 +346,16 @@ def needs_history(seqs: list[Sequence]) -> bool:
                or s.params.presence_penalty for s in seqs)
 
 
+def reads_tokens_on_host(seqs: list[Sequence]) -> bool:
+    """Some row's sampling needs its latest token on the host: a penalty over its history, or
+    a grammar whose mask follows each token (so no decode step is queued ahead for it)."""
+    return needs_history(seqs) or any(s.grammar_matcher is not None for s in seqs)
+
+
 def _banned(seq: Sequence) -> list[int]:
-    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish)."""
-    if seq.num_output_tokens < seq.params.min_new_tokens:
+    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish). A
+    grammar decides alone when its output may end: banning EOS where the grammar allows
+    only EOS would leave no token at all."""
+    if seq.num_output_tokens < seq.params.min_new_tokens and seq.grammar_matcher is None:
         return list(seq.eos_token_ids)
     return []

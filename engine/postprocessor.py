@@ -64,7 +64,8 @@ class Postprocessor:
         """Text, stop and finish decisions for the token at output `index` (later indices may
         be pending: lengths are counted up to this token)."""
         text, stopped = seq.stop_matcher.push(seq.detokenizer.add(token_id))
-        reason = self._finish_reason(seq, index + 1, token_id, stopped)
+        reason = self._finish_reason(seq, index + 1, token_id, stopped,
+                                     _grammar_done(seq, token_id))
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += seq.stop_matcher.flush()
             if seq.stop_matcher.stopped:  # the held tail turned out to contain a stop
@@ -78,9 +79,9 @@ class Postprocessor:
         self.scheduler.remove(seq)
         return self.finish(seq, reason, [token])
 
-    def _finish_reason(self, seq: Sequence, num_output: int, token_id: int, stopped: bool
-                       ) -> FinishReason | None:
-        if token_id in seq.eos_token_ids:
+    def _finish_reason(self, seq: Sequence, num_output: int, token_id: int, stopped: bool,
+                       grammar_done: bool) -> FinishReason | None:
+        if token_id in seq.eos_token_ids or grammar_done:
             return FinishReason.EOS_TOKEN
         if stopped or token_id in seq.params.stop_token_ids:
             return FinishReason.STOP_SEQUENCE
@@ -117,3 +118,15 @@ class Postprocessor:
                      logprob=lp, special=self.tokenizer.is_special(t))
             for t, lp in zip(ids[:n], logprobs[:n], strict=True)
         )
+
+
+def _grammar_done(seq: Sequence, token_id: int) -> bool:
+    """Advance the grammar; True once it is complete (only EOS could follow, so the request
+    ends now, as if EOS had been sampled: TGI's finish reason then, one step sooner)."""
+    matcher = seq.grammar_matcher
+    if matcher is None:
+        return False
+    # The mask admitted only tokens the grammar accepts; a rejected token (an error state,
+    # e.g. a parser limit) also leaves the matcher stopped, which ends the request.
+    matcher.consume_token(token_id)
+    return bool(matcher.is_stopped())

@@ -1,7 +1,8 @@
 """Turn one step's logits into next tokens, each row with its own parameters.
 
 Order (TGI's, with HF's semantics for each step):
-  1. banned tokens → -inf (the engine bans EOS before `min_new_tokens`);
+  1. banned tokens and tokens outside the row's grammar → -inf (the engine bans EOS before
+     `min_new_tokens`);
   2. repetition penalty over prompt + generated tokens (HF: positive logits divided by the
      penalty, negative ones multiplied);
   3. frequency and presence penalties over generated tokens (OpenAI: logit -= freq * count +
@@ -70,14 +71,16 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {batch.num_rows} rows")
         if logits.shape[1] != batch.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab is {batch.vocab_size}")
-        if (self.reads_bf16 and logits.dtype == torch.bfloat16 and batch.banned is None
-                and batch.penalties is None and batch.warping is None and not batch.max_top_n):
+        if (self.reads_bf16 and logits.dtype == torch.bfloat16 and batch.is_greedy_fast_path
+                and not batch.max_top_n):
             # exact: a bf16 score minus a float32 log_norm is computed in float32 (top tokens
             # take the float32 path: topk's order among ties need not match across dtypes)
             return _output(logits, *self.row_stats(logits), 0)
         scores = logits.float()  # [n, vocab]; the steps below never write into it in place
         if batch.banned is not None:
             scores = scores.index_put(batch.banned, torch.tensor(_NEG_INF, device=scores.device))
+        if batch.allowed is not None:
+            scores = scores.masked_fill(~batch.allowed, _NEG_INF)
         if batch.penalties is not None:
             scores = apply_penalties(scores, batch.penalties)
         warping = batch.warping

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenfleet.engine.errors import ValidationError
+from tokenfleet.engine.grammar import Grammar
 
 __all__ = ["MAX_STOP_SEQUENCES", "MAX_TOP_N_TOKENS", "SamplingParams"]
 
@@ -42,8 +43,11 @@ class SamplingParams:
     top_n_tokens: int | None = None
     ignore_eos: bool = False
     logprobs: bool = True  # logprob of each chosen token (cheap; TGI always sends it)
+    # Constrain the output to a JSON schema or regex (TGI's `grammar`; a dict is accepted).
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
+        self.grammar = Grammar.coerce(self.grammar)
         self.validate()
 
     @property
@@ -93,6 +97,8 @@ class SamplingParams:
         _check(self.truncate is None or self.truncate > 0, "`truncate` must be strictly positive")
         _check(self.top_n_tokens is None or 0 <= self.top_n_tokens <= MAX_TOP_N_TOKENS,
                f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
+        if self.grammar is not None:
+            self.grammar.validate()
 
 
 def _check(ok: bool, message: str) -> None:

@@ -50,6 +50,7 @@ class Sequence:
     eos_token_ids: frozenset[int] = frozenset()
     detokenizer: Any = None  # IncrementalDetokenizer
     stop_matcher: Any = None  # StopMatcher
+    grammar_matcher: Any = None  # llguidance LLMatcher: follows the output when a grammar is set
     output_text: str = ""  # released text so far (never contains a stop sequence)
     prompt_logprob_by_pos: dict[int, float] = field(default_factory=dict)
 

@@ -220,6 +220,10 @@ class Tokenizer:
         """The underlying `tokenizers.Tokenizer` (for fast incremental decoding helpers)."""
         return self._backend
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what the grammar compiler reads)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS as the model wants them."""
         if not isinstance(text, str):

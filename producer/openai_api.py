@@ -4,9 +4,10 @@ The mapping follows OpenAI's semantics, not TGI's parameter names: `temperature`
 1 (sampling) and 0 means greedy; `stop` may be one string; `max_tokens` (or
 `max_completion_tokens`) left out means the gateway's `default_max_tokens`, because the
 gateway holds no tokenizer to compute "the rest of the context". vLLM's extensions `top_k`,
-`min_p` and `repetition_penalty` are accepted. Fields that would change the answer and that we
-do not implement (tools, response formats other than text, logit_bias, n > 1) are refused
-with a validation error rather than ignored.
+`min_p` and `repetition_penalty` are accepted. `response_format` constrains the output:
+`json_object` (any JSON object), `json_schema` (OpenAI's structured outputs), and TGI's
+`json` / `regex` grammars. Fields that would change the answer and that we do not implement
+(tools, logit_bias, n > 1) are refused with a validation error rather than ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "finish_reason",
     "include_usage",
     "logprobs_content",
+    "response_format_grammar",
 ]
 
 # Our finish reasons -> OpenAI's; a cancelled request stopped early, like a stop sequence.
@@ -50,6 +52,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     top_k: int | None = None  # vLLM extension
     min_p: float | None = None  # vLLM extension
     repetition_penalty: float | None = None  # vLLM / TGI extension
+    response_format: dict[str, Any] | None = None  # on completions too, as vLLM
 
 
 class ChatRequest(_Sampling, kw_only=True):
@@ -61,7 +64,6 @@ class ChatRequest(_Sampling, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -84,9 +86,6 @@ def chat_job_arguments(req: ChatRequest, default_max_tokens: int) -> dict[str, A
     """`Client.build_job` keyword arguments for a chat request."""
     _refuse(req.tools, "tools")
     _refuse(req.tool_choice if req.tool_choice != "none" else None, "tool_choice")
-    if req.response_format not in (None, {"type": "text"}):
-        raise ValidationError("Input validation error: only response_format "
-                              "{'type': 'text'} is supported")
     args = _sampling(req, _first_set(req.max_completion_tokens, req.max_tokens,
                                      default_max_tokens))
     args["messages"] = [_message(m) for m in req.messages]
@@ -161,6 +160,9 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
     if temperature < 0:
         raise ValidationError("Input validation error: `temperature` must be >= 0")
     args: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": temperature > 0}
+    grammar = response_format_grammar(req.response_format)
+    if grammar is not None:
+        args["grammar"] = grammar
     if temperature > 0:
         args["temperature"] = temperature
     if req.top_p is not None and req.top_p != 1.0:
@@ -173,6 +175,28 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
         if value is not None:
             args[name] = value
     return args
+
+
+def response_format_grammar(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """TGI's `grammar` for an OpenAI `response_format` (None for plain text)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":  # OpenAI's JSON mode; TGI's older spelling carries a schema
+        return {"type": "json", "value": response_format.get("value") or {"type": "object"}}
+    if kind == "json_schema" and "json_schema" in response_format:  # OpenAI's shape
+        spec = response_format["json_schema"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValidationError("Input validation error: `response_format.json_schema` needs "
+                                  "a `schema` object")
+        return {"type": "json_schema", "value": {"name": spec.get("name"),
+                                                 "schema": spec["schema"]}}
+    if kind in ("json", "regex", "json_schema"):  # TGI's grammar, as TGI's chat API takes it
+        return {"type": kind, "value": response_format.get("value")}
+    raise ValidationError("Input validation error: `response_format` `type` must be one of "
+                          "text, json_object, json_schema, json, regex")
 
 
 def _message(message: dict[str, Any]) -> dict[str, str]:

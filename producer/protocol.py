@@ -21,6 +21,7 @@ import msgspec
 __all__ = [
     "ERROR_TYPES",
     "FINISH_REASONS",
+    "GRAMMAR_PROTOCOL_VERSION",
     "PROTOCOL_VERSION",
     "CancelCommand",
     "ControlMessage",
@@ -43,7 +44,11 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 1
+# The newest job version this code reads. A job's `v` is the oldest version that can serve it
+# right: 1, or 2 when it carries a `grammar` (a v1 worker would ignore the field and answer
+# unconstrained; it refuses a v2 job with a validation error instead).
+PROTOCOL_VERSION: Final = 2
+GRAMMAR_PROTOCOL_VERSION: Final = 2
 FINISH_REASONS: Final = ("length", "eos_token", "stop_sequence", "cancelled")
 ERROR_TYPES: Final = (
     "validation",
@@ -52,6 +57,15 @@ ERROR_TYPES: Final = (
     "incomplete_generation",
     "deadline_exceeded",
 )
+
+
+class Grammar(msgspec.Struct, kw_only=True):
+    """Constrain the output (TGI's `grammar`): `type` "json" with `value` a JSON schema (or that
+    schema as a JSON string), "regex" with `value` the pattern, or "json_schema" with `value`
+    `{"name": ..., "schema": {...}}`. Older workers ignore the field (they predate it)."""
+
+    type: str
+    value: Any
 
 
 class Parameters(msgspec.Struct, kw_only=True):
@@ -81,6 +95,7 @@ class Parameters(msgspec.Struct, kw_only=True):
     decoder_input_details: bool = False
     top_n_tokens: int | None = None
     ignore_eos: bool = False
+    grammar: Grammar | None = None
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -98,7 +113,7 @@ class Job(msgspec.Struct, kw_only=True):
     """
 
     id: str
-    v: int = PROTOCOL_VERSION
+    v: int = 1
     model: str = ""  # "" = whatever model the queue's workers serve
     inputs: str | None = None
     messages: list[Message] | None = None
@@ -107,6 +122,10 @@ class Job(msgspec.Struct, kw_only=True):
     deadline_ms: int | None = None
     tenant: str | None = None
     submitted_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.parameters.grammar is not None:
+            self.v = max(self.v, GRAMMAR_PROTOCOL_VERSION)
 
 
 class Token(msgspec.Struct, kw_only=True):

@@ -27,10 +27,10 @@ __all__ = [
 ]
 
 # TGI parameters we do not implement. Sent with a value that needs them, they fail with a
-# validation error instead of being ignored: silently returning one sequence for best_of=4,
-# or unconstrained text for a grammar, would be wrong answers.
+# validation error instead of being ignored: silently returning one sequence for best_of=4
+# would be a wrong answer.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {"best_of": (None, 1), "watermark": (None, False),
-                                         "grammar": (None,), "adapter_id": (None, "")}
+                                         "adapter_id": (None, "")}
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):

@@ -8,11 +8,12 @@ Workers validate again with the engine's own rules: the stream is never trusted.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Final
+from typing import Any, Final
 
 from tokenfleet.producer.errors import ValidationError
-from tokenfleet.producer.protocol import Job, Parameters
+from tokenfleet.producer.protocol import Grammar, Job, Parameters
 
 __all__ = [
     "MAX_REQUEST_ID_LEN",
@@ -26,6 +27,8 @@ __all__ = [
 MAX_STOP_SEQUENCES: Final = 16  # same as the engine's
 MAX_TOP_N_TOKENS: Final = 5  # same as the engine's
 MAX_REQUEST_ID_LEN: Final = 200
+GRAMMAR_TYPES: Final = ("json", "regex", "json_schema")  # same as the engine's
+MAX_GRAMMAR_CHARS: Final = 64 * 1024  # same as the engine's
 # Ids become part of Redis key names inside a hash tag: no braces, no whitespace.
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 
@@ -88,6 +91,40 @@ def validate_parameters(p: Parameters) -> None:
     _check(p.truncate is None or p.truncate > 0, "`truncate` must be strictly positive")
     _check(p.top_n_tokens is None or 0 <= p.top_n_tokens <= MAX_TOP_N_TOKENS,
            f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
+    if p.grammar is not None:
+        _validate_grammar(p.grammar)
+
+
+def _validate_grammar(g: Grammar) -> None:
+    """The shape of TGI's `grammar` (the engine's `Grammar.validate`); whether the schema or
+    regex compiles is known only to a worker (it answers a validation error if not)."""
+    _check(g.type in GRAMMAR_TYPES,
+           f"`grammar` `type` must be one of {list(GRAMMAR_TYPES)}, got {g.type!r}")
+    if g.type == "regex":
+        _check(isinstance(g.value, str) and bool(g.value),
+               "`grammar` a regex grammar's `value` must be a non-empty string")
+        text = str(g.value)
+    else:
+        text = json.dumps(_grammar_schema(g), separators=(",", ":"), sort_keys=True)
+    _check(len(text) <= MAX_GRAMMAR_CHARS,
+           f"`grammar` is longer than {MAX_GRAMMAR_CHARS} characters")
+
+
+def _grammar_schema(g: Grammar) -> Any:
+    value = g.value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValidationError(
+                f"Input validation error: `grammar` `value` is not valid JSON: {e}") from None
+    if g.type == "json_schema":
+        _check(isinstance(value, dict) and isinstance(value.get("schema"), dict),
+               "`grammar` a json_schema grammar's `value` must be {\"schema\": {...}}")
+        value = value["schema"]
+    _check(isinstance(value, dict), "`grammar` a JSON grammar's `value` must be a JSON schema "
+           "object")
+    return value
 
 
 def _is_int(value: object) -> bool:

@@ -249,7 +249,10 @@ class Intake:
             raise ProducerValidationError(
                 f"Input validation error: model {job.model!r} is not served on queue "
                 f"{self._queue!r} (serves {served})")
-        return SamplingParams(**msgspec.structs.asdict(job.parameters))
+        fields = msgspec.structs.asdict(job.parameters)
+        if job.parameters.grammar is not None:  # the engine takes TGI's plain object
+            fields["grammar"] = msgspec.structs.asdict(job.parameters.grammar)
+        return SamplingParams(**fields)
 
     def _tokenize(self, job: Job) -> tuple[list[int], str]:
         if job.messages is not None:

@@ -90,7 +90,9 @@ async def test_generate_route_and_timing_headers(served):
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"top_p": 1.5}, "top_p"),
     ({"best_of": 2}, "best_of"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+    ({"grammar": {"type": "yaml", "value": "a: 1"}}, "grammar"),
+    ({"grammar": {"type": "regex"}}, "grammar"),
+    ({"grammar": {"type": "json", "value": "{oops"}}, "grammar"),
     ({"temperature": "hot"}, "temperature"),
 ])
 async def test_bad_parameters_are_422_validation_errors(served, parameters, message):
@@ -308,7 +310,8 @@ async def test_openai_completions_and_refusals(served):
         assert len(logprobs["tokens"]) == 4
         assert logprobs["text_offset"][0] == len("one two")
         for bad in ({"n": 2}, {"tools": [{"type": "function"}]}, {"logit_bias": {"1": 5}},
-                    {"response_format": {"type": "json_object"}}, {"max_tokens": 0},
+                    {"response_format": {"type": "xml"}}, {"max_tokens": 0},
+                    {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                     {"temperature": -1}, {"top_p": 1.5},
                     {"messages": [{"role": "user", "content": [{"type": "text",
                                                                 "text": None}]}]},

@@ -57,10 +57,54 @@ async def _collect(stream) -> list:
     return [r async for r in stream]
 
 
-async def _chat(url: str, question: str) -> dict:
+async def _chat(url: str, question: str, max_tokens: int = 12, **extra: object) -> dict:
     async with aiohttp.ClientSession() as http, http.post(
             f"{url}/v1/chat/completions",
             json={"model": "smollm2", "messages": [{"role": "user", "content": question}],
-                  "max_tokens": 12, "temperature": 0}) as resp:
+                  "max_tokens": max_tokens, "temperature": 0, **extra}) as resp:
         assert resp.status == 200, await resp.text()
         return json.loads(await resp.read())
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"capital": {"type": "string"}},
+               "required": ["capital"], "additionalProperties": False}
+
+
+async def test_grammar_through_the_fleet_tgi_and_openai(fleet, smollm2_dir: Path):
+    """A grammar reaches the worker from the Python client, TGI's client and OpenAI's
+    response_format; a regex that does not compile is the worker's 422, and the worker
+    goes on serving."""
+    from text_generation.errors import ValidationError as TGIValidationError
+    from text_generation.types import Grammar, GrammarType
+
+    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
+                            max_num_seqs=4), fleet.client() as client:
+        server = GatewayServer(client, GatewayConfig(), port=0)
+        await server.start()
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            tgi = text_generation.AsyncClient(url, timeout=120)
+            direct, via_tgi, via_openai = await asyncio.wait_for(asyncio.gather(
+                client.generate(messages=[{"role": "user", "content": QUESTION}],
+                                max_new_tokens=30,
+                                grammar={"type": "json", "value": CITY_SCHEMA}),
+                tgi.generate("Three digits: ", max_new_tokens=10,
+                             grammar=Grammar(type=GrammarType.Regex, value=r"\d{3}")),
+                _chat(url, QUESTION, max_tokens=30, response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "city", "schema": CITY_SCHEMA}}),
+            ), 300)
+            with pytest.raises(TGIValidationError, match="regex"):
+                await tgi.generate("x", max_new_tokens=5,
+                                   grammar=Grammar(type=GrammarType.Regex, value="[a-"))
+            after = await tgi.generate(PROMPT, max_new_tokens=3)
+        finally:
+            await server.stop()
+
+    assert json.loads(direct.generated_text) == {"capital": "Paris"}
+    assert direct.details.finish_reason == "eos_token"
+    assert len(via_tgi.generated_text) == 3 and via_tgi.generated_text.isdigit()
+    content = via_openai["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"capital": "Paris"}
+    assert via_openai["choices"][0]["finish_reason"] == "stop"
+    assert after.details.generated_tokens == 3

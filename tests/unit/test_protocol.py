@@ -27,6 +27,7 @@ from tokenfleet.producer.protocol import (
     ErrorEvent,
     FinalDetails,
     FinalEvent,
+    Grammar,
     Job,
     Message,
     Parameters,
@@ -73,7 +74,7 @@ def test_job_round_trip_and_defaults():
               deadline_ms=123, tenant="acme", submitted_ms=100)
     assert decode_job(encode(job)) == job
     minimal = decode_job(b'{"id": "j", "inputs": "hi"}')  # what a non-Python producer sends
-    assert minimal.v == protocol.PROTOCOL_VERSION
+    assert minimal.v == 1  # a job without grammar is served by any worker
     assert minimal.parameters == Parameters()
     assert minimal.parameters.max_new_tokens == 100
     assert minimal.messages is None and minimal.deadline_ms is None
@@ -179,6 +180,52 @@ def test_client_validation_agrees_with_the_engine(params, valid):
         producer_error = str(e)
     assert (engine_error is None) == valid
     assert producer_error == engine_error
+
+
+GRAMMAR_TABLE = [
+    ({"type": "json", "value": {"type": "object"}}, True),
+    ({"type": "json", "value": '{"type": "integer"}'}, True),
+    ({"type": "json", "value": "{not json"}, False),
+    ({"type": "json", "value": [1]}, False),
+    ({"type": "json_schema", "value": {"name": "n", "schema": {"type": "object"}}}, True),
+    ({"type": "json_schema", "value": {"name": "n"}}, False),
+    ({"type": "regex", "value": "[a-z]+"}, True),
+    ({"type": "regex", "value": ""}, False),
+    ({"type": "regex", "value": 5}, False),
+    ({"type": "regex", "value": "a" * 70_000}, False),
+    ({"type": "yaml", "value": "x"}, False),
+]
+
+
+@pytest.mark.parametrize(("grammar", "valid"), GRAMMAR_TABLE)
+def test_grammar_validation_agrees_with_the_engine(grammar, valid):
+    """Shape only on both sides: whether a regex or schema compiles is the worker's call."""
+    engine_error = producer_error = None
+    try:
+        SamplingParams(grammar=grammar)
+    except EngineValidationError as e:
+        engine_error = str(e)
+    try:
+        validate_parameters(msgspec.convert({"grammar": grammar}, Parameters))
+    except ValidationError as e:
+        producer_error = str(e)
+    assert (engine_error is None) == valid
+    assert producer_error == engine_error
+
+
+def test_a_job_with_grammar_needs_a_grammar_aware_worker():
+    """A v1 worker ignores fields it does not know: it would answer a grammar job with free
+    text. Such jobs say v2, which a v1 worker refuses with a validation error."""
+    plain = Job(id="j", inputs="x")
+    constrained = Job(id="j", inputs="x", parameters=Parameters(
+        grammar=Grammar(type="regex", value="a+")))
+    assert plain.v == 1
+    assert constrained.v == protocol.GRAMMAR_PROTOCOL_VERSION == 2
+    assert json.loads(encode(constrained))["v"] == 2
+    relabelled = json.loads(encode(constrained))
+    relabelled["v"] = 1  # a producer that does not know the rule
+    assert decode_job(json.dumps(relabelled)).v == 2
+    assert protocol.PROTOCOL_VERSION >= protocol.GRAMMAR_PROTOCOL_VERSION
 
 
 @pytest.mark.parametrize("job", [
