@@ -19,6 +19,7 @@ from tokenfleet.producer.openai_api import (
 )
 from tokenfleet.producer.protocol import FinalEvent, TokenEvent
 from tokenfleet.producer.tgi_api import generate_response, stream_response
+from tokenfleet.producer.tool_calls import ToolCallPlan
 
 __all__ = ["ChatRenderer", "CompletionRenderer", "Renderer", "TgiRenderer"]
 
@@ -97,29 +98,59 @@ class _OpenAIRenderer(Renderer):
 
 @dataclass
 class ChatRenderer(_OpenAIRenderer):
-    """`/v1/chat/completions`: `chat.completion` or `chat.completion.chunk` objects."""
+    """`/v1/chat/completions`: `chat.completion` or `chat.completion.chunk` objects.
+
+    With tools the answer is a JSON tool call, not text for the user: it is held back and
+    sent at the end as one `tool_calls` delta (or as content when the model chose no tool)."""
+
+    tools: ToolCallPlan | None = None
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        if self.tools is not None:
+            return self._tool_chunks(event)
         text = _text(event)
+        # role on every delta: TGI's client types require it; OpenAI's SDK accepts it.
+        delta = {"role": "assistant", "content": text, "tool_calls": None}
+        return self._chunk(event, delta, finish_reason(event)
+                           if isinstance(event, FinalEvent) else None, bool(text))
+
+    def _tool_chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        if not isinstance(event, FinalEvent):
+            return []
+        message, reason = self._answer(event)
+        delta = {"role": "assistant", "content": message["content"], "tool_calls": None}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": i, **call}
+                                   for i, call in enumerate(message["tool_calls"])]
+        return self._chunk(event, delta, reason, True)
+
+    def _chunk(self, event: TokenEvent | FinalEvent, delta: dict[str, Any],
+               reason: str | None, send: bool) -> list[dict[str, Any]]:
         choice: dict[str, Any] = {
-            "index": 0,
-            # role on every delta: TGI's client types require it; OpenAI's SDK accepts it.
-            "delta": {"role": "assistant", "content": text, "tool_calls": None},
+            "index": 0, "delta": delta,
             "logprobs": ({"content": logprobs_content([event])} if self.logprobs else None),
-            "finish_reason": None,
+            "finish_reason": reason,
         }
         if isinstance(event, FinalEvent):
-            choice["finish_reason"] = finish_reason(event)
             return [self._envelope("chat.completion.chunk", [choice]),
                     *self._usage_chunk("chat.completion.chunk", event)]
-        return [self._envelope("chat.completion.chunk", [choice])] if text else []
+        return [self._envelope("chat.completion.chunk", [choice])] if send else []
+
+    def _answer(self, final: FinalEvent) -> tuple[dict[str, Any], str]:
+        """The assistant message and OpenAI's finish reason (`tool_calls` for a call)."""
+        if self.tools is None:
+            return ({"role": "assistant", "content": final.generated_text},
+                    finish_reason(final))
+        call_id = "call_" + self.request_id.removeprefix("chatcmpl-")
+        message, is_call = self.tools.message(final.generated_text, call_id)
+        return message, "tool_calls" if is_call else finish_reason(final)
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
         logprobs = None
         if self.logprobs:
             logprobs = {"content": logprobs_content([*tokens, final])}
-        choice = {"index": 0, "message": {"role": "assistant", "content": final.generated_text},
-                  "logprobs": logprobs, "finish_reason": finish_reason(final)}
+        message, reason = self._answer(final)
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
         out = self._envelope("chat.completion", [choice])
         out["usage"] = _usage(final)
         return out

@@ -56,6 +56,7 @@ from tokenfleet.producer.gateway_metrics import GatewayMetrics
 from tokenfleet.producer.gateway_middleware import GatewayMiddleware, json_response, outcome
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
 from tokenfleet.producer.tgi_api import decode_generate_request, job_arguments, response_headers
+from tokenfleet.producer.tool_calls import ToolCallPlan
 from tokenfleet.producer.validation import validate_request_id
 
 __all__ = ["Gateway", "GatewayConfig"]
@@ -151,10 +152,11 @@ class Gateway:
     # -- OpenAI ---------------------------------------------------------------------------
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = openai_api.decode(await request.read(), openai_api.ChatRequest)
-        args = openai_api.chat_job_arguments(body, self.config.default_max_tokens)
+        tools = ToolCallPlan.build(body.tools, body.tool_choice)
+        args = openai_api.chat_job_arguments(body, self.config.default_max_tokens, tools)
         renderer = ChatRenderer(model=body.model, request_id="",
                                 include_usage=openai_api.include_usage(body),
-                                logprobs=body.logprobs)
+                                logprobs=body.logprobs, tools=tools)
         return await self._run(request, args, renderer, stream=body.stream)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:

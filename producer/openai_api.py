@@ -6,18 +6,21 @@ The mapping follows OpenAI's semantics, not TGI's parameter names: `temperature`
 gateway holds no tokenizer to compute "the rest of the context". vLLM's extensions `top_k`,
 `min_p` and `repetition_penalty` are accepted. `response_format` constrains the output:
 `json_object` (any JSON object), `json_schema` (OpenAI's structured outputs), and TGI's
-`json` / `regex` grammars. Fields that would change the answer and that we do not implement
-(tools, logit_bias, n > 1) are refused with a validation error rather than ignored.
+`json` / `regex` grammars; `tools` become a grammar too (`tool_calls.py`). Fields that would
+change the answer and that we do not implement (logit_bias, n > 1) are refused with a
+validation error rather than ignored.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
 
 from tokenfleet.producer.errors import ValidationError
 from tokenfleet.producer.protocol import FinalEvent, Token, TokenEvent
+from tokenfleet.producer.tool_calls import ToolCallPlan
 
 __all__ = [
     "ChatRequest",
@@ -64,6 +67,7 @@ class ChatRequest(_Sampling, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    tool_prompt: str | None = None  # TGI extension: the text that introduces the tools
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -82,13 +86,19 @@ def decode(body: bytes, kind: type[ChatRequest] | type[CompletionRequest]) -> An
         raise ValidationError(f"Input validation error: invalid request body: {e}") from e
 
 
-def chat_job_arguments(req: ChatRequest, default_max_tokens: int) -> dict[str, Any]:
-    """`Client.build_job` keyword arguments for a chat request."""
-    _refuse(req.tools, "tools")
-    _refuse(req.tool_choice if req.tool_choice != "none" else None, "tool_choice")
+def chat_job_arguments(req: ChatRequest, default_max_tokens: int,
+                       tools: ToolCallPlan | None = None) -> dict[str, Any]:
+    """`Client.build_job` keyword arguments for a chat request (`tools`: its plan, from
+    `ToolCallPlan.build(req.tools, req.tool_choice)`)."""
     args = _sampling(req, _first_set(req.max_completion_tokens, req.max_tokens,
                                      default_max_tokens))
     args["messages"] = [_message(m) for m in req.messages]
+    if tools is not None:
+        if "grammar" in args:
+            raise ValidationError("Input validation error: `tools` and a JSON or regex "
+                                  "`response_format` cannot be combined")
+        args["grammar"] = tools.grammar()
+        _append_to_last_user_message(args["messages"], tools.prompt(req.tool_prompt))
     if req.logprobs:
         args["top_n_tokens"] = req.top_logprobs or None
     elif req.top_logprobs:
@@ -199,10 +209,22 @@ def response_format_grammar(response_format: dict[str, Any] | None) -> dict[str,
                           "text, json_object, json_schema, json, regex")
 
 
+def _append_to_last_user_message(messages: list[dict[str, str]], text: str) -> None:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            message["content"] = f"{message['content']}\n\n{text}"
+            return
+    messages.append({"role": "user", "content": text})
+
+
 def _message(message: dict[str, Any]) -> dict[str, str]:
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str):
         raise ValidationError("Input validation error: every message needs a string `role`")
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls and not content:
+        # An earlier turn's tool call: shown to the model as the JSON it answered then.
+        return {"role": role, "content": _calls_as_text(calls)}
     if isinstance(content, list):  # content parts: text only
         texts = []
         for part in content:
@@ -223,18 +245,23 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
+def _calls_as_text(calls: Any) -> str:
+    try:
+        shown = [{"name": c["function"]["name"],
+                  "arguments": json.loads(c["function"].get("arguments") or "{}")}
+                 for c in calls]
+    except (TypeError, KeyError, ValueError):
+        raise ValidationError("Input validation error: an assistant message's `tool_calls` "
+                              "need `function.name` and JSON `function.arguments`") from None
+    return json.dumps(shown[0] if len(shown) == 1 else shown)
+
+
 def _first_set(*values: int | None) -> int:
     """The first value that is not None (0 included: the job's validation refuses it)."""
     for value in values:
         if value is not None:
             return value
     raise AssertionError("the last value is the gateway's default")
-
-
-def _refuse(value: Any, name: str) -> None:
-    if value:
-        raise ValidationError(f"Input validation error: `{name}` is not supported by "
-                              "tokenfleet")
 
 
 def _logprob(token: Token) -> dict[str, Any]:

@@ -108,3 +108,72 @@ async def test_grammar_through_the_fleet_tgi_and_openai(fleet, smollm2_dir: Path
     assert json.loads(content) == {"capital": "Paris"}
     assert via_openai["choices"][0]["finish_reason"] == "stop"
     assert after.details.generated_tokens == 3
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object",
+                   "properties": {"city": {"type": "string", "maxLength": 40},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ALARM_TOOL = {"type": "function", "function": {
+    "name": "set_alarm", "parameters": {"type": "object", "properties": {
+        "hour": {"type": "integer", "minimum": 0, "maximum": 23}}, "required": ["hour"]}}}
+
+
+async def test_tool_calls_whole_and_streamed(fleet, smollm2_dir: Path):
+    """OpenAI function calling: the answer is a `tool_calls` entry naming a given tool with
+    arguments that fit its schema, whole or streamed, through TGI's client too."""
+    question = "What is the weather like in Paris today?"
+    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
+                            max_num_seqs=4), fleet.client() as client:
+        server = GatewayServer(client, GatewayConfig(), port=0)
+        await server.start()
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            tools = [WEATHER_TOOL, ALARM_TOOL]
+            whole, streamed, named = await asyncio.wait_for(asyncio.gather(
+                _chat(url, question, max_tokens=60, tools=tools, tool_choice="required"),
+                _chat_stream(url, question, max_tokens=60, tools=tools,
+                             tool_choice="required"),
+                text_generation.AsyncClient(url, timeout=120).chat(
+                    [{"role": "user", "content": question}], max_tokens=60,
+                    tools=tools, tool_choice="set_alarm"),
+            ), 300)
+        finally:
+            await server.stop()
+
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call, = choice["message"]["tool_calls"]
+    assert choice["message"]["content"] is None
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] in ("get_weather", "set_alarm")
+    arguments = json.loads(call["function"]["arguments"])
+    if call["function"]["name"] == "get_weather":
+        assert set(arguments) == {"city", "unit"}
+        assert arguments["unit"] in ("celsius", "fahrenheit")
+    # streamed: no content deltas, one tool_calls delta with the same call, then [DONE]
+    deltas = [c["choices"][0] for c in streamed if c["choices"]]
+    assert all(not d["delta"].get("content") for d in deltas)
+    streamed_call, = deltas[-1]["delta"]["tool_calls"]
+    assert streamed_call["index"] == 0
+    assert streamed_call["function"] == call["function"]
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+    alarm, = named.choices[0].message.tool_calls
+    assert alarm["function"]["name"] == "set_alarm"
+    assert 0 <= json.loads(alarm["function"]["arguments"])["hour"] <= 23
+
+
+async def _chat_stream(url: str, question: str, max_tokens: int, **extra: object) -> list:
+    chunks = []
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "smollm2", "messages": [{"role": "user", "content": question}],
+                  "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        async for line in resp.content:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks

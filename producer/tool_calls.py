@@ -1,0 +1,131 @@
+"""OpenAI function calling (`tools`, `tool_choice`) on top of grammars, the way TGI does it.
+
+The model is shown the tools (TGI's `tool_prompt` and the tools' JSON, appended to the last
+user message: the gateway holds no chat template to render them natively) and its output is
+constrained to one JSON object `{"name": <a tool>, "arguments": <that tool's parameters>}`.
+With `tool_choice: "auto"` one more choice is allowed, `no_tool`, whose `content` becomes an
+ordinary assistant message. The answer is then turned back into OpenAI's `tool_calls`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from tokenfleet.producer.errors import ValidationError
+
+__all__ = ["DEFAULT_TOOL_PROMPT", "NO_TOOL", "ToolCallPlan"]
+
+# TGI's default `tool_prompt`.
+DEFAULT_TOOL_PROMPT: Final = (
+    "Given the functions available, please respond with a JSON for a function call with its "
+    "proper arguments that best answers the given prompt. Respond in the format {name: "
+    "function name, arguments: dictionary of argument name and its value}. Do not use "
+    "variables.")
+NO_TOOL: Final = "no_tool"
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+_NO_TOOL_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"content": {"type": "string",
+                               "description": "The answer, when no function fits."}},
+    "required": ["content"],
+}
+
+
+@dataclass(frozen=True)
+class ToolCallPlan:
+    """What a chat request with tools becomes: a grammar, a prompt, and a reading of the
+    answer."""
+
+    tools: list[dict[str, Any]]  # [{"name", "description", "parameters"}], the allowed ones
+    allow_no_tool: bool  # tool_choice "auto": the model may answer in words
+
+    @classmethod
+    def build(cls, tools: list[Any] | None, tool_choice: Any) -> ToolCallPlan | None:
+        """None when the request does not call tools (no tools, or tool_choice "none")."""
+        if not tools or tool_choice == "none":
+            return None
+        functions = [_function(t) for t in tools]
+        names = [f["name"] for f in functions]
+        if len(set(names)) != len(names):
+            raise _invalid("tool names must be unique")
+        if NO_TOOL in names:
+            raise _invalid(f"{NO_TOOL!r} is a reserved tool name")
+        if tool_choice in (None, "auto"):
+            return cls(functions, allow_no_tool=True)
+        if tool_choice == "required":
+            return cls(functions, allow_no_tool=False)
+        name = _chosen_name(tool_choice)
+        if name not in names:
+            raise _invalid(f"`tool_choice` names {name!r}, which is not in `tools`")
+        return cls([f for f in functions if f["name"] == name], allow_no_tool=False)
+
+    def grammar(self) -> dict[str, Any]:
+        """TGI's `grammar`: one JSON object naming a tool and carrying its arguments."""
+        choices = [_call_schema(f["name"], f["parameters"]) for f in self.tools]
+        if self.allow_no_tool:
+            choices.append(_call_schema(NO_TOOL, _NO_TOOL_SCHEMA))
+        schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
+        return {"type": "json", "value": schema}
+
+    def prompt(self, tool_prompt: str | None) -> str:
+        shown = [{"type": "function", "function": f} for f in self.tools]
+        return f"{tool_prompt or DEFAULT_TOOL_PROMPT}\n{json.dumps(shown)}"
+
+    def message(self, generated_text: str, call_id: str) -> tuple[dict[str, Any], bool]:
+        """The assistant message for the model's answer, and whether it calls a tool.
+
+        An answer cut short (max_tokens) is not valid JSON: it comes back as plain content,
+        and the finish reason says `length`."""
+        try:
+            call = json.loads(generated_text)
+            name, arguments = call["name"], call["arguments"]
+        except (ValueError, TypeError, KeyError):
+            return {"role": "assistant", "content": generated_text}, False
+        if name == NO_TOOL:
+            content = arguments.get("content") if isinstance(arguments, dict) else None
+            return {"role": "assistant", "content": str(content or "")}, False
+        return {"role": "assistant", "content": None, "tool_calls": [{
+            "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)}}]}, True
+
+
+def _function(tool: Any) -> dict[str, Any]:
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        raise _invalid("every tool must be {\"type\": \"function\", \"function\": {...}}")
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise _invalid("a tool needs a `function` object")
+    name = function.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise _invalid(f"a function name must be 1-64 of [A-Za-z0-9_-], got {name!r}")
+    parameters = function.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(parameters, dict):
+        raise _invalid(f"the parameters of {name!r} must be a JSON schema object")
+    out = {"name": name, "parameters": parameters}
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    return out
+
+
+def _chosen_name(tool_choice: Any) -> str:
+    if isinstance(tool_choice, str):  # TGI's client sends the function's name alone
+        return tool_choice
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return str(function["name"])
+    raise _invalid("`tool_choice` must be \"none\", \"auto\", \"required\", a function "
+                   "name or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+
+def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object",
+            "properties": {"name": {"const": name}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def _invalid(what: str) -> ValidationError:
+    return ValidationError(f"Input validation error: {what}")

@@ -1,0 +1,119 @@
+"""OpenAI function calling mapped onto grammars: what requests are refused, which answers the
+grammar admits (checked by compiling it with the engine's own compiler), and how answers
+become `tool_calls`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from tokenfleet.engine.grammar import Grammar
+from tokenfleet.engine.grammar_compiler import GrammarCompiler
+from tokenfleet.engine.tokenizer import Tokenizer
+from tokenfleet.producer import openai_api
+from tokenfleet.producer.errors import ValidationError
+from tokenfleet.producer.tool_calls import NO_TOOL, ToolCallPlan
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time"}}  # no parameters
+
+
+@pytest.mark.parametrize(("tools", "choice", "message"), [
+    ([{"type": "retrieval"}], "auto", "every tool must be"),
+    ([{"type": "function"}], "auto", "needs a `function`"),
+    ([{"type": "function", "function": {"name": "has space"}}], "auto", "function name"),
+    ([WEATHER, WEATHER], "auto", "unique"),
+    ([{"type": "function", "function": {"name": NO_TOOL}}], "auto", "reserved"),
+    ([WEATHER], "get_time", "not in `tools`"),
+    ([WEATHER], {"type": "function"}, "`tool_choice` must be"),
+    ([{"type": "function", "function": {"name": "f", "parameters": [1]}}], "auto",
+     "JSON schema object"),
+])
+def test_bad_tool_requests_are_validation_errors(tools: Any, choice: Any, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ToolCallPlan.build(tools, choice)
+
+
+def test_no_tools_or_choice_none_is_plain_chat() -> None:
+    assert ToolCallPlan.build(None, "auto") is None
+    assert ToolCallPlan.build([WEATHER], "none") is None
+
+
+@pytest.fixture(scope="module")
+def compiler(smollm2_dir: Path) -> tuple[GrammarCompiler, Tokenizer]:
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    return GrammarCompiler(tokenizer.to_json, 49152, tokenizer.eos_token_ids), tokenizer
+
+
+def _admits(compiler: tuple[GrammarCompiler, Tokenizer], plan: ToolCallPlan, text: str) -> bool:
+    grammars, tokenizer = compiler
+    matcher = grammars.matcher(Grammar.coerce(plan.grammar()))  # type: ignore[arg-type]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return matcher.consume_tokens(ids) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize(("choice", "text", "admitted"), [
+    ("required", '{"name": "get_weather", "arguments": {"city": "Oslo"}}', True),
+    ("required", '{"name": "get_time", "arguments": {}}', True),
+    ("required", '{"name": "get_weather", "arguments": {"town": "Oslo"}}', False),
+    ("required", '{"name": "launch", "arguments": {}}', False),
+    ("required", '{"name": "no_tool", "arguments": {"content": "hi"}}', False),
+    ("auto", '{"name": "no_tool", "arguments": {"content": "hi"}}', True),
+    ("auto", '{"name": "get_time", "arguments": {}}', True),
+    ({"type": "function", "function": {"name": "get_time"}},
+     '{"name": "get_time", "arguments": {}}', True),
+    ({"type": "function", "function": {"name": "get_time"}},
+     '{"name": "get_weather", "arguments": {"city": "Oslo"}}', False),
+    ("get_weather", '{"name": "get_weather", "arguments": {"city": "Oslo"}}', True),
+])
+def test_the_grammar_admits_exactly_the_allowed_calls(compiler: Any, choice: Any, text: str,
+                                                      admitted: bool) -> None:
+    plan = ToolCallPlan.build([WEATHER, CLOCK], choice)
+    assert plan is not None
+    assert _admits(compiler, plan, text) is admitted
+
+
+def test_answers_become_tool_calls_or_content() -> None:
+    plan = ToolCallPlan.build([WEATHER], "auto")
+    assert plan is not None
+    message, is_call = plan.message('{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+                                    "call_1")
+    assert is_call and message["content"] is None
+    assert message["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    message, is_call = plan.message('{"name": "no_tool", "arguments": {"content": "Hi!"}}', "c")
+    assert not is_call and message == {"role": "assistant", "content": "Hi!"}
+    cut = '{"name": "get_weather", "argu'  # max_tokens reached mid-call
+    assert plan.message(cut, "c") == ({"role": "assistant", "content": cut}, False)
+
+
+def test_chat_arguments_show_the_tools_and_replay_earlier_calls() -> None:
+    req = msgspec.convert({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "content": "12 C, rain", "tool_call_id": "c1"},
+        {"role": "user", "content": "And in Rome?"}],
+        "tools": [WEATHER], "tool_prompt": "Use a tool:"}, openai_api.ChatRequest)
+    plan = ToolCallPlan.build(req.tools, req.tool_choice)
+    args = openai_api.chat_job_arguments(req, 50, plan)
+    messages = args["messages"]
+    assert messages[2] == {"role": "assistant", "content": json.dumps(
+        {"name": "get_weather", "arguments": {"city": "Oslo"}})}
+    assert messages[3] == {"role": "tool", "content": "12 C, rain"}
+    assert messages[1]["content"] == "Weather in Oslo?"  # only the last user turn grows
+    assert messages[4]["content"].startswith("And in Rome?\n\nUse a tool:\n")
+    assert json.loads(messages[4]["content"].split("\n", 3)[3]) == [WEATHER]
+    assert plan is not None and args["grammar"] == plan.grammar()
+    with pytest.raises(ValidationError, match="cannot be combined"):
+        openai_api.chat_job_arguments(msgspec.convert({
+            "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
+            "response_format": {"type": "json_object"}}, openai_api.ChatRequest), 50, plan)
