@@ -6,8 +6,8 @@
 2. Masking: `grammar_masks` for a batch of matchers mid-way through a JSON object (µs per
    step and per row; the bitmask unpacked to [rows, 49,152] bools included).
 3. End to end on SmolLM2: the same prompts decoded `--new-tokens` tokens, unconstrained
-   (ignore_eos) vs constrained by a regex (`[a-z ]+`) that these prompts never end early; output tok/s and
-   the ratio, alternating the two runs twice (the better of each kept).
+   (ignore_eos) vs constrained by a regex (`[a-z ]+`) that these prompts never end early;
+   output tok/s and the ratio, alternating the two runs twice (the better of each kept).
 """
 
 from __future__ import annotations

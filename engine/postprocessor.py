@@ -11,6 +11,8 @@ from tokenfleet.engine.tokenizer import Tokenizer
 
 __all__ = ["Postprocessor"]
 
+_NEG_INF = float("-inf")
+
 
 class Postprocessor:
     def __init__(self, tokenizer: Tokenizer, scheduler: Scheduler, max_model_len: int):
@@ -112,11 +114,13 @@ class Postprocessor:
 
     def _top_tokens(self, seq: Sequence, ids: list[int], logprobs: list[float]
                     ) -> tuple[TopToken, ...]:
+        """The row's best `top_n_tokens`, leaving out tokens it could not take (logprob -inf:
+        cut by top_k / top_p, or outside its grammar): they are no alternatives."""
         n = seq.params.top_n_tokens or 0
         return tuple(
             TopToken(id=t, text=self.tokenizer.decode([t], skip_special_tokens=False),
                      logprob=lp, special=self.tokenizer.is_special(t))
-            for t, lp in zip(ids[:n], logprobs[:n], strict=True)
+            for t, lp in zip(ids[:n], logprobs[:n], strict=True) if lp != _NEG_INF
         )
 
 

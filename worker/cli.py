@@ -101,6 +101,10 @@ def _add_parameter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--do-sample", action="store_true", default=None)
     p.add_argument("--stop", action="append", default=None, help="stop sequence (repeatable)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                       help="constrain the answer to a JSON schema (its JSON, or @file.json)")
+    shape.add_argument("--regex", default=None, help="constrain the answer to a regex")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,6 +188,17 @@ def _cmd_generate(args: argparse.Namespace, settings: WorkerSettings) -> int:
              "do_sample", "stop")
     parameters: dict[str, Any] = {n: getattr(args, n) for n in names
                                   if getattr(args, n) is not None}
+    if args.regex is not None:
+        parameters["grammar"] = {"type": "regex", "value": args.regex}
+    if args.json_schema is not None:
+        schema = args.json_schema
+        if schema.startswith("@"):
+            try:
+                schema = Path(schema[1:]).read_text()
+            except OSError as e:
+                print(f"error: cannot read the JSON schema: {e}", file=sys.stderr)
+                return 2
+        parameters["grammar"] = {"type": "json", "value": schema}
     if args.local:
         return generate_local(settings, args.prompt, chat=args.chat, stream=args.stream,
                               parameters=parameters)

@@ -87,3 +87,20 @@ async def test_help_documents_env_vars_and_defaults():
     assert "TOKENFLEET_REDIS_URL" in out
     code, out, _err = await _run("settings", "--markdown")
     assert code == 0 and out.count("| `TOKENFLEET_") >= 20
+
+
+async def test_generate_local_with_a_regex_or_json_schema(smollm2_dir, tmp_path):
+    common = ["--local", "--model", str(smollm2_dir), "--dtype", "float32"]
+    code, out, err = await _run("generate", "Three digits:", "--regex", r"\d{3}",
+                                "--max-new-tokens", "8", *common)
+    assert code == 0, err
+    assert out.strip().isdigit() and len(out.strip()) == 3
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {
+        "capital": {"type": "string"}}, "required": ["capital"], "additionalProperties": False}))
+    code, out, err = await _run("generate", "What is the capital of France?", "--chat",
+                                "--json-schema", f"@{schema}", "--max-new-tokens", "30", *common)
+    assert code == 0, err
+    assert json.loads(out) == {"capital": "Paris"}
+    code, out, err = await _run("generate", "x", "--regex", "[a-", *common)
+    assert code == 1 and "regex" in err

@@ -186,3 +186,20 @@ def test_real_model_answers_in_the_schema(smollm2_dir: Path) -> None:
         max_new_tokens=30, grammar={"type": "json", "value": schema}), chat=True)
     assert json.loads(out.text) == {"capital": "Paris"}
     assert out.finish_reason == "eos_token"
+
+
+def test_top_tokens_are_alternatives_inside_the_grammar(tiny_llama_dir: Path) -> None:
+    engine = _engine(tiny_llama_dir)
+    engine.add_request("a", [5, 6, 7], SamplingParams(
+        max_new_tokens=5, top_n_tokens=5, grammar={"type": "regex", "value": r"[01]{4}"}))
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.tokens
+    assert tokens
+    for token in tokens:
+        assert token.top_tokens, "a grammar row still reports its alternatives"
+        assert token.top_tokens[0].id == token.id  # greedy: the best allowed token
+        for top in token.top_tokens:
+            assert top.logprob > float("-inf")
+            assert re.fullmatch(r"[01]+", top.text), top.text
