@@ -6,12 +6,14 @@ the CPU's C kernels (batch invariant, a resumed position's logits the same bits 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
 import pytest
 from chaos_support import (
     RawListener,
+    Spec,
     assert_queue_empty,
     check_stream,
     child_pids,
@@ -171,3 +173,33 @@ def _async_not(probe, *args):
     async def check() -> bool:
         return not probe(*args)
     return check
+
+
+async def test_a_grammar_request_resumes_inside_its_grammar(fleet, redis, keys, tiny_llama_dir):
+    """SIGKILL a worker holding a grammar request mid-answer; the worker that resumes it
+    rebuilds the matcher from the tokens already streamed, so the answers are exactly the
+    undisturbed offline ones (float32, greedy and seeded), and still parse."""
+    schema = {"type": "array", "items": {"enum": ["red apple", "green pear", "blue berry"]},
+              "minItems": 120, "maxItems": 120}
+    specs = [Spec(f"g-{i}", f"grammar prompt {i}", {
+        "max_new_tokens": 900, "grammar": {"type": "json", "value": schema},
+        **({"do_sample": True, "seed": 5} if i % 2 else {})}) for i in range(4)]
+    settings = _worker_settings(tiny_llama_dir, "float32")
+    procs = {w: fleet.spawn(w, **settings) for w in ("w0", "w1")}
+    await fleet.wait_for_workers(redis, list(procs), timeout_s=120)
+    async with fleet.client() as client:
+        clients = asyncio.create_task(run_clients(client, specs, timeout_s=180))
+        victim, _ = await kill_busiest(redis, keys, procs, min_jobs=1, min_tokens=20,
+                                       timeout_s=60)
+        results = await clients
+    offline = await asyncio.to_thread(
+        lambda: LLM(str(tiny_llama_dir), dtype="float32", num_threads=1).generate(
+            [s.prompt for s in specs], [sampling_params(s) for s in specs]))
+    for spec, expected in zip(specs, offline, strict=True):
+        final = check_stream(results[spec.request_id], expected.token_ids)
+        assert len(json.loads(final.generated_text)) == 120
+    await assert_queue_empty(redis, keys)
+    fleet.stop_all()
+    survivor = "w1" if victim == "w0" else "w0"
+    resumed = [line for line in fleet.log_lines(survivor) if line.get("event") == "job_resumed"]
+    assert any(line["num_resumed"] >= 20 for line in resumed)
