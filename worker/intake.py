@@ -57,13 +57,14 @@ class Intake:
                  engine_thread: EngineThread, tokenizer: TokenizerLike,
                  model_names: frozenset[str], inflight: dict[str, InFlightRequest],
                  publisher: Publisher, metrics: WorkerMetrics, read_block_ms: int,
-                 max_deliveries: int, seed_ttl_s: int = 86_400,
+                 max_deliveries: int, seed_ttl_s: int = 86_400, lane_max_wait_ms: int = 0,
                  connectivity: Connectivity | None = None,
                  hooks: TestHooks | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._queue = queue
-        self._reader = LaneReader(redis, keys, queue, consumer, read_block_ms)
+        self._reader = LaneReader(redis, keys, queue, consumer, read_block_ms,
+                                  lane_max_wait_ms)
         self._group = keys.group(queue)
         self._consumer = consumer
         self._engine = engine_thread

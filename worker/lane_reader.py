@@ -1,9 +1,12 @@
 """Read new jobs from a queue's priority lanes in order: high, normal, low.
 
-Each lane gets only the free slots the lanes before it left. One Lua call reads them all
-without blocking (three XREADGROUPs in one round trip: a worker pulls at every step that
-frees a slot, and three round trips each time cost it measurable CPU and latency); when
-every lane is empty, one XREADGROUP blocks on all three at once.
+Each lane gets only the free slots the lanes before it left. Strict priority can starve the
+lower lanes under sustained load; with `lane_max_wait_ms` a job that has waited that long
+is pulled before younger jobs of higher lanes (aging), so every job's wait is bounded.
+
+One Lua call reads them all without blocking (three XREADGROUPs in one round trip: a worker
+pulls at every step that frees a slot, and three round trips each time cost it measurable
+CPU and latency); when every lane is empty, one XREADGROUP blocks on all three at once.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ from tokenfleet.worker.script_reply import as_bytes, field_map
 
 __all__ = ["LaneEntry", "LaneReader"]
 
-# KEYS: the lanes' streams, in priority order. ARGV: group, consumer, count.
+# KEYS: the lanes' streams, in priority order. ARGV: group, consumer, count, max_wait_ms.
 # Returns {{lane number, entries} | {lane number, error text}, …}: a lane whose group is
 # missing reports NOGROUP without losing what the lanes before it delivered.
+# With max_wait_ms > 0, entries of the lower lanes that have waited that long (a stream id is
+# the server's clock when it was added) go first, oldest first, before the priority order.
 READ_LANES_LUA: Final = """
-local out = {}
+local group, consumer = ARGV[1], ARGV[2]
 local remaining = tonumber(ARGV[3])
-for i = 1, #KEYS do
-  if remaining <= 0 then break end
-  local reply = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', remaining,
+local max_wait_ms = tonumber(ARGV[4])
+local out = {}
+local function read(i, count)
+  local reply = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
                             'STREAMS', KEYS[i], '>')
   if type(reply) == 'table' and reply.err then
     table.insert(out, {i, reply.err})
@@ -36,6 +42,53 @@ for i = 1, #KEYS do
     remaining = remaining - #reply[1][2]
     table.insert(out, {i, reply[1][2]})
   end
+end
+local function last_delivered(key)
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if type(groups) ~= 'table' or groups.err then return nil end
+  for _, g in ipairs(groups) do
+    local name, last
+    for j = 1, #g, 2 do
+      if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then
+        last = g[j + 1] end
+    end
+    if name == group then return last end
+  end
+  return nil
+end
+local function id_key(id)
+  local ms, seq = string.match(id, '(%d+)-(%d+)')
+  return tonumber(ms), tonumber(seq)
+end
+if max_wait_ms > 0 and remaining > 0 then
+  local now = redis.call('TIME')
+  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - max_wait_ms
+  local overdue = {}
+  for i = 2, #KEYS do
+    local last = last_delivered(KEYS[i])
+    if last then
+      for _, e in ipairs(redis.call('XRANGE', KEYS[i], '(' .. last, cutoff,
+                                    'COUNT', remaining)) do
+        local ms, seq = id_key(e[1])
+        table.insert(overdue, {ms, seq, i})
+      end
+    end
+  end
+  table.sort(overdue, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+  local take = {}
+  for n = 1, math.min(remaining, #overdue) do
+    take[overdue[n][3]] = (take[overdue[n][3]] or 0) + 1
+  end
+  for i = 2, #KEYS do
+    if take[i] then read(i, take[i]) end
+  end
+end
+for i = 1, #KEYS do
+  if remaining <= 0 then break end
+  read(i, remaining)
 end
 return out
 """
@@ -54,12 +107,13 @@ class LaneReader:
     """Reads for one consumer of one queue; `on_missing_group` recreates the groups."""
 
     def __init__(self, redis: Redis, keys: Keys, queue: str, consumer: str,
-                 read_block_ms: int) -> None:
+                 read_block_ms: int, lane_max_wait_ms: int = 0) -> None:
         self.streams = {lane: keys.jobs(queue, lane) for lane in LANES}
         self._redis = redis
         self._group = keys.group(queue)
         self._consumer = consumer
         self._read_block_ms = read_block_ms
+        self._lane_max_wait_ms = lane_max_wait_ms
         self._lane_of = {stream.encode(): lane for lane, stream in self.streams.items()}
         self._script = redis.register_script(READ_LANES_LUA)
 
@@ -71,7 +125,8 @@ class LaneReader:
         free slots, only if entries reached several lanes in the moment between the script
         and the blocking read."""
         reply: Any = await self._script(keys=list(self.streams.values()),
-                                        args=[self._group, self._consumer, num_free])
+                                        args=[self._group, self._consumer, num_free,
+                                              self._lane_max_wait_ms])
         out: list[LaneEntry] = []
         missing_group = False
         refused: ResponseError | None = None

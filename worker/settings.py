@@ -105,6 +105,10 @@ class WorkerSettings:
     max_queue_len: int = _setting(0, "admission limit on the queue backlog published for "
                                   "producers; 0 = unlimited")
     read_block_ms: int = _setting(1_000, "XREADGROUP BLOCK time; bounds shutdown latency")
+    lane_max_wait_s: float = _setting(0.0, "a job that waited this long in the normal or low "
+                                      "lane is pulled before younger jobs of higher lanes, "
+                                      "oldest first (aging); 0 = strict priority, where a "
+                                      "lower lane may wait as long as higher ones are busy")
     metrics_port: int = _setting(0, "Prometheus /metrics port; 0 = off")
     metrics_host: str = _setting("0.0.0.0", "address the metrics endpoint binds")
     gateway_host: str = _setting("127.0.0.1", "address the HTTP gateway binds (0.0.0.0 in a "
@@ -143,7 +147,8 @@ class WorkerSettings:
                 raise SettingsError(f"{_describe(name)} must be > 0, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise SettingsError(f"{_describe('gpu_memory_utilization')} must be in (0, 1]")
-        for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms", "cuda_graph_max_batch"):
+        for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms", "cuda_graph_max_batch",
+                     "lane_max_wait_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("metrics_port", "gateway_port"):

@@ -150,6 +150,7 @@ class Worker:
             engine_thread=engine_thread, tokenizer=engine.tokenizer,
             model_names=served_model_names(s, engine), inflight=self.inflight,
             publisher=publisher, metrics=self.metrics, read_block_ms=s.read_block_ms,
+            lane_max_wait_ms=round(s.lane_max_wait_s * 1000),
             max_deliveries=s.max_deliveries, seed_ttl_s=max(s.events_ttl_s, s.result_ttl_s),
             connectivity=self.connectivity, hooks=TestHooks(s.test_hooks))
         registry = Registry(redis, self.keys, self.worker_id, ttl_s=s.lease_ms / 1000)

@@ -110,3 +110,26 @@ async def test_a_deleted_lane_is_recreated_without_stranding_other_lanes(fleet, 
             client.generate("low", max_new_tokens=2, priority=-1)), 5)  # < the 30 s lease
     assert [f.details.generated_tokens for f in finals] == [2, 2, 2, 2]
     assert all(f.queue_ms < 2000 for f in finals)
+
+
+@pytest.mark.parametrize("max_wait_s", [0.0, 0.3])
+async def test_aging_bounds_the_wait_of_a_low_priority_job(fleet, max_wait_s):
+    """A 1-slot worker kept busy by a stream of normal jobs: with strict priority the low
+    job waits for all of them; with `lane_max_wait_s` it is pulled once it has waited that
+    long, ahead of the younger normal jobs, and its wait is bounded."""
+    async with fleet.client() as client, fleet.worker(max_num_seqs=1, sim_step_ms=5.0,
+                                                      lane_max_wait_s=max_wait_s):
+        submitted = {"n0": await _submit(client, "n0", 0, max_new_tokens=20)}
+        await asyncio.sleep(0.05)  # n0 runs: everything below waits
+        submitted["low"] = await _submit(client, "low", -1, max_new_tokens=20)
+        for i in range(1, 12):
+            submitted[f"n{i}"] = await _submit(client, f"n{i}", 0, max_new_tokens=20)
+        started = await _start_times(client, submitted)
+    order = sorted(started, key=started.__getitem__)
+    waited_ms = started["low"] - submitted["low"]
+    if max_wait_s == 0:
+        assert order[-1] == "low", order
+    else:
+        assert order.index("low") <= 6, order  # ~100 ms a job: pulled after ~3 of them
+        assert waited_ms < 300 + 400, waited_ms
+        assert order.index("low") >= 2, order  # but not before it was due
