@@ -63,7 +63,7 @@ class Grammar:
         return value
 
     def text(self) -> str:
-        """The pattern, or the schema as compact JSON (its size, and the compile cache key)."""
+        """The pattern, or the schema as compact JSON (what the size limit counts)."""
         if self.type == "regex":
             return str(self.value)
         return json.dumps(self.schema(), separators=(",", ":"), sort_keys=True)

@@ -111,4 +111,5 @@ def _completion(rid: str, outs: list[StepOutput], prompt_ids: list[int]) -> Comp
         finish_reason=final.finish_reason.value if final.finish_reason else "length",
         logprobs=[t.logprob for t in tokens],
         request_id=rid,
+        error=final.error,
     )

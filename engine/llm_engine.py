@@ -121,6 +121,11 @@ class LLMEngine:
             released, _ = seq.stop_matcher.push(seq.detokenizer.add(token_id))
             seq.output_text += released
         self._seqs[request_id] = seq
+        if matcher is not None and matcher.is_stopped():
+            # Resumed after the token that completed its grammar: nothing left to generate.
+            seq.output_text += seq.stop_matcher.flush()
+            self._pending.append(self.postprocessor.finish(seq, FinishReason.EOS_TOKEN, []))
+            return
         self.scheduler.add(seq)
 
     def _checked_prompt(self, prompt: list[int], params: SamplingParams) -> list[int]:

@@ -286,8 +286,8 @@ class ModelRunner:
             token_histories=[s.token_ids for s in sampled] if needs_history(sampled) else None,
             prompt_lens=[s.num_prompt_tokens for s in sampled],
             banned_token_ids=[_banned(s) for s in sampled],
-            allowed=grammar_masks([s.grammar_matcher for s in sampled],
-                                  self.model_config.vocab_size),
+            grammar=grammar_masks([s.grammar_matcher for s in sampled],
+                                  self.model_config.vocab_size, self.device),
             vocab_size=self.model_config.vocab_size,
             device=self.device,
         )
@@ -353,9 +353,9 @@ def reads_tokens_on_host(seqs: list[Sequence]) -> bool:
 
 
 def _banned(seq: Sequence) -> list[int]:
-    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish). A
-    grammar decides alone when its output may end: banning EOS where the grammar allows
-    only EOS would leave no token at all."""
-    if seq.num_output_tokens < seq.params.min_new_tokens and seq.grammar_matcher is None:
+    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish). With a
+    grammar too: its mask never allows EOS alone here (a complete grammar ends the request
+    when it completes), so some other token is always left."""
+    if seq.num_output_tokens < seq.params.min_new_tokens:
         return list(seq.eos_token_ids)
     return []

@@ -20,6 +20,10 @@ class FinishReason(StrEnum):
     STOP_SEQUENCE = "stop_sequence"
     CANCELLED = "cancelled"
     DEADLINE = "deadline_exceeded"
+    # The request failed mid-generation; `StepOutput.error` says why (the worker sends an
+    # `error` event of type generation instead of a final). Today: a grammar's matcher
+    # that hit a parser limit, so the output could no longer follow the grammar.
+    ERROR = "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class StepOutput:
     num_generated_tokens: int = 0
     seed: int | None = None
     prefill: list[TokenOutput] = field(default_factory=list)  # decoder_input_details
+    error: str | None = None  # with finish_reason ERROR
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +80,4 @@ class Completion:
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)
     request_id: str = ""
+    error: str | None = None  # why, when finish_reason is "error"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenfleet.engine.model_runner import RunOutput
 from tokenfleet.engine.outputs import FinishReason, StepOutput, TokenOutput, TopToken
 from tokenfleet.engine.sampler import SamplerOutput
@@ -65,9 +67,12 @@ class Postprocessor:
               tops: tuple[TopToken, ...]) -> StepOutput:
         """Text, stop and finish decisions for the token at output `index` (later indices may
         be pending: lengths are counted up to this token)."""
+        matcher = seq.grammar_matcher
+        if matcher is not None and not matcher.consume_token(token_id):
+            return self._fail(seq, f"the output left its grammar: {_first_line(matcher)}")
+        grammar_done = matcher is not None and matcher.is_stopped()
         text, stopped = seq.stop_matcher.push(seq.detokenizer.add(token_id))
-        reason = self._finish_reason(seq, index + 1, token_id, stopped,
-                                     _grammar_done(seq, token_id))
+        reason = self._finish_reason(seq, index + 1, token_id, stopped, grammar_done)
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += seq.stop_matcher.flush()
             if seq.stop_matcher.stopped:  # the held tail turned out to contain a stop
@@ -81,8 +86,18 @@ class Postprocessor:
         self.scheduler.remove(seq)
         return self.finish(seq, reason, [token])
 
+    def _fail(self, seq: Sequence, error: str) -> StepOutput:
+        """End a request that cannot go on (its token is not reported)."""
+        seq.drop_pending()
+        self.scheduler.remove(seq)
+        out = self.finish(seq, FinishReason.ERROR, [])
+        out.error = error
+        return out
+
     def _finish_reason(self, seq: Sequence, num_output: int, token_id: int, stopped: bool,
                        grammar_done: bool) -> FinishReason | None:
+        # A complete grammar allows only EOS next: the request ends now, as if EOS had been
+        # sampled (TGI's finish reason then, one step sooner).
         if token_id in seq.eos_token_ids or grammar_done:
             return FinishReason.EOS_TOKEN
         if stopped or token_id in seq.params.stop_token_ids:
@@ -124,13 +139,8 @@ class Postprocessor:
         )
 
 
-def _grammar_done(seq: Sequence, token_id: int) -> bool:
-    """Advance the grammar; True once it is complete (only EOS could follow, so the request
-    ends now, as if EOS had been sampled: TGI's finish reason then, one step sooner)."""
-    matcher = seq.grammar_matcher
-    if matcher is None:
-        return False
-    # The mask admitted only tokens the grammar accepts; a rejected token (an error state,
-    # e.g. a parser limit) also leaves the matcher stopped, which ends the request.
-    matcher.consume_token(token_id)
-    return bool(matcher.is_stopped())
+def _first_line(matcher: Any) -> str:
+    """llguidance's error, without the parser dump that follows its first line (a token
+    the mask admitted is rejected only when the matcher hit a limit, e.g. lexer fuel)."""
+    lines = str(matcher.get_error()).strip().splitlines()
+    return lines[0][:400] if lines else "parser error"

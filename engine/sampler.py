@@ -79,8 +79,8 @@ class Sampler:
         scores = logits.float()  # [n, vocab]; the steps below never write into it in place
         if batch.banned is not None:
             scores = scores.index_put(batch.banned, torch.tensor(_NEG_INF, device=scores.device))
-        if batch.allowed is not None:
-            scores = scores.masked_fill(~batch.allowed, _NEG_INF)
+        if batch.grammar is not None:
+            scores = _apply_grammar(scores, *batch.grammar)
         if batch.penalties is not None:
             scores = apply_penalties(scores, batch.penalties)
         warping = batch.warping
@@ -105,6 +105,15 @@ class Sampler:
         noise = gumbel_noise(warping.seeds, warping.indices, warped.shape[1])
         token_ids = (warped + noise).argmax(dim=-1)  # [m]
         return _output(warped, token_ids, self.row_stats(warped)[1], max_top_n)
+
+
+def _apply_grammar(scores: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor
+                   ) -> torch.Tensor:
+    """Tokens outside a row's grammar -> -inf. rows: [g]; allowed: [g, vocab] bool."""
+    if rows.numel() == scores.shape[0]:  # every row has a grammar (rows are 0..n-1)
+        return scores.masked_fill(~allowed, _NEG_INF)
+    masked = scores.index_select(0, rows).masked_fill_(~allowed, _NEG_INF)  # [g, vocab]
+    return scores.index_put((rows,), masked)
 
 
 def apply_penalties(scores: torch.Tensor, penalties: Penalties) -> torch.Tensor:

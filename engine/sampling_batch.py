@@ -61,13 +61,13 @@ class SamplingBatch:
     max_top_n: int  # top tokens to return per row (max of the rows' top_n_tokens)
     penalties: Penalties | None
     banned: tuple[torch.Tensor, torch.Tensor] | None  # ([b] row, [b] token id) set to -inf
-    allowed: torch.Tensor | None  # [n, vocab] bool: False = not in the row's grammar
+    grammar: tuple[torch.Tensor, torch.Tensor] | None  # ([g] rows, [g, vocab] bool allowed)
     warping: Warping | None  # None = every row is greedy
 
     @property
     def is_greedy_fast_path(self) -> bool:
         """Pure argmax: no penalties, no banned tokens, no grammar, no sampled row."""
-        return (self.penalties is None and self.banned is None and self.allowed is None
+        return (self.penalties is None and self.banned is None and self.grammar is None
                 and self.warping is None)
 
     @classmethod
@@ -81,7 +81,7 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         banned_token_ids: Sequence[Collection[int]] | None = None,
-        allowed: torch.Tensor | None = None,
+        grammar: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingBatch:
         """Gather the per-row parameters into tensors on `device`.
 
@@ -90,7 +90,8 @@ class SamplingBatch:
         token_histories: per row, prompt + generated ids (read only when a row sets a
         penalty); prompt_lens: per row, how many of those ids are the prompt;
         banned_token_ids: per row, ids that must not be chosen (EOS before min_new_tokens);
-        allowed: [n, vocab] bool on the host, the grammar masks (`grammar_masks`).
+        grammar: the rows with a grammar and their allowed tokens, on `device`
+        (`grammar_masks`).
         """
         num_rows = len(params)
         if not (len(seeds) == len(indices) == len(prompt_lens) == num_rows):
@@ -98,8 +99,9 @@ class SamplingBatch:
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
         device = torch.device(device)
-        if allowed is not None and tuple(allowed.shape) != (num_rows, vocab_size):
-            raise ValueError(f"allowed {tuple(allowed.shape)} is not [{num_rows}, {vocab_size}]")
+        if grammar is not None and tuple(grammar[1].shape) != (len(grammar[0]), vocab_size):
+            raise ValueError(f"grammar mask {tuple(grammar[1].shape)} is not "
+                             f"[{len(grammar[0])}, {vocab_size}]")
         max_top_n = min(max((p.top_n_tokens or 0 for p in params), default=0), vocab_size)
         return cls(
             num_rows=num_rows,
@@ -107,7 +109,7 @@ class SamplingBatch:
             max_top_n=max_top_n,
             penalties=_build_penalties(params, token_histories, prompt_lens, vocab_size, device),
             banned=_build_banned(banned_token_ids, num_rows, vocab_size, device),
-            allowed=allowed.to(device) if allowed is not None else None,
+            grammar=grammar,
             warping=_build_warping(params, seeds, indices, vocab_size, device),
         )
 

@@ -104,6 +104,7 @@ class ChatRenderer(_OpenAIRenderer):
     sent at the end as one `tool_calls` delta (or as content when the model chose no tool)."""
 
     tools: ToolCallPlan | None = None
+    _held: list[TokenEvent] = field(default_factory=list, init=False)  # a tool call's tokens
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
         if self.tools is not None:
@@ -116,19 +117,23 @@ class ChatRenderer(_OpenAIRenderer):
 
     def _tool_chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
         if not isinstance(event, FinalEvent):
+            self._held.append(event)
             return []
         message, reason = self._answer(event)
         delta = {"role": "assistant", "content": message["content"], "tool_calls": None}
         if "tool_calls" in message:
             delta["tool_calls"] = [{"index": i, **call}
                                    for i, call in enumerate(message["tool_calls"])]
-        return self._chunk(event, delta, reason, True)
+        return self._chunk(event, delta, reason, True, [*self._held, event])
 
     def _chunk(self, event: TokenEvent | FinalEvent, delta: dict[str, Any],
-               reason: str | None, send: bool) -> list[dict[str, Any]]:
+               reason: str | None, send: bool,
+               scored: list[TokenEvent | FinalEvent] | None = None) -> list[dict[str, Any]]:
+        """`scored`: the events whose logprobs this chunk carries (default: `event`)."""
+        logprobs = logprobs_content(scored or [event]) if self.logprobs else None
         choice: dict[str, Any] = {
             "index": 0, "delta": delta,
-            "logprobs": ({"content": logprobs_content([event])} if self.logprobs else None),
+            "logprobs": {"content": logprobs} if logprobs is not None else None,
             "finish_reason": reason,
         }
         if isinstance(event, FinalEvent):
@@ -143,7 +148,10 @@ class ChatRenderer(_OpenAIRenderer):
                     finish_reason(final))
         call_id = "call_" + self.request_id.removeprefix("chatcmpl-")
         message, is_call = self.tools.message(final.generated_text, call_id)
-        return message, "tool_calls" if is_call else finish_reason(final)
+        # OpenAI: "tool_calls" when the model chose to call (auto, required); "stop" when
+        # the request named the function.
+        called = is_call and not self.tools.named and final.details.finish_reason != "length"
+        return message, "tool_calls" if called else finish_reason(final)
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
         logprobs = None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -216,16 +217,22 @@ class Gateway:
 
     async def _write_events(self, response: web.StreamResponse, fleet: FleetRequest,
                             renderer: Renderer, event: Any) -> None:
+        written_s = time.monotonic()
         try:
             while not isinstance(event, FinalEvent):
-                if event is None:
-                    await response.write(b": keep-alive\n\n")
-                elif isinstance(event, ErrorEvent):
+                if isinstance(event, ErrorEvent):
                     error = error_class(event.error_type)(event.error, request_id=event.id)
                     await _write_sse(response, renderer, [renderer.error(error)])
                     break
-                else:
-                    await _write_sse(response, renderer, renderer.chunks(event))
+                chunks = renderer.chunks(event) if event is not None else []
+                if chunks:
+                    await _write_sse(response, renderer, chunks)
+                    written_s = time.monotonic()
+                elif time.monotonic() - written_s >= KEEPALIVE_S:
+                    # Nothing to send (no event, or one held back: a tool call streams at
+                    # the end): a comment keeps proxies from closing an idle connection.
+                    await response.write(b": keep-alive\n\n")
+                    written_s = time.monotonic()
                 event = await fleet.next_event(KEEPALIVE_S)
             else:
                 await _write_sse(response, renderer, renderer.chunks(event))

@@ -222,9 +222,16 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
     if not isinstance(role, str):
         raise ValidationError("Input validation error: every message needs a string `role`")
     calls = message.get("tool_calls")
-    if role == "assistant" and calls and not content:
-        # An earlier turn's tool call: shown to the model as the JSON it answered then.
-        return {"role": role, "content": _calls_as_text(calls)}
+    if role == "assistant" and calls:
+        # An earlier turn's tool call: shown to the model as the JSON it answered then
+        # (after the text, if the turn had both).
+        text = _content_text(content)
+        return {"role": role, "content": f"{text}\n{_calls_as_text(calls)}" if text
+                else _calls_as_text(calls)}
+    return {"role": role, "content": _content_text(content)}
+
+
+def _content_text(content: Any) -> str:
     if isinstance(content, list):  # content parts: text only
         texts = []
         for part in content:
@@ -242,7 +249,7 @@ def _message(message: dict[str, Any]) -> dict[str, str]:
     if not isinstance(content, str):
         raise ValidationError("Input validation error: message `content` must be a string "
                               "or a list of text parts")
-    return {"role": role, "content": content}
+    return content
 
 
 def _calls_as_text(calls: Any) -> str:

@@ -62,7 +62,8 @@ ERROR_TYPES: Final = (
 class Grammar(msgspec.Struct, kw_only=True):
     """Constrain the output (TGI's `grammar`): `type` "json" with `value` a JSON schema (or that
     schema as a JSON string), "regex" with `value` the pattern, or "json_schema" with `value`
-    `{"name": ..., "schema": {...}}`. Older workers ignore the field (they predate it)."""
+    `{"name": ..., "schema": {...}}`. A job with a grammar says `v` 2: a worker that predates
+    the field refuses it instead of answering unconstrained (see `PROTOCOL_VERSION`)."""
 
     type: str
     value: Any

@@ -25,6 +25,7 @@ DEFAULT_TOOL_PROMPT: Final = (
     "function name, arguments: dictionary of argument name and its value}. Do not use "
     "variables.")
 NO_TOOL: Final = "no_tool"
+MAX_TOOLS_CHARS: Final = 60 * 1024  # under the 64 KiB grammar limit, with room for the wrapper
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _NO_TOOL_SCHEMA: Final = {
     "type": "object",
@@ -41,6 +42,7 @@ class ToolCallPlan:
 
     tools: list[dict[str, Any]]  # [{"name", "description", "parameters"}], the allowed ones
     allow_no_tool: bool  # tool_choice "auto": the model may answer in words
+    named: bool = False  # tool_choice named one function
 
     @classmethod
     def build(cls, tools: list[Any] | None, tool_choice: Any) -> ToolCallPlan | None:
@@ -60,15 +62,30 @@ class ToolCallPlan:
         name = _chosen_name(tool_choice)
         if name not in names:
             raise _invalid(f"`tool_choice` names {name!r}, which is not in `tools`")
-        return cls([f for f in functions if f["name"] == name], allow_no_tool=False)
+        return cls([f for f in functions if f["name"] == name], allow_no_tool=False, named=True)
 
     def grammar(self) -> dict[str, Any]:
-        """TGI's `grammar`: one JSON object naming a tool and carrying its arguments."""
-        choices = [_call_schema(f["name"], f["parameters"]) for f in self.tools]
+        """TGI's `grammar`: one JSON object naming a tool and carrying its arguments.
+
+        A tool's local `$ref`s (Pydantic puts nested models and enums in `$defs`) point into
+        its own schema; inside the combined one they would point at the wrong root, so each
+        tool's definitions move to the root's `$defs` under the tool's prefix."""
+        choices = []
+        definitions: dict[str, Any] = {}
+        for i, f in enumerate(self.tools):
+            arguments, defs = _embedded(f["parameters"], f"tool{i}")
+            choices.append(_call_schema(f["name"], arguments))
+            definitions.update(defs)
         if self.allow_no_tool:
             choices.append(_call_schema(NO_TOOL, _NO_TOOL_SCHEMA))
-        schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
-        return {"type": "json", "value": schema}
+        schema: dict[str, Any] = choices[0] if len(choices) == 1 else {"anyOf": choices}
+        if definitions:
+            schema = {**schema, "$defs": definitions}
+        grammar = {"type": "json", "value": schema}
+        if len(json.dumps(schema)) > MAX_TOOLS_CHARS:
+            raise _invalid(f"the `tools` (their schemas) are larger than {MAX_TOOLS_CHARS} "
+                           "characters")
+        return grammar
 
     def prompt(self, tool_prompt: str | None) -> str:
         shown = [{"type": "function", "function": f} for f in self.tools]
@@ -119,6 +136,49 @@ def _chosen_name(tool_choice: Any) -> str:
             return str(function["name"])
     raise _invalid("`tool_choice` must be \"none\", \"auto\", \"required\", a function "
                    "name or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+
+def _embedded(parameters: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the schema to put under `arguments`, definitions for the root `$defs`). Without a
+    local `$ref` the tool's schema goes in as it is."""
+    if '"$ref"' not in json.dumps(parameters):
+        return parameters, {}
+    body = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
+    defs = {prefix: _rewrite(body, prefix)}
+    for container in ("definitions", "$defs"):
+        for name, schema in (parameters.get(container) or {}).items():
+            defs[f"{prefix}.{name}"] = _rewrite(schema, prefix)
+    return {"$ref": f"#/$defs/{_escape(prefix)}"}, defs
+
+
+def _rewrite(node: Any, prefix: str) -> Any:
+    if isinstance(node, list):
+        return [_rewrite(v, prefix) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rewrite(v, prefix) for k, v in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = _rewrite_ref(ref[1:], prefix)
+    return out
+
+
+def _rewrite_ref(pointer: str, prefix: str) -> str:
+    """A JSON pointer into the tool's schema -> the same place in the root's `$defs`."""
+    for container in ("/$defs/", "/definitions/"):
+        if pointer.startswith(container):
+            name, slash, rest = pointer[len(container):].partition("/")
+            key = f"{prefix}.{_unescape(name)}"
+            return f"#/$defs/{_escape(key)}{slash}{rest}"
+    return f"#/$defs/{_escape(prefix)}{pointer}"
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _unescape(token: str) -> str:
+    return token.replace("~1", "/").replace("~0", "~")
 
 
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -135,10 +135,10 @@ class EventPump:
     def _on_finished(self, req: InFlightRequest, end: FinalEvent | ErrorEvent) -> None:
         self._inflight.pop(req.request_id, None)
         self.num_finished += 1
-        if isinstance(end, ErrorEvent):  # stopped at its deadline
+        if isinstance(end, ErrorEvent):  # stopped at its deadline, or failed mid-generation
             self._metrics.errors.labels(error_type=end.error_type).inc()
             self._log.info("request_failed", request_id=req.request_id,
-                           error_type=end.error_type, tokens=req.num_tokens,
+                           error_type=end.error_type, error=end.error, tokens=req.num_tokens,
                            tenant=req.job.tenant)
             return
         self._metrics.observe_final(end)

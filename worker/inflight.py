@@ -63,6 +63,11 @@ class InFlightRequest:
                           error=f"deadline exceeded after {self.num_tokens} generated tokens; "
                                 "generation was stopped")
 
+    def generation_error(self, error: str) -> ErrorEvent:
+        """The error a request the engine could not go on with ends with."""
+        return ErrorEvent(id=self.request_id, error_type="generation",
+                          error=f"{error} (after {self.num_tokens} generated tokens)")
+
     def token_events(self, tokens: list[TokenOutput], now_ms: float) -> list[TokenEvent]:
         """Events for tokens that are not the request's last one."""
         return [self._token_event(t, now_ms) for t in tokens]

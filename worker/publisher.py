@@ -68,12 +68,16 @@ class Publisher:
                 continue  # already failed or finished (e.g. aborted after an engine failure)
             # Aborted at its deadline (a natural finish in the same step stays a final).
             expired = req.expired and out.finish_reason is FinishReason.CANCELLED
-            last = out.tokens[-1] if out.finished and out.tokens and not expired else None
+            failed = out.finish_reason is FinishReason.ERROR
+            last = (out.tokens[-1] if out.finished and out.tokens and not (expired or failed)
+                    else None)
             body = out.tokens[:-1] if last is not None else out.tokens
             payloads = [encode(e) for e in req.token_events(body, now_ms)]
             if out.finished:
-                end: FinalEvent | ErrorEvent = (req.deadline_error() if expired
-                                                else req.final_event(out, last, now_ms))
+                end: FinalEvent | ErrorEvent = (
+                    req.deadline_error() if expired
+                    else req.generation_error(out.error or "generation failed") if failed
+                    else req.final_event(out, last, now_ms))
                 payloads.append(encode(end))
                 finished.append((req, end))
             # The replay stream's TTL is set on its first events, refreshed once a quarter of

@@ -130,6 +130,9 @@ class Worker:
         if engine is None:  # with cpu_compile this includes minutes of compiling
             self._log.info("engine_loading", model=s.model, cpu_compile=s.cpu_compile)
             engine = await asyncio.to_thread(build_engine, s)
+        grammars = getattr(engine, "grammars", None)  # the simulated engine has none
+        if grammars is not None:
+            grammars.warm_up()  # the first grammar request then finds it built
         try:
             await self._run_engine(redis, engine, features,
                                    round(time.monotonic() - load_started, 1))

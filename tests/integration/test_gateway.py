@@ -443,3 +443,28 @@ async def test_x_priority_header_picks_the_lane(fleet, redis, keys):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_streamed_tool_call_keeps_the_connection_alive(served, monkeypatch):
+    """A tool call is held back until it is complete; meanwhile the stream is not silent
+    (idle proxies would cut it): keep-alive comments go out every KEEPALIVE_S."""
+    from tokenfleet.producer import gateway
+
+    monkeypatch.setattr(gateway, "KEEPALIVE_S", 0.02)
+    url, _ = served
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/chat/completions", json={
+            "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "max_tokens": 30, "tools": [tool], "tool_choice": "required",
+            "logprobs": True}) as resp:
+        assert resp.status == 200
+        lines = [line.decode().strip() async for line in resp.content if line.strip()]
+    assert lines.count(": keep-alive") >= 3, lines
+    chunks = [json.loads(line[len("data: "):]) for line in lines
+              if line.startswith("data: {")]
+    assert len(chunks) == 1  # the whole answer at the end
+    choice = chunks[0]["choices"][0]
+    # the simulated engine's words are no JSON: content, finish_reason length
+    assert choice["finish_reason"] == "length"
+    assert len(choice["logprobs"]["content"]) == 30  # every token's logprob, not the last's
+    assert lines[-1] == "data: [DONE]"

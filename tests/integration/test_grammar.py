@@ -203,3 +203,42 @@ def test_top_tokens_are_alternatives_inside_the_grammar(tiny_llama_dir: Path) ->
         for top in token.top_tokens:
             assert top.logprob > float("-inf")
             assert re.fullmatch(r"[01]+", top.text), top.text
+
+
+def test_a_matcher_that_hits_a_parser_limit_fails_its_request_only(tiny_llama_dir: Path
+                                                                   ) -> None:
+    """A grammar that compiles but exhausts llguidance's lexer limits mid-answer: its
+    request ends with an error (not a normal finish with text outside the grammar), its
+    neighbour is untouched, and the engine goes on."""
+    engine = _engine(tiny_llama_dir)
+    engine.add_request("heavy", [5, 6, 7], SamplingParams(
+        max_new_tokens=50, grammar={"type": "regex", "value": "(x{1000}){1000}"}))
+    engine.add_request("plain", [8, 9], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    finals = _run(engine)
+    heavy, _ = finals["heavy"]
+    assert heavy.finish_reason == "error"
+    assert heavy.error and "grammar" in heavy.error
+    assert len(finals["plain"][1]) == 6
+    engine.add_request("after", [5, 6], SamplingParams(max_new_tokens=3))
+    assert len(_run(engine)["after"][1]) == 3
+
+
+def test_min_new_tokens_holds_while_the_grammar_can_go_on(tiny_llama_dir: Path) -> None:
+    engine = _engine(tiny_llama_dir)
+    for i in range(4):
+        engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(
+            max_new_tokens=12, min_new_tokens=5, grammar={"type": "regex", "value": "[0-9]+"}))
+    for out, ids in _run(engine).values():
+        assert len(ids) >= 5 and re.fullmatch("[0-9]+", out.generated_text)
+
+
+def test_a_request_resumed_after_its_grammar_completed_ends_at_once(tiny_llama_dir: Path
+                                                                     ) -> None:
+    params = SamplingParams(max_new_tokens=40, grammar={"type": "regex", "value": REGEX})
+    engine = _engine(tiny_llama_dir)
+    engine.add_request("a", [5, 6, 7], params)
+    whole, ids = _run(engine)["a"]
+    engine.add_request("b", [5, 6, 7], params, resume_token_ids=ids)
+    resumed, more = _run(engine)["b"]
+    assert more == [] and resumed.finish_reason == "eos_token"
+    assert resumed.generated_text == whole.generated_text

@@ -117,3 +117,76 @@ def test_chat_arguments_show_the_tools_and_replay_earlier_calls() -> None:
         openai_api.chat_job_arguments(msgspec.convert({
             "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
             "response_format": {"type": "json_object"}}, openai_api.ChatRequest), 50, plan)
+
+
+PYDANTIC_STYLE = {"type": "function", "function": {"name": "book", "parameters": {
+    "$defs": {"Unit": {"enum": ["celsius", "fahrenheit"], "type": "string"},
+              "Address": {"type": "object", "properties": {
+                  "city": {"type": "string"}, "unit": {"$ref": "#/$defs/Unit"}},
+                  "required": ["city", "unit"], "additionalProperties": False}},
+    "type": "object", "properties": {"to": {"$ref": "#/$defs/Address"},
+                                     "note": {"$ref": "#/$defs/Address/properties/city"}},
+    "required": ["to"], "additionalProperties": False}}}
+TREE = {"type": "function", "function": {"name": "tree", "parameters": {
+    "type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"},
+                                              "maxItems": 2}},
+    "required": ["kids"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize(("text", "admitted"), [
+    ('{"name": "book", "arguments": {"to": {"city": "Oslo", "unit": "celsius"}}}', True),
+    ('{"name": "book", "arguments": {"to": {"city": "Oslo", "unit": "kelvin"}}}', False),
+    ('{"name": "book", "arguments": {"to": {"city": "Oslo", "unit": "celsius"}, '
+     '"note": "hi"}}', True),
+    ('{"name": "book", "arguments": {"to": {"city": "Oslo", "unit": "celsius"}, '
+     '"note": 5}}', False),
+    ('{"name": "tree", "arguments": {"kids": [{"kids": []}, {"kids": [{"kids": []}]}]}}', True),
+    ('{"name": "tree", "arguments": {"kids": [{"leaf": 1}]}}', False),
+])
+def test_tools_with_local_refs_keep_their_meaning(compiler: Any, text: str,
+                                                 admitted: bool) -> None:
+    """Pydantic-made schemas keep nested models and enums in `$defs` and point at them with
+    `$ref`; inside the combined grammar those refs must still reach the tool's own defs
+    (and `#` its own root, not the wrapper's)."""
+    plan = ToolCallPlan.build([PYDANTIC_STYLE, TREE, CLOCK], "required")
+    assert plan is not None
+    assert _admits(compiler, plan, text) is admitted
+
+
+def test_oversized_tools_are_refused_by_name() -> None:
+    huge = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 80}
+                                         for i in range(800)}}}}
+    plan = ToolCallPlan.build([huge], "auto")
+    assert plan is not None
+    with pytest.raises(ValidationError, match="`tools`"):
+        plan.grammar()
+
+
+def test_finish_reason_is_tool_calls_unless_the_function_was_named() -> None:
+    from tokenfleet.producer.api_renderers import ChatRenderer
+    from tokenfleet.producer.protocol import FinalDetails, FinalEvent
+
+    answer = '{"name": "get_time", "arguments": {}}'
+    final = FinalEvent(id="r", generated_text=answer,
+                       details=FinalDetails(finish_reason="eos_token", generated_tokens=9))
+    reasons = {}
+    for choice in ("required", "auto", "get_time"):
+        plan = ToolCallPlan.build([WEATHER, CLOCK], choice)
+        body = ChatRenderer(model="m", request_id="chatcmpl-r", tools=plan).body(final, [])
+        message = body["choices"][0]["message"]
+        assert message["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
+        reasons[choice] = body["choices"][0]["finish_reason"]
+    assert reasons == {"required": "tool_calls", "auto": "tool_calls", "get_time": "stop"}
+
+
+def test_an_assistant_turn_with_text_and_a_call_keeps_both() -> None:
+    req = msgspec.convert({"messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [{
+            "id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}]},
+        openai_api.ChatRequest)
+    args = openai_api.chat_job_arguments(req, 50)
+    assert args["messages"][1]["content"] == 'Let me check.\n' + json.dumps(
+        {"name": "get_weather", "arguments": {"city": "Oslo"}})
