@@ -10,7 +10,14 @@ import time
 import pytest
 
 from tokenfleet.producer.errors import DeadlineExceededError, ValidationError
-from tokenfleet.producer.protocol import ErrorEvent, FinalEvent, Job, Parameters, encode
+from tokenfleet.producer.protocol import (
+    PROTOCOL_VERSION,
+    ErrorEvent,
+    FinalEvent,
+    Job,
+    Parameters,
+    encode,
+)
 from tokenfleet.worker.intake import MAX_JOB_BYTES
 
 QUEUE = "default"
@@ -130,7 +137,7 @@ async def test_expired_deadline_is_dropped_at_intake(fleet, redis, keys):
 async def test_unknown_fields_and_newer_protocol(fleet, redis, keys):
     future = _job("from-the-future", parameters={"max_new_tokens": 2, "new_knob": 1},
                   new_top_level_field={"x": 1})
-    v2 = _job("breaking-v2", v=2)
+    v2 = _job("breaking-v2", v=PROTOCOL_VERSION + 1)  # a version this worker does not know
     async with fleet.worker(), fleet.client() as client:
         await redis.xadd(keys.jobs(QUEUE), {b"job": encode(future)})
         await redis.xadd(keys.jobs(QUEUE), {b"job": encode(v2)})
