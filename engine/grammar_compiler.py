@@ -20,7 +20,7 @@ import torch
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.grammar import Grammar
 
-__all__ = ["GrammarCompiler", "grammar_masks"]
+__all__ = ["GrammarCompiler", "grammar_masks", "unpack_bits"]
 
 # JSON without free whitespace: `{"a": 1, "b": [2, 3]}`. Flexible whitespace lets a weak model
 # emit newlines until max_new_tokens; a schema can turn it back on with "x-guidance".
@@ -126,9 +126,14 @@ def grammar_masks(matchers: Sequence[Any | None], vocab_size: int, device: torch
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         return rows_t, torch.from_numpy(bits[:, :vocab_size]).view(torch.bool)
     packed = bitmask.pin_memory().to(device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    allowed = ((packed.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab_size]
-    return rows_t.pin_memory().to(device, non_blocking=True), allowed.bool()
+    return rows_t.pin_memory().to(device, non_blocking=True), unpack_bits(packed, vocab_size)
+
+
+def unpack_bits(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[g, words] int32 bitmask -> [g, vocab] bool, in torch ops on the bitmask's device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [g, words, 32]
+    return bits.view(packed.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _mask_executor() -> Any:

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,25 @@ def test_a_request_resumed_after_its_grammar_completed_ends_at_once(tiny_llama_d
     resumed, more = _run(engine)["b"]
     assert more == [] and resumed.finish_reason == "eos_token"
     assert resumed.generated_text == whole.generated_text
+
+
+def test_the_gpu_unpacking_agrees_with_the_cpu_one(tiny_llama_dir: Path) -> None:
+    """On a GPU the packed bitmask is unpacked with torch shifts on the device; here the
+    same function runs on the CPU against the numpy path the CPU uses."""
+    from tokenfleet.engine.grammar import Grammar
+    from tokenfleet.engine.grammar_compiler import grammar_masks, unpack_bits
+
+    engine = _engine(tiny_llama_dir)
+    matchers = [engine.grammars.matcher(Grammar("regex", REGEX)), None,
+                engine.grammars.matcher(Grammar("json", SCHEMA))]
+    vocab = engine.model_config.vocab_size
+    out = grammar_masks(matchers, vocab, torch.device("cpu"))
+    assert out is not None
+    rows, allowed = out
+    assert rows.tolist() == [0, 2]
+    packed_bytes = np.packbits(allowed.numpy(), axis=1, bitorder="little")  # [2, vocab / 8]
+    packed = torch.from_numpy(packed_bytes.copy()).view(torch.int32)  # [2, vocab / 32]
+    assert torch.equal(unpack_bits(packed, vocab), allowed)
+    assert 0 < int(allowed[0].sum()) < vocab  # a real mask: some tokens, not all
+    first = {engine.tokenizer.decode([int(t)]) for t in allowed[0].nonzero().flatten()[:50]}
+    assert all(text and text[0].isupper() for text in first), first
