@@ -4,7 +4,8 @@
 # Output is tee'd into $OUT (the folder the device tool brings back); each stage is capped so
 # that the table arrives even when a part hangs.
 #   bash benchmarks/gpu_check.sh [--dry-run] [--parts kernels,parity,bench]
-# Wheels in .whl/ (gguf, which the device image lacks) are installed first when present, and
+# Wheels in .whl/ (gguf, and llguidance for the grammar test: the device image lacks both;
+# `pip download --no-deps gguf llguidance -d .whl`) are installed first when present, and
 # when .whl/tokenizer/ holds SmolLM2's tokenizer.json + tokenizer_config.json (copy them from
 # .cache/tokenfleet-test/models/smollm2/), the tiny-model GPU tests (CUDA graphs vs eager,
 # asynchronous decode, the fused kernels inside the model) run too: the device is offline and

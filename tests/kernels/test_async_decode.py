@@ -11,6 +11,7 @@ machine it captures and replays real graphs.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,30 @@ def test_a_failed_step_loses_nothing(tiny_llama_dir: Path) -> None:
         assert [t.index for t in tokens] == list(range(10)), request_id
         assert PENDING_TOKEN not in [t.id for t in tokens]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_grammar_rows_among_graph_replayed_and_async_steps(tiny_llama_dir: Path) -> None:
+    """Grammar rows (their masks built on the host, sent packed to the device on a GPU) in a
+    batch that would otherwise run asynchronously: the same tokens as the eager engine, and
+    each answer fits its regex. On a CUDA machine: real graphs, device-side unpacking."""
+    pytest.importorskip("llguidance")
+    import re
+
+    pattern = r"[A-Z][a-z]{2,6}-\d{3}"
+    traffic: Traffic = {0: [(f"g{i}", [5 + i, 9, 13, 17], SamplingParams(
+        max_new_tokens=30, grammar={"type": "regex", "value": pattern},
+        **({"do_sample": True, "seed": i} if i % 2 else {}))) for i in range(3)]}
+    traffic[0] += [("plain", [7, 8], SamplingParams(max_new_tokens=12, ignore_eos=True))]
+    traffic[4] = [("late", [11, 12, 13], SamplingParams(
+        max_new_tokens=30, grammar={"type": "json", "value": {"type": "array", "items": {
+            "enum": ["a", "b"]}, "minItems": 3, "maxItems": 3}}))]
+    runs = {name: _drive(_engine(tiny_llama_dir, graphs=graphs, async_decode=async_decode),
+                         traffic, {})
+            for name, graphs, async_decode in (("eager", False, False), ("async", True, True))}
+    (eager_tokens, eager_finals), (tokens, finals) = runs["eager"], runs["async"]
+    for request_id, final in eager_finals.items():
+        assert [t.id for t in tokens[request_id]] == [t.id for t in eager_tokens[request_id]]
+        assert finals[request_id].generated_text == final.generated_text
+    for i in range(3):
+        assert re.fullmatch(pattern, finals[f"g{i}"].generated_text)
+    assert len(json.loads(finals["late"].generated_text)) == 3
