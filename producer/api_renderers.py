@@ -18,7 +18,7 @@ from tokenfleet.producer.openai_api import (
     logprobs_content,
 )
 from tokenfleet.producer.protocol import FinalEvent, TokenEvent
-from tokenfleet.producer.tgi_api import generate_response, stream_response
+from tokenfleet.producer.tgi_api import best_of_response, generate_response, stream_response
 from tokenfleet.producer.tool_calls import ToolCallPlan
 
 __all__ = ["ChatRenderer", "CompletionRenderer", "Renderer", "TgiRenderer"]
@@ -34,6 +34,10 @@ class Renderer:
         raise NotImplementedError
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        raise NotImplementedError
+
+    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
+        """The body for several answers to one request (best_of, n)."""
         raise NotImplementedError
 
     def error(self, error: TokenfleetError) -> dict[str, Any]:
@@ -56,6 +60,13 @@ class TgiRenderer(Renderer):
         if final.details.finish_reason == "cancelled":
             raise _cancelled(final)
         response = generate_response(final, tokens, details=self.details)
+        return [response] if self.as_list else response
+
+    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
+        for final in finals:
+            if final.details.finish_reason == "cancelled":
+                raise _cancelled(final)
+        response = best_of_response(finals, tokens, details=self.details)
         return [response] if self.as_list else response
 
 
@@ -154,13 +165,19 @@ class ChatRenderer(_OpenAIRenderer):
         return message, "tool_calls" if called else finish_reason(final)
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
-        logprobs = None
-        if self.logprobs:
-            logprobs = {"content": logprobs_content([*tokens, final])}
-        message, reason = self._answer(final)
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason}
-        out = self._envelope("chat.completion", [choice])
-        out["usage"] = _usage(final)
+        return self.body_many([final], [tokens])
+
+    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
+        choices = []
+        for index, (final, events) in enumerate(zip(finals, tokens, strict=True)):
+            logprobs = None
+            if self.logprobs:
+                logprobs = {"content": logprobs_content([*events, final])}
+            message, reason = self._answer(final)
+            choices.append({"index": index, "message": message, "logprobs": logprobs,
+                            "finish_reason": reason})
+        out = self._envelope("chat.completion", choices)
+        out["usage"] = _usage(*finals)
         return out
 
 
@@ -186,16 +203,21 @@ class CompletionRenderer(_OpenAIRenderer):
         return [self._envelope("text_completion", [choice])] if choice["text"] else []
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
-        logprobs = None
-        if self.logprobs:
-            # With `echo` the text starts with the prompt; offsets count from its end.
-            events: list[TokenEvent | FinalEvent] = [*tokens, final]
-            prompt_len = len(final.generated_text) - sum(len(_text(e)) for e in events)
-            logprobs = completion_logprobs(events, max(prompt_len, 0))
-        choice = {"index": 0, "text": final.generated_text, "logprobs": logprobs,
-                  "finish_reason": finish_reason(final)}
-        out = self._envelope("text_completion", [choice])
-        out["usage"] = _usage(final)
+        return self.body_many([final], [tokens])
+
+    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
+        choices = []
+        for index, (final, token_events) in enumerate(zip(finals, tokens, strict=True)):
+            logprobs = None
+            if self.logprobs:
+                # With `echo` the text starts with the prompt; offsets count from its end.
+                events: list[TokenEvent | FinalEvent] = [*token_events, final]
+                prompt_len = len(final.generated_text) - sum(len(_text(e)) for e in events)
+                logprobs = completion_logprobs(events, max(prompt_len, 0))
+            choices.append({"index": index, "text": final.generated_text,
+                            "logprobs": logprobs, "finish_reason": finish_reason(final)})
+        out = self._envelope("text_completion", choices)
+        out["usage"] = _usage(*finals)
         return out
 
 
@@ -204,7 +226,9 @@ def _text(event: TokenEvent | FinalEvent) -> str:
     return "" if event.token is None or event.token.special else event.token.text
 
 
-def _usage(final: FinalEvent) -> dict[str, int]:
-    prompt, completion = final.usage.prompt_tokens, final.usage.completion_tokens
+def _usage(*finals: FinalEvent) -> dict[str, int]:
+    """One prompt (the copies of an n > 1 request share it), every answer's tokens."""
+    prompt = finals[0].usage.prompt_tokens
+    completion = sum(f.usage.completion_tokens for f in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}

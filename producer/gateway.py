@@ -56,7 +56,12 @@ from tokenfleet.producer.fleet_status import live_workers
 from tokenfleet.producer.gateway_metrics import GatewayMetrics
 from tokenfleet.producer.gateway_middleware import GatewayMiddleware, json_response, outcome
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
-from tokenfleet.producer.tgi_api import decode_generate_request, job_arguments, response_headers
+from tokenfleet.producer.tgi_api import (
+    best_of,
+    decode_generate_request,
+    job_arguments,
+    response_headers,
+)
 from tokenfleet.producer.tool_calls import ToolCallPlan
 from tokenfleet.producer.validation import validate_request_id
 
@@ -138,16 +143,19 @@ class Gateway:
     async def _compat(self, request: web.Request) -> web.StreamResponse:
         body = decode_generate_request(await request.read())
         renderer = TgiRenderer(details=bool(body.parameters.get("details")), as_list=True)
-        return await self._run(request, job_arguments(body), renderer, stream=body.stream)
+        return await self._run(request, job_arguments(body), renderer, stream=body.stream,
+                               copies=best_of(body, stream=body.stream))
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = decode_generate_request(await request.read())
         renderer = TgiRenderer(details=bool(body.parameters.get("details")))
-        return await self._run(request, job_arguments(body), renderer, stream=False)
+        return await self._run(request, job_arguments(body), renderer, stream=False,
+                               copies=best_of(body, stream=False))
 
     async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
         body = decode_generate_request(await request.read())
         renderer = TgiRenderer(details=bool(body.parameters.get("details")))
+        best_of(body, stream=True)  # > 1 is refused, as by TGI
         return await self._run(request, job_arguments(body), renderer, stream=True)
 
     # -- OpenAI ---------------------------------------------------------------------------
@@ -158,7 +166,8 @@ class Gateway:
         renderer = ChatRenderer(model=body.model, request_id="",
                                 include_usage=openai_api.include_usage(body),
                                 logprobs=body.logprobs, tools=tools)
-        return await self._run(request, args, renderer, stream=body.stream)
+        return await self._run(request, args, renderer, stream=body.stream,
+                               copies=openai_api.num_choices(body))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = openai_api.decode(await request.read(), openai_api.CompletionRequest)
@@ -167,37 +176,47 @@ class Gateway:
                                       include_usage=openai_api.include_usage(body),
                                       logprobs=bool(body.logprobs),
                                       echo_prompt=args["inputs"] if body.echo else "")
-        return await self._run(request, args, renderer, stream=body.stream)
+        return await self._run(request, args, renderer, stream=body.stream,
+                               copies=openai_api.num_choices(body))
 
     # -- one request through the fleet ------------------------------------------------------
     async def _run(self, request: web.Request, args: dict[str, Any], renderer: Renderer, *,
-                   stream: bool) -> web.StreamResponse:
+                   stream: bool, copies: int = 1) -> web.StreamResponse:
+        """One job, or `copies` jobs of the same request (TGI's best_of, OpenAI's n: never
+        streamed) whose answers one body carries."""
+        assert copies == 1 or not stream, "several answers are never streamed"
         key = request.headers.get("Idempotency-Key")
         request_id = await _request_id(request, key)
         if isinstance(renderer, ChatRenderer | CompletionRenderer):
             prefix = "chatcmpl-" if isinstance(renderer, ChatRenderer) else "cmpl-"
             renderer.request_id = prefix + request_id
-        job = self.client.build_job(request_id=request_id, deadline_s=self.config.timeout_s,
-                                    priority=_priority(request), **args)
-        outcome()["id"] = job.id
-        async with FleetRequest(self.client, job, queue=self.config.queue,
-                                timeout_s=self.config.timeout_s, spawn=self._spawn,
-                                cancel_on_abandon=key is None) as fleet:
-            self._in_flight.add(fleet)
+        jobs = [self.client.build_job(request_id=f"{request_id}-{i}" if i else request_id,
+                                      deadline_s=self.config.timeout_s,
+                                      priority=_priority(request), **_copy_args(args, i))
+                for i in range(copies)]
+        outcome()["id"] = request_id
+        async with contextlib.AsyncExitStack() as stack:
+            fleets = [await stack.enter_async_context(FleetRequest(
+                self.client, job, queue=self.config.queue, timeout_s=self.config.timeout_s,
+                spawn=self._spawn, cancel_on_abandon=key is None)) for job in jobs]
+            self._in_flight.update(fleets)
             self._idle.clear()
             try:
                 if stream:
-                    return await self._stream(request, fleet, renderer)
-                event = await fleet.final()
-                if isinstance(event, ErrorEvent):
-                    raise error_class(event.error_type)(event.error, request_id=job.id)
-                outcome()["tokens"] = event.details.generated_tokens
-                return json_response(renderer.body(event, fleet.tokens),
-                             headers=response_headers(event))
+                    return await self._stream(request, fleets[0], renderer)
+                ends = await asyncio.gather(*(fleet.final() for fleet in fleets))
+                for end in ends:
+                    if isinstance(end, ErrorEvent):
+                        raise error_class(end.error_type)(end.error, request_id=end.id)
+                finals = [end for end in ends if isinstance(end, FinalEvent)]
+                outcome()["tokens"] = sum(f.details.generated_tokens for f in finals)
+                body = (renderer.body(finals[0], fleets[0].tokens) if copies == 1 else
+                        renderer.body_many(finals, [fleet.tokens for fleet in fleets]))
+                return json_response(body, headers=response_headers(finals[0]))
             finally:
-                if not fleet.finished and fleet.cancel_on_abandon:
-                    outcome()["abandoned"] = True  # FleetRequest's exit cancels it
-                self._in_flight.discard(fleet)
+                if any(not f.finished and f.cancel_on_abandon for f in fleets):
+                    outcome()["abandoned"] = True  # FleetRequest's exit cancels them
+                self._in_flight.difference_update(fleets)
                 if not self._in_flight:
                     self._idle.set()
 
@@ -286,6 +305,14 @@ class Gateway:
     async def _queue_workers(self) -> list[Any]:
         return [w for w in await live_workers(self.client.redis, self.client.keys)
                 if w.queue == self.config.queue]
+
+
+def _copy_args(args: dict[str, Any], i: int) -> dict[str, Any]:
+    """Job arguments of copy `i` of a request: a seeded request's copies draw seeds seed + i
+    (otherwise every copy would give the same answer)."""
+    if i == 0 or args.get("seed") is None:
+        return args
+    return {**args, "seed": (args["seed"] + i) % 2**64}
 
 
 def _priority(request: web.Request) -> int:

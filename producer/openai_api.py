@@ -7,8 +7,8 @@ gateway holds no tokenizer to compute "the rest of the context". vLLM's extensio
 `min_p` and `repetition_penalty` are accepted. `response_format` constrains the output:
 `json_object` (any JSON object), `json_schema` (OpenAI's structured outputs), and TGI's
 `json` / `regex` grammars; `tools` become a grammar too (`tool_calls.py`). Fields that would
-change the answer and that we do not implement (logit_bias, n > 1) are refused with a
-validation error rather than ignored.
+change the answer and that we do not implement (logit_bias; `n` > 1 when streaming) are
+refused with a validation error rather than ignored; `n` > 1 runs that many jobs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "finish_reason",
     "include_usage",
     "logprobs_content",
+    "num_choices",
     "response_format_grammar",
 ]
 
@@ -161,9 +162,22 @@ def completion_logprobs(events: list[TokenEvent | FinalEvent], text_offset: int 
     return out
 
 
+MAX_N = 8  # answers per request: each is a job of its own in the fleet
+
+
+def num_choices(req: ChatRequest | CompletionRequest) -> int:
+    """OpenAI's `n`: that many answers, each its own job (a seeded request's copies use
+    seed, seed + 1, ...); whole responses only."""
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise ValidationError(f"Input validation error: `n` must be >= 1 and <= {MAX_N}")
+    if n > 1 and req.stream:
+        raise ValidationError("Input validation error: `n` > 1 is not supported when "
+                              "streaming")
+    return n
+
+
 def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
-    if req.n not in (None, 1):
-        raise ValidationError("Input validation error: only `n` = 1 is supported")
     if req.logit_bias:
         raise ValidationError("Input validation error: `logit_bias` is not supported")
     temperature = 1.0 if req.temperature is None else req.temperature

@@ -18,7 +18,10 @@ from tokenfleet.producer.errors import ValidationError
 from tokenfleet.producer.protocol import FinalEvent, Parameters, Token, TokenEvent
 
 __all__ = [
+    "MAX_BEST_OF",
     "GenerateRequest",
+    "best_of",
+    "best_of_response",
     "decode_generate_request",
     "generate_response",
     "job_arguments",
@@ -29,8 +32,8 @@ __all__ = [
 # TGI parameters we do not implement. Sent with a value that needs them, they fail with a
 # validation error instead of being ignored: silently returning one sequence for best_of=4
 # would be a wrong answer.
-_UNSUPPORTED_DEFAULTS: dict[str, Any] = {"best_of": (None, 1), "watermark": (None, False),
-                                         "adapter_id": (None, "")}
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {"watermark": (None, False), "adapter_id": (None, "")}
+MAX_BEST_OF = 8  # TGI's --max-best-of defaults to 2; each copy takes a slot of the fleet
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
@@ -52,9 +55,56 @@ def decode_generate_request(body: bytes) -> GenerateRequest:
         raise ValidationError(f"Input validation error: invalid request body: {e}") from e
 
 
+def best_of(request: GenerateRequest, *, stream: bool) -> int:
+    """How many sampled answers to choose the best of (TGI's rules and messages)."""
+    value = request.parameters.get("best_of")
+    if value is None or value == 1:
+        return 1
+    p = request.parameters
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BEST_OF:
+        raise ValidationError(f"Input validation error: `best_of` must be > 0 and <= "
+                              f"{MAX_BEST_OF}. Given: {value!r}")
+    sampling = (p.get("do_sample") or p.get("temperature") not in (None, 1.0)
+                or p.get("top_k") is not None or p.get("top_p") not in (None, 1.0)
+                or p.get("typical_p") not in (None, 1.0))
+    if not sampling:
+        raise ValidationError("Input validation error: you must use sampling when `best_of` "
+                              "is > 1")
+    if p.get("seed") is not None:
+        raise ValidationError("Input validation error: `seed` must not be set when `best_of` "
+                              "> 1")
+    if stream:
+        raise ValidationError("Input validation error: `best_of` != 1 is not supported when "
+                              "streaming tokens")
+    return value
+
+
+def best_of_response(finals: list[FinalEvent], tokens: list[list[TokenEvent]], *,
+                     details: bool) -> dict[str, Any]:
+    """TGI's answer to best_of: the answer whose tokens have the highest mean logprob, the
+    others in `details.best_of_sequences`."""
+    def mean_logprob(i: int) -> float:
+        events: list[TokenEvent | FinalEvent] = [*tokens[i], finals[i]]
+        lps = [e.token.logprob for e in events if e.token is not None
+               and e.token.logprob is not None]
+        return sum(lps) / len(lps) if lps else float("-inf")
+
+    best = max(range(len(finals)), key=mean_logprob)
+    out = generate_response(finals[best], tokens[best], details=details)
+    if details:
+        out["details"]["best_of_sequences"] = [
+            {"generated_text": finals[i].generated_text,
+             **{k: v for k, v in generate_response(finals[i], tokens[i], details=True)[
+                 "details"].items() if k != "best_of_sequences"}}
+            for i in range(len(finals)) if i != best]
+    return out
+
+
 def job_arguments(request: GenerateRequest) -> dict[str, Any]:
-    """`Client.build_job` keyword arguments for a TGI request (drops TGI-only knobs)."""
+    """`Client.build_job` keyword arguments for a TGI request (drops TGI-only knobs; `best_of`
+    is the gateway's, see `best_of`)."""
     parameters = dict(request.parameters)
+    parameters.pop("best_of", None)
     for name, allowed in _UNSUPPORTED_DEFAULTS.items():
         value = parameters.pop(name, None)
         if value not in allowed:

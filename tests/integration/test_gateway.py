@@ -89,7 +89,9 @@ async def test_generate_route_and_timing_headers(served):
 @pytest.mark.parametrize("parameters, message", [
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"top_p": 1.5}, "top_p"),
-    ({"best_of": 2}, "best_of"),
+    ({"best_of": 2}, "you must use sampling when `best_of`"),
+    ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set"),
+    ({"best_of": 9, "do_sample": True}, "`best_of` must be > 0 and <= 8"),
     ({"grammar": {"type": "yaml", "value": "a: 1"}}, "grammar"),
     ({"grammar": {"type": "regex"}}, "grammar"),
     ({"grammar": {"type": "json", "value": "{oops"}}, "grammar"),
@@ -309,7 +311,8 @@ async def test_openai_completions_and_refusals(served):
         logprobs = out["choices"][0]["logprobs"]
         assert len(logprobs["tokens"]) == 4
         assert logprobs["text_offset"][0] == len("one two")
-        for bad in ({"n": 2}, {"tools": [{"type": "function"}]}, {"logit_bias": {"1": 5}},
+        for bad in ({"n": 9}, {"n": 2, "stream": True}, {"tools": [{"type": "function"}]},
+                    {"logit_bias": {"1": 5}},
                     {"response_format": {"type": "xml"}}, {"max_tokens": 0},
                     {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                     {"temperature": -1}, {"top_p": 1.5},
@@ -468,3 +471,50 @@ async def test_a_streamed_tool_call_keeps_the_connection_alive(served, monkeypat
     assert choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["content"]) == 30  # every token's logprob, not the last's
     assert lines[-1] == "data: [DONE]"
+
+
+async def test_best_of_returns_the_likeliest_answer_and_the_others(served):
+    """TGI's best_of: n sampled answers, the one with the highest mean token logprob comes
+    back, the others in details.best_of_sequences (TGI's client parses them)."""
+    url, _ = served
+    tgi = text_generation.AsyncClient(url, timeout=30)
+    out = await tgi.generate("one two three", max_new_tokens=5, best_of=3, do_sample=True)
+    others = out.details.best_of_sequences
+    assert others is not None and len(others) == 2
+    answers = [out.details, *others]
+
+    def mean(d) -> float:
+        return sum(t.logprob for t in d.tokens) / len(d.tokens)
+
+    assert mean(out.details) == max(mean(d) for d in answers)
+    assert len({tuple(t.id for t in d.tokens) for d in answers}) == 3  # three draws
+    assert all(o.generated_text and o.generated_tokens == 5 for o in others)
+    async with aiohttp.ClientSession() as http, http.post(url + "/generate_stream", json={
+            "inputs": "x", "parameters": {"best_of": 2, "do_sample": True}}) as resp:
+        assert resp.status == 422
+        assert "not supported when streaming" in (await resp.json())["error"]
+
+
+async def test_openai_n_returns_n_choices(served):
+    """n answers, each its own job; a seeded request's copies draw seed, seed + 1, ...: its
+    second choice is what the same request with seed + 1 answers alone."""
+    url, _ = served
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4, "temperature": 0.8, "seed": 40}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/chat/completions", json={**body, "n": 3}) as resp:
+            assert resp.status == 200, await resp.text()
+            many = await resp.json()
+        async with http.post(f"{url}/v1/chat/completions", json={**body, "seed": 41}) as resp:
+            single = await resp.json()
+        async with http.post(f"{url}/v1/completions", json={
+                "model": "sim", "prompt": "hello", "max_tokens": 3, "n": 2}) as resp:
+            completions = await resp.json()
+    choices = many["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert choices[1]["message"] == single["choices"][0]["message"]
+    assert len({c["message"]["content"] for c in choices}) == 3
+    assert many["usage"]["completion_tokens"] == 12
+    assert many["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert [c["index"] for c in completions["choices"]] == [0, 1]
+    assert completions["usage"]["completion_tokens"] == 6
