@@ -103,6 +103,10 @@ class LLMEngine:
             raise ValidationError(f"duplicate request id {request_id!r}")
         params.validate()
         prompt = self._checked_prompt(list(prompt_token_ids), params)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValidationError(f"Input validation error: `logit_bias` keys must be token "
+                                  f"ids below {vocab}")
         resumed = list(resume_token_ids)
         if len(resumed) >= params.max_new_tokens:
             raise ValidationError("resume_token_ids already reach max_new_tokens")

@@ -2,7 +2,7 @@
 
 Order (TGI's, with HF's semantics for each step):
   1. banned tokens and tokens outside the row's grammar → -inf (the engine bans EOS before
-     `min_new_tokens`);
+     `min_new_tokens`), then `logit_bias` added;
   2. repetition penalty over prompt + generated tokens (HF: positive logits divided by the
      penalty, negative ones multiplied);
   3. frequency and presence penalties over generated tokens (OpenAI: logit -= freq * count +
@@ -81,6 +81,9 @@ class Sampler:
             scores = scores.index_put(batch.banned, torch.tensor(_NEG_INF, device=scores.device))
         if batch.grammar is not None:
             scores = _apply_grammar(scores, *batch.grammar)
+        if batch.bias is not None:
+            rows, ids, values = batch.bias
+            scores = scores.index_put((rows, ids), values, accumulate=True)
         if batch.penalties is not None:
             scores = apply_penalties(scores, batch.penalties)
         warping = batch.warping

@@ -62,13 +62,14 @@ class SamplingBatch:
     penalties: Penalties | None
     banned: tuple[torch.Tensor, torch.Tensor] | None  # ([b] row, [b] token id) set to -inf
     grammar: tuple[torch.Tensor, torch.Tensor] | None  # ([g] rows, [g, vocab] bool allowed)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # ([b] row, [b] id, [b] value)
     warping: Warping | None  # None = every row is greedy
 
     @property
     def is_greedy_fast_path(self) -> bool:
         """Pure argmax: no penalties, no banned tokens, no grammar, no sampled row."""
         return (self.penalties is None and self.banned is None and self.grammar is None
-                and self.warping is None)
+                and self.bias is None and self.warping is None)
 
     @classmethod
     def build(
@@ -110,6 +111,7 @@ class SamplingBatch:
             penalties=_build_penalties(params, token_histories, prompt_lens, vocab_size, device),
             banned=_build_banned(banned_token_ids, num_rows, vocab_size, device),
             grammar=grammar,
+            bias=_build_bias(params, vocab_size, device),
             warping=_build_warping(params, seeds, indices, vocab_size, device),
         )
 
@@ -168,6 +170,20 @@ def _flatten(
     if len(ids) and not (int(ids_t.min()) >= 0 and int(ids_t.max()) < vocab_size):
         raise ValueError(f"token history holds an id outside [0, {vocab_size})")
     return torch.tensor(rows, dtype=torch.int64), ids_t
+
+
+def _build_bias(params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    if not any(p.logit_bias for p in params):
+        return None
+    rows = [row for row, p in enumerate(params) for _ in p.logit_bias]
+    ids = [t for p in params for t in p.logit_bias]
+    if not all(0 <= t < vocab_size for t in ids):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+    values = [float(b) for p in params for b in p.logit_bias.values()]
+    return (torch.tensor(rows, dtype=torch.int64).to(device),  # [b]
+            torch.tensor(ids, dtype=torch.int64).to(device),  # [b]
+            torch.tensor(values, dtype=torch.float32).to(device))  # [b]
 
 
 def _build_banned(

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.grammar import Grammar
 
-__all__ = ["MAX_STOP_SEQUENCES", "MAX_TOP_N_TOKENS", "SamplingParams"]
+__all__ = ["MAX_LOGIT_BIAS", "MAX_STOP_SEQUENCES", "MAX_TOP_N_TOKENS", "SamplingParams"]
 
 MAX_STOP_SEQUENCES = 16  # TGI's default --max-stop-sequences is 4; we allow more
 MAX_TOP_N_TOKENS = 5  # TGI's default --max-top-n-tokens
+MAX_LOGIT_BIAS = 1024  # biased tokens per request (OpenAI allows 300)
 
 
 @dataclass
@@ -45,6 +46,9 @@ class SamplingParams:
     logprobs: bool = True  # logprob of each chosen token (cheap; TGI always sends it)
     # Constrain the output to a JSON schema or regex (TGI's `grammar`; a dict is accepted).
     grammar: Grammar | None = None
+    # OpenAI's logit_bias: token id -> value in [-100, 100] added to its logit before
+    # penalties and sampling (-100 all but bans a token, +100 all but forces it).
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.grammar = Grammar.coerce(self.grammar)
@@ -99,6 +103,13 @@ class SamplingParams:
                f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
         if self.grammar is not None:
             self.grammar.validate()
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS,
+               f"`logit_bias` supports up to {MAX_LOGIT_BIAS} tokens")
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                   for t in self.logit_bias), "`logit_bias` keys must be token ids (>= 0)")
+        _check(all(isinstance(b, int | float) and -100 <= b <= 100
+                   for b in self.logit_bias.values()),
+               "`logit_bias` values must be >= -100 and <= 100")
 
 
 def _check(ok: bool, message: str) -> None:

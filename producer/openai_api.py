@@ -7,8 +7,9 @@ gateway holds no tokenizer to compute "the rest of the context". vLLM's extensio
 `min_p` and `repetition_penalty` are accepted. `response_format` constrains the output:
 `json_object` (any JSON object), `json_schema` (OpenAI's structured outputs), and TGI's
 `json` / `regex` grammars; `tools` become a grammar too (`tool_calls.py`). Fields that would
-change the answer and that we do not implement (logit_bias; `n` > 1 when streaming) are
-refused with a validation error rather than ignored; `n` > 1 runs that many jobs.
+change the answer and that we do not implement (`n` > 1 when streaming) are
+refused with a validation error rather than ignored; `n` > 1 runs that many jobs;
+`logit_bias` (token ids of the served model's tokenizer) is applied by the worker.
 """
 
 from __future__ import annotations
@@ -178,8 +179,6 @@ def num_choices(req: ChatRequest | CompletionRequest) -> int:
 
 
 def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
-    if req.logit_bias:
-        raise ValidationError("Input validation error: `logit_bias` is not supported")
     temperature = 1.0 if req.temperature is None else req.temperature
     if temperature < 0:
         raise ValidationError("Input validation error: `temperature` must be >= 0")
@@ -187,6 +186,8 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
     grammar = response_format_grammar(req.response_format)
     if grammar is not None:
         args["grammar"] = grammar
+    if req.logit_bias:
+        args["logit_bias"] = _logit_bias(req.logit_bias)
     if temperature > 0:
         args["temperature"] = temperature
     if req.top_p is not None and req.top_p != 1.0:
@@ -199,6 +200,15 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
         if value is not None:
             args[name] = value
     return args
+
+
+def _logit_bias(bias: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's `{"<token id>": bias}` (JSON keys are strings) as token id -> bias."""
+    try:
+        return {int(token): float(value) for token, value in bias.items()}
+    except (TypeError, ValueError):
+        raise ValidationError("Input validation error: `logit_bias` maps token ids to "
+                              "numbers") from None
 
 
 def response_format_grammar(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

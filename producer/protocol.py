@@ -21,7 +21,7 @@ import msgspec
 __all__ = [
     "ERROR_TYPES",
     "FINISH_REASONS",
-    "GRAMMAR_PROTOCOL_VERSION",
+    "MUST_UNDERSTAND",
     "PROTOCOL_VERSION",
     "CancelCommand",
     "ControlMessage",
@@ -45,10 +45,11 @@ __all__ = [
 ]
 
 # The newest job version this code reads. A job's `v` is the oldest version that can serve it
-# right: 1, or 2 when it carries a `grammar` (a v1 worker would ignore the field and answer
-# unconstrained; it refuses a v2 job with a validation error instead).
+# right: 1, or the version that added a parameter it uses that a worker must not ignore
+# (an older worker would answer something else; it refuses a newer job with a validation
+# error instead).
 PROTOCOL_VERSION: Final = 2
-GRAMMAR_PROTOCOL_VERSION: Final = 2
+MUST_UNDERSTAND: Final = {"grammar": 2, "logit_bias": 2}  # parameter -> version that added it
 FINISH_REASONS: Final = ("length", "eos_token", "stop_sequence", "cancelled")
 ERROR_TYPES: Final = (
     "validation",
@@ -97,6 +98,7 @@ class Parameters(msgspec.Struct, kw_only=True):
     top_n_tokens: int | None = None
     ignore_eos: bool = False
     grammar: Grammar | None = None
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id -> bias
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -125,8 +127,9 @@ class Job(msgspec.Struct, kw_only=True):
     submitted_ms: int = 0
 
     def __post_init__(self) -> None:
-        if self.parameters.grammar is not None:
-            self.v = max(self.v, GRAMMAR_PROTOCOL_VERSION)
+        for name, version in MUST_UNDERSTAND.items():
+            if getattr(self.parameters, name):
+                self.v = max(self.v, version)
 
 
 class Token(msgspec.Struct, kw_only=True):

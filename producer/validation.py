@@ -29,6 +29,7 @@ MAX_TOP_N_TOKENS: Final = 5  # same as the engine's
 MAX_REQUEST_ID_LEN: Final = 200
 GRAMMAR_TYPES: Final = ("json", "regex", "json_schema")  # same as the engine's
 MAX_GRAMMAR_CHARS: Final = 64 * 1024  # same as the engine's
+MAX_LOGIT_BIAS: Final = 1024  # same as the engine's
 # Ids become part of Redis key names inside a hash tag: no braces, no whitespace.
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 
@@ -93,6 +94,12 @@ def validate_parameters(p: Parameters) -> None:
            f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
     if p.grammar is not None:
         _validate_grammar(p.grammar)
+    _check(len(p.logit_bias) <= MAX_LOGIT_BIAS,
+           f"`logit_bias` supports up to {MAX_LOGIT_BIAS} tokens")
+    _check(all(_is_int(t) and t >= 0 for t in p.logit_bias),
+           "`logit_bias` keys must be token ids (>= 0)")
+    _check(all(isinstance(b, int | float) and -100 <= b <= 100 for b in p.logit_bias.values()),
+           "`logit_bias` values must be >= -100 and <= 100")
 
 
 def _validate_grammar(g: Grammar) -> None:

@@ -260,3 +260,27 @@ def test_cpu_decode_kernel_serves_the_same_tokens_as_the_torch_path(tiny_dir: Pa
             engine.add_request(f"r{i}", p, params)
         results[use_kernel] = _run(engine)
     assert results[True] == results[False]
+
+
+def test_logit_bias_forces_and_bans_tokens_for_its_row_only(tiny_dir: Path) -> None:
+    """OpenAI's logit_bias: +100 makes a token the greedy choice at every step, -100 bans
+    the token the row would have chosen; a neighbour without a bias is unchanged."""
+    prompts = _prompts([12, 9, 15], seed=5)
+    plain = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = _engine(tiny_dir)
+    for i, p in enumerate(prompts):
+        alone.add_request(f"r{i}", p, plain)
+    free = _run(alone)
+    engine = _engine(tiny_dir)
+    engine.add_request("forced", prompts[0], SamplingParams(
+        max_new_tokens=6, ignore_eos=True, logit_bias={4242: 100.0}))
+    engine.add_request("banned", prompts[1], SamplingParams(
+        max_new_tokens=6, ignore_eos=True, logit_bias=dict.fromkeys(free["r1"], -100.0)))
+    engine.add_request("plain", prompts[2], plain)
+    got = _run(engine)
+    assert got["forced"] == [4242] * 6
+    assert not set(got["banned"]) & set(free["r1"])
+    assert got["plain"] == free["r2"]
+    with pytest.raises(ValidationError, match="logit_bias"):
+        engine.add_request("oov", prompts[0], SamplingParams(logit_bias={49152: 1.0}))
+    assert not engine.has_unfinished()

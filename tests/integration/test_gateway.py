@@ -312,7 +312,7 @@ async def test_openai_completions_and_refusals(served):
         assert len(logprobs["tokens"]) == 4
         assert logprobs["text_offset"][0] == len("one two")
         for bad in ({"n": 9}, {"n": 2, "stream": True}, {"tools": [{"type": "function"}]},
-                    {"logit_bias": {"1": 5}},
+                    {"logit_bias": {"one": 5}}, {"logit_bias": {"1": 500}},
                     {"response_format": {"type": "xml"}}, {"max_tokens": 0},
                     {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                     {"temperature": -1}, {"top_p": 1.5},

@@ -13,6 +13,7 @@ import text_generation
 
 from tokenfleet.engine.llm import LLM
 from tokenfleet.engine.sampling_params import SamplingParams
+from tokenfleet.engine.tokenizer import Tokenizer
 from tokenfleet.producer.gateway import GatewayConfig
 from tokenfleet.producer.gateway_server import GatewayServer
 
@@ -84,7 +85,10 @@ async def test_grammar_through_the_fleet_tgi_and_openai(fleet, smollm2_dir: Path
         url = f"http://127.0.0.1:{server.port}"
         try:
             tgi = text_generation.AsyncClient(url, timeout=120)
-            direct, via_tgi, via_openai = await asyncio.wait_for(asyncio.gather(
+            tokenizer = Tokenizer.from_dir(smollm2_dir)
+            paris = {t for w in ("Paris", " Paris") for t in tokenizer.encode(
+                w, add_special_tokens=False)}
+            direct, via_tgi, via_openai, biased = await asyncio.wait_for(asyncio.gather(
                 client.generate(messages=[{"role": "user", "content": QUESTION}],
                                 max_new_tokens=30,
                                 grammar={"type": "json", "value": CITY_SCHEMA}),
@@ -93,6 +97,8 @@ async def test_grammar_through_the_fleet_tgi_and_openai(fleet, smollm2_dir: Path
                 _chat(url, QUESTION, max_tokens=30, response_format={
                     "type": "json_schema",
                     "json_schema": {"name": "city", "schema": CITY_SCHEMA}}),
+                _chat(url, QUESTION, max_tokens=12,
+                      logit_bias={str(t): -100 for t in paris}),
             ), 300)
             with pytest.raises(TGIValidationError, match="regex"):
                 await tgi.generate("x", max_new_tokens=5,
@@ -108,6 +114,8 @@ async def test_grammar_through_the_fleet_tgi_and_openai(fleet, smollm2_dir: Path
     assert json.loads(content) == {"capital": "Paris"}
     assert via_openai["choices"][0]["finish_reason"] == "stop"
     assert after.details.generated_tokens == 3
+    # logit_bias reaches the worker: the unbiased answer names Paris, this one cannot
+    assert "Paris" not in biased["choices"][0]["message"]["content"]
 
 
 WEATHER_TOOL = {"type": "function", "function": {

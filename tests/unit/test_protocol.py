@@ -164,6 +164,10 @@ VALIDATION_TABLE = [
     ({"truncate": 10}, True),
     ({"top_n_tokens": 5}, True),
     ({"top_n_tokens": 6}, False),
+    ({"logit_bias": {5: 100, 7: -100.0}}, True),
+    ({"logit_bias": {5: 100.5}}, False),
+    ({"logit_bias": {-1: 1.0}}, False),
+    ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, False),
 ]
 
 
@@ -215,17 +219,20 @@ def test_grammar_validation_agrees_with_the_engine(grammar, valid):
 
 def test_a_job_with_grammar_needs_a_grammar_aware_worker():
     """A v1 worker ignores fields it does not know: it would answer a grammar job with free
-    text. Such jobs say v2, which a v1 worker refuses with a validation error."""
+    text. Such jobs say v2, which a v1 worker refuses with a validation error (the same for
+    logit_bias)."""
     plain = Job(id="j", inputs="x")
     constrained = Job(id="j", inputs="x", parameters=Parameters(
         grammar=Grammar(type="regex", value="a+")))
     assert plain.v == 1
-    assert constrained.v == protocol.GRAMMAR_PROTOCOL_VERSION == 2
+    assert constrained.v == protocol.MUST_UNDERSTAND["grammar"] == 2
+    assert Job(id="j", inputs="x", parameters=Parameters(logit_bias={5: -100.0})).v == 2
     assert json.loads(encode(constrained))["v"] == 2
     relabelled = json.loads(encode(constrained))
     relabelled["v"] = 1  # a producer that does not know the rule
     assert decode_job(json.dumps(relabelled)).v == 2
-    assert protocol.PROTOCOL_VERSION >= protocol.GRAMMAR_PROTOCOL_VERSION
+    assert max(protocol.MUST_UNDERSTAND.values()) <= protocol.PROTOCOL_VERSION
+    assert set(protocol.MUST_UNDERSTAND) <= set(Parameters.__struct_fields__)
 
 
 @pytest.mark.parametrize("job", [
