@@ -4,7 +4,9 @@ get exactly what the engine generates offline (greedy, float32)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +16,7 @@ import text_generation
 from tokenfleet.engine.llm import LLM
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.tokenizer import Tokenizer
+from tokenfleet.producer.client import Client
 from tokenfleet.producer.gateway import GatewayConfig
 from tokenfleet.producer.gateway_server import GatewayServer
 
@@ -29,20 +32,13 @@ async def test_gateway_answers_what_the_engine_generates_offline(fleet, smollm2_
     raw_expected, = llm.generate([PROMPT], SamplingParams(max_new_tokens=12))
     del llm
 
-    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
-                            max_num_seqs=4), fleet.client() as client:
-        server = GatewayServer(client, GatewayConfig(), port=0)
-        await server.start()
-        url = f"http://127.0.0.1:{server.port}"
-        try:
-            tgi = text_generation.AsyncClient(url, timeout=120)
-            whole, streamed, chat = await asyncio.wait_for(asyncio.gather(
-                tgi.generate(PROMPT, max_new_tokens=12),
-                _collect(tgi.generate_stream(PROMPT, max_new_tokens=12)),
-                _chat(url, QUESTION),
-            ), 300)
-        finally:
-            await server.stop()
+    async with _served(fleet, smollm2_dir) as (_client, url):
+        tgi = text_generation.AsyncClient(url, timeout=120)
+        whole, streamed, chat = await asyncio.wait_for(asyncio.gather(
+            tgi.generate(PROMPT, max_new_tokens=12),
+            _collect(tgi.generate_stream(PROMPT, max_new_tokens=12)),
+            _chat(url, QUESTION),
+        ), 300)
 
     assert whole.generated_text == raw_expected.text
     assert [t.id for t in whole.details.tokens] == raw_expected.token_ids
@@ -52,6 +48,19 @@ async def test_gateway_answers_what_the_engine_generates_offline(fleet, smollm2_
     assert chat["choices"][0]["message"]["content"] == chat_expected.text
     assert "Paris" in chat["choices"][0]["message"]["content"]
     assert chat["usage"]["completion_tokens"] == len(chat_expected.token_ids)
+
+
+@contextlib.asynccontextmanager
+async def _served(fleet, smollm2_dir: Path) -> AsyncIterator[tuple[Client, str]]:
+    """A float32 SmolLM2 worker and a gateway in front of it: (the gateway's client, URL)."""
+    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
+                            max_num_seqs=4), fleet.client() as client:
+        server = GatewayServer(client, GatewayConfig(), port=0)
+        await server.start()
+        try:
+            yield client, f"http://127.0.0.1:{server.port}"
+        finally:
+            await server.stop()
 
 
 async def _collect(stream) -> list:
@@ -78,34 +87,27 @@ async def test_grammar_through_the_fleet_tgi_and_openai(fleet, smollm2_dir: Path
     from text_generation.errors import ValidationError as TGIValidationError
     from text_generation.types import Grammar, GrammarType
 
-    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
-                            max_num_seqs=4), fleet.client() as client:
-        server = GatewayServer(client, GatewayConfig(), port=0)
-        await server.start()
-        url = f"http://127.0.0.1:{server.port}"
-        try:
-            tgi = text_generation.AsyncClient(url, timeout=120)
-            tokenizer = Tokenizer.from_dir(smollm2_dir)
-            paris = {t for w in ("Paris", " Paris") for t in tokenizer.encode(
-                w, add_special_tokens=False)}
-            direct, via_tgi, via_openai, biased = await asyncio.wait_for(asyncio.gather(
-                client.generate(messages=[{"role": "user", "content": QUESTION}],
-                                max_new_tokens=30,
-                                grammar={"type": "json", "value": CITY_SCHEMA}),
-                tgi.generate("Three digits: ", max_new_tokens=10,
-                             grammar=Grammar(type=GrammarType.Regex, value=r"\d{3}")),
-                _chat(url, QUESTION, max_tokens=30, response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "city", "schema": CITY_SCHEMA}}),
-                _chat(url, QUESTION, max_tokens=12,
-                      logit_bias={str(t): -100 for t in paris}),
-            ), 300)
-            with pytest.raises(TGIValidationError, match="regex"):
-                await tgi.generate("x", max_new_tokens=5,
-                                   grammar=Grammar(type=GrammarType.Regex, value="[a-"))
-            after = await tgi.generate(PROMPT, max_new_tokens=3)
-        finally:
-            await server.stop()
+    async with _served(fleet, smollm2_dir) as (client, url):
+        tgi = text_generation.AsyncClient(url, timeout=120)
+        tokenizer = Tokenizer.from_dir(smollm2_dir)
+        paris = {t for w in ("Paris", " Paris") for t in tokenizer.encode(
+            w, add_special_tokens=False)}
+        direct, via_tgi, via_openai, biased = await asyncio.wait_for(asyncio.gather(
+            client.generate(messages=[{"role": "user", "content": QUESTION}],
+                            max_new_tokens=30,
+                            grammar={"type": "json", "value": CITY_SCHEMA}),
+            tgi.generate("Three digits: ", max_new_tokens=10,
+                         grammar=Grammar(type=GrammarType.Regex, value=r"\d{3}")),
+            _chat(url, QUESTION, max_tokens=30, response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": CITY_SCHEMA}}),
+            _chat(url, QUESTION, max_tokens=12,
+                  logit_bias={str(t): -100 for t in paris}),
+        ), 300)
+        with pytest.raises(TGIValidationError, match="regex"):
+            await tgi.generate("x", max_new_tokens=5,
+                               grammar=Grammar(type=GrammarType.Regex, value="[a-"))
+        after = await tgi.generate(PROMPT, max_new_tokens=3)
 
     assert json.loads(direct.generated_text) == {"capital": "Paris"}
     assert direct.details.finish_reason == "eos_token"
@@ -133,23 +135,16 @@ async def test_tool_calls_whole_and_streamed(fleet, smollm2_dir: Path):
     """OpenAI function calling: the answer is a `tool_calls` entry naming a given tool with
     arguments that fit its schema, whole or streamed, through TGI's client too."""
     question = "What is the weather like in Paris today?"
-    async with fleet.worker(engine="llm", model=str(smollm2_dir), dtype="float32",
-                            max_num_seqs=4), fleet.client() as client:
-        server = GatewayServer(client, GatewayConfig(), port=0)
-        await server.start()
-        url = f"http://127.0.0.1:{server.port}"
-        try:
-            tools = [WEATHER_TOOL, ALARM_TOOL]
-            whole, streamed, named = await asyncio.wait_for(asyncio.gather(
-                _chat(url, question, max_tokens=60, tools=tools, tool_choice="required"),
-                _chat_stream(url, question, max_tokens=60, tools=tools,
-                             tool_choice="required"),
-                text_generation.AsyncClient(url, timeout=120).chat(
-                    [{"role": "user", "content": question}], max_tokens=60,
-                    tools=tools, tool_choice="set_alarm"),
-            ), 300)
-        finally:
-            await server.stop()
+    async with _served(fleet, smollm2_dir) as (_client, url):
+        tools = [WEATHER_TOOL, ALARM_TOOL]
+        whole, streamed, named = await asyncio.wait_for(asyncio.gather(
+            _chat(url, question, max_tokens=60, tools=tools, tool_choice="required"),
+            _chat_stream(url, question, max_tokens=60, tools=tools,
+                         tool_choice="required"),
+            text_generation.AsyncClient(url, timeout=120).chat(
+                [{"role": "user", "content": question}], max_tokens=60,
+                tools=tools, tool_choice="set_alarm"),
+        ), 300)
 
     choice = whole["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
