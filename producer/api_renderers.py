@@ -19,7 +19,7 @@ from tokenfleet.producer.openai_api import (
 )
 from tokenfleet.producer.protocol import FinalEvent, TokenEvent
 from tokenfleet.producer.tgi_api import best_of_response, generate_response, stream_response
-from tokenfleet.producer.tool_calls import ToolCallPlan
+from tokenfleet.producer.tool_calls import ToolCallPlan, ToolCallStream
 
 __all__ = ["ChatRenderer", "CompletionRenderer", "Renderer", "TgiRenderer"]
 
@@ -111,11 +111,13 @@ class _OpenAIRenderer(Renderer):
 class ChatRenderer(_OpenAIRenderer):
     """`/v1/chat/completions`: `chat.completion` or `chat.completion.chunk` objects.
 
-    With tools the answer is a JSON tool call, not text for the user: it is held back and
-    sent at the end as one `tool_calls` delta (or as content when the model chose no tool)."""
+    With tools the answer is a JSON tool call, not text for the user: streamed as OpenAI's
+    `tool_calls` deltas once it names its function (`ToolCallStream`), or, when the model
+    chose no tool, sent at the end as content."""
 
     tools: ToolCallPlan | None = None
-    _held: list[TokenEvent] = field(default_factory=list, init=False)  # a tool call's tokens
+    _held: list[TokenEvent] = field(default_factory=list, init=False)  # tokens not yet sent
+    _call: ToolCallStream | None = field(default=None, init=False)
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
         if self.tools is not None:
@@ -127,15 +129,27 @@ class ChatRenderer(_OpenAIRenderer):
                            if isinstance(event, FinalEvent) else None, bool(text))
 
     def _tool_chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
+        if self._call is None:
+            self._call = ToolCallStream("call_" + self.request_id.removeprefix("chatcmpl-"))
+        entries = self._call.push(_text(event))
+        scored: list[TokenEvent | FinalEvent] = [*self._held, event]
         if not isinstance(event, FinalEvent):
             self._held.append(event)
-            return []
+            if not entries:
+                return []
+            self._held = []
+            return self._chunk(event, {"role": "assistant", "content": None,
+                                       "tool_calls": entries}, None, True, scored)
         message, reason = self._answer(event)
         delta = {"role": "assistant", "content": message["content"], "tool_calls": None}
-        if "tool_calls" in message:
+        if self._call.started:  # the rest of the arguments
+            entries = _merged(entries + self._call.finish(
+                complete=event.details.finish_reason != "length"))
+            delta.update(content=None, tool_calls=entries or None)
+        elif "tool_calls" in message:
             delta["tool_calls"] = [{"index": i, **call}
                                    for i, call in enumerate(message["tool_calls"])]
-        return self._chunk(event, delta, reason, True, [*self._held, event])
+        return self._chunk(event, delta, reason, True, scored)
 
     def _chunk(self, event: TokenEvent | FinalEvent, delta: dict[str, Any],
                reason: str | None, send: bool,
@@ -219,6 +233,15 @@ class CompletionRenderer(_OpenAIRenderer):
         out = self._envelope("text_completion", choices)
         out["usage"] = _usage(*finals)
         return out
+
+
+def _merged(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several deltas of the one call in a chunk as one: the first, arguments joined."""
+    if len(entries) <= 1:
+        return entries
+    first = {**entries[0], "function": dict(entries[0]["function"])}
+    first["function"]["arguments"] = "".join(e["function"]["arguments"] for e in entries)
+    return [first]
 
 
 def _text(event: TokenEvent | FinalEvent) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from tokenfleet.producer.errors import ValidationError
 
-__all__ = ["DEFAULT_TOOL_PROMPT", "NO_TOOL", "ToolCallPlan"]
+__all__ = ["DEFAULT_TOOL_PROMPT", "NO_TOOL", "ToolCallPlan", "ToolCallStream", "call_prefix"]
 
 # TGI's default `tool_prompt`.
 DEFAULT_TOOL_PROMPT: Final = (
@@ -27,6 +27,7 @@ DEFAULT_TOOL_PROMPT: Final = (
 NO_TOOL: Final = "no_tool"
 MAX_TOOLS_CHARS: Final = 60 * 1024  # under the 64 KiB grammar limit, with room for the wrapper
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+_CALL_PREFIX: Final = re.compile(r'\{"name": "([A-Za-z0-9_-]{1,64})", "arguments": ')
 _NO_TOOL_SCHEMA: Final = {
     "type": "object",
     "properties": {"content": {"type": "string",
@@ -104,9 +105,58 @@ class ToolCallPlan:
         if name == NO_TOOL:
             content = arguments.get("content") if isinstance(arguments, dict) else None
             return {"role": "assistant", "content": str(content or "")}, False
+        # The arguments exactly as generated (what a stream sent, piece by piece).
+        prefix = call_prefix(generated_text)
+        raw = (generated_text[prefix[1]:-1] if prefix is not None
+               and generated_text.endswith("}") else json.dumps(arguments))
         return {"role": "assistant", "content": None, "tool_calls": [{
             "id": call_id, "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments)}}]}, True
+            "function": {"name": name, "arguments": raw}}]}, True
+
+
+class ToolCallStream:
+    """A tool call streamed as OpenAI does: once the generated text has named the function,
+    one `tool_calls` delta with the id and name, then the arguments' text as it grows. The
+    grammar fixes the text's shape (`{"name": "<f>", "arguments": <object>}`, no free
+    whitespace), so the arguments are a slice of it; the last character is held back until
+    the end, since it may be the wrapper's closing brace. `no_tool` answers are not
+    streamed (their content is a JSON string: sent whole at the end)."""
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+        self.text = ""
+        self.started = False
+        self._sent = 0  # characters of `text` sent (the prefix counts as sent)
+
+    def push(self, piece: str) -> list[dict[str, Any]]:
+        """The `tool_calls` entries to send after `piece` of generated text (0 or 1)."""
+        self.text += piece
+        entry: dict[str, Any] = {"index": 0, "function": {"arguments": ""}}
+        if not self.started:
+            prefix = call_prefix(self.text)
+            if prefix is None or prefix[0] == NO_TOOL:
+                return []
+            self.started, self._sent = True, prefix[1]
+            entry.update(id=self.call_id, type="function")
+            entry["function"]["name"] = prefix[0]
+        entry["function"]["arguments"] = self.text[self._sent:-1]
+        self._sent = max(self._sent, len(self.text) - 1)
+        return [entry] if "id" in entry or entry["function"]["arguments"] else []
+
+    def finish(self, complete: bool) -> list[dict[str, Any]]:
+        """What is left of the arguments when the answer ends (`complete`: the grammar
+        completed, so the last character is the wrapper's brace; else it was cut short)."""
+        if not self.started:
+            return []
+        end = len(self.text) - 1 if complete and self.text.endswith("}") else len(self.text)
+        rest, self._sent = self.text[self._sent:end], end
+        return [{"index": 0, "function": {"arguments": rest}}] if rest else []
+
+
+def call_prefix(text: str) -> tuple[str, int] | None:
+    """(function name, where its arguments start) once `text` has got that far."""
+    match = _CALL_PREFIX.match(text)
+    return (match.group(1), match.end()) if match else None
 
 
 def _function(tool: Any) -> dict[str, Any]:

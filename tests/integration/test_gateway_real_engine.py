@@ -156,12 +156,16 @@ async def test_tool_calls_whole_and_streamed(fleet, smollm2_dir: Path):
     if call["function"]["name"] == "get_weather":
         assert set(arguments) == {"city", "unit"}
         assert arguments["unit"] in ("celsius", "fahrenheit")
-    # streamed: no content deltas, one tool_calls delta with the same call, then [DONE]
+    # streamed as OpenAI does: no content, a first tool_calls delta with the id and name,
+    # then the arguments in pieces that add up to the whole response's arguments
     deltas = [c["choices"][0] for c in streamed if c["choices"]]
     assert all(not d["delta"].get("content") for d in deltas)
-    streamed_call, = deltas[-1]["delta"]["tool_calls"]
-    assert streamed_call["index"] == 0
-    assert streamed_call["function"] == call["function"]
+    entries = [e for d in deltas for e in d["delta"]["tool_calls"] or []]
+    assert len(entries) > 3 and all(e["index"] == 0 for e in entries)
+    assert entries[0]["id"].startswith("call_") and entries[0]["type"] == "function"
+    assert entries[0]["function"]["name"] == call["function"]["name"]
+    assert "".join(e["function"]["arguments"] for e in entries) == \
+        call["function"]["arguments"]
     assert deltas[-1]["finish_reason"] == "tool_calls"
     alarm, = named.choices[0].message.tool_calls
     assert alarm["function"]["name"] == "set_alarm"

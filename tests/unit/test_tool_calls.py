@@ -190,3 +190,37 @@ def test_an_assistant_turn_with_text_and_a_call_keeps_both() -> None:
     args = openai_api.chat_job_arguments(req, 50)
     assert args["messages"][1]["content"] == 'Let me check.\n' + json.dumps(
         {"name": "get_weather", "arguments": {"city": "Oslo"}})
+
+
+@pytest.mark.parametrize("piece_len", [1, 3, 7, 1000])
+def test_a_call_streams_its_arguments_as_they_are_generated(piece_len: int) -> None:
+    from tokenfleet.producer.tool_calls import ToolCallStream
+
+    text = '{"name": "get_weather", "arguments": {"city": "Zürich", "days": [1, 2]}}'
+    stream = ToolCallStream("call_x")
+    entries = []
+    for i in range(0, len(text), piece_len):
+        entries += stream.push(text[i:i + piece_len])
+    entries += stream.finish(complete=True)
+    assert entries[0] == {"index": 0, "id": "call_x", "type": "function", "function": {
+        "name": "get_weather", "arguments": entries[0]["function"]["arguments"]}}
+    streamed = "".join(e["function"]["arguments"] for e in entries)
+    assert streamed == '{"city": "Zürich", "days": [1, 2]}'
+    plan = ToolCallPlan.build([WEATHER], "required")
+    assert plan is not None
+    message, _ = plan.message(text, "call_x")
+    assert message["tool_calls"][0]["function"]["arguments"] == streamed  # same as whole
+    if piece_len == 1:
+        assert len(entries) > 10  # really piece by piece
+
+
+def test_a_cut_call_streams_what_there_is_and_no_tool_waits() -> None:
+    from tokenfleet.producer.tool_calls import ToolCallStream
+
+    cut = ToolCallStream("c")
+    entries = cut.push('{"name": "f", "arguments": {"a": {"b": 1}')
+    entries += cut.finish(complete=False)  # max_tokens: no wrapper brace, nothing held
+    assert "".join(e["function"]["arguments"] for e in entries) == '{"a": {"b": 1}'
+    words = ToolCallStream("c")
+    assert words.push('{"name": "no_tool", "arguments": {"content": "hi"}}') == []
+    assert not words.started and words.finish(complete=True) == []
