@@ -97,3 +97,10 @@ def test_settings_is_the_only_module_that_reads_the_environment():
 def test_deploy_env_reference_is_up_to_date():
     # Regenerate with: tokenfleet settings --markdown (see deploy/ENV.md's header)
     assert WorkerSettings.markdown_table() in (REPO / "deploy" / "ENV.md").read_text()
+
+
+def test_readme_documents_every_setting():
+    readme = (REPO / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(WorkerSettings)
+               if f"`TOKENFLEET_{f.name.upper()}`" not in readme]
+    assert not missing, f"add these to README's Configuration table: {missing}"
