@@ -32,7 +32,27 @@ def _edgy_ints(low: int, high: int) -> st.SearchStrategy[Any]:
                      _ANY_JSON)
 
 
+# Grammars that compile (and stay small), then wild ones: bad regexes, schemas of any shape.
+_GOOD_GRAMMARS = st.sampled_from([
+    {"type": "regex", "value": "[a-z]{1,5}"},
+    {"type": "regex", "value": r"(yes|no)\.( [A-Z][a-z]+)*"},
+    {"type": "json", "value": {"type": "object", "properties": {"a": {"type": "integer"}},
+                               "required": ["a"]}},
+    {"type": "json", "value": '{"type": "array", "items": {"enum": ["x", "y"]}}'},
+    {"type": "json_schema", "value": {"name": "n", "schema": {"type": "boolean"}}},
+])
+_GRAMMARS = st.one_of(
+    st.none(), _GOOD_GRAMMARS,
+    st.fixed_dictionaries({"type": st.sampled_from(["regex", "json", "json_schema", "lark"]),
+                           "value": st.one_of(st.text(max_size=12), _ANY_JSON)}),
+    _ANY_JSON)
+_LOGIT_BIAS = st.one_of(
+    st.dictionaries(_edgy_ints(-3, 60_000), _edgy_floats(-150.0, 150.0), max_size=3),
+    _ANY_JSON)
+
 _PARAMETERS = st.fixed_dictionaries({}, optional={
+    "grammar": _GRAMMARS,
+    "logit_bias": _LOGIT_BIAS,
     "max_new_tokens": st.one_of(st.integers(1, 60), _edgy_ints(-3, 2000)),
     "min_new_tokens": _edgy_ints(-2, 40),
     "do_sample": st.one_of(st.booleans(), _ANY_JSON),
@@ -100,6 +120,9 @@ _VALID_PARAMETERS = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 40)}
     "decoder_input_details": st.booleans(),
     "top_n_tokens": st.integers(0, 5),
     "ignore_eos": st.booleans(),
+    "grammar": _GOOD_GRAMMARS,
+    "logit_bias": st.dictionaries(st.integers(0, 30_000), st.floats(-100.0, 100.0),
+                                  max_size=3),
 })
 
 
@@ -123,7 +146,7 @@ def _one_field_wrong(now_ms: int) -> st.SearchStrategy[dict[str, Any]]:
 _VALID_PARAMETERS_NAMES = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p",
                            "typical_p", "min_p", "repetition_penalty", "frequency_penalty",
                            "presence_penalty", "stop", "stop_token_ids", "seed", "truncate",
-                           "top_n_tokens", "do_sample")
+                           "top_n_tokens", "do_sample", "grammar", "logit_bias")
 
 
 def _replace_one(args: tuple[dict[str, Any], str, Any]) -> dict[str, Any]:

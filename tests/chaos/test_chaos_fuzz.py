@@ -10,6 +10,8 @@ A failure names the offending entry's fields.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -22,7 +24,7 @@ from fuzz_payloads import Payload, payloads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenfleet.producer.protocol import decode_event, decode_job, decode_worker_info
+from tokenfleet.producer.protocol import FinalEvent, decode_event, decode_job, decode_worker_info
 from tokenfleet.producer.validation import validate_request_id
 
 pytestmark = pytest.mark.chaos
@@ -69,7 +71,8 @@ def _generate(num_payloads: int) -> list[Payload]:
 
 
 def _check_all(r: sync_redis.Redis, keys, proc, batch: list[Payload],
-               timeout_s: float) -> None:
+               timeout_s: float) -> int:
+    """Every entry answered; returns how many finished jobs had a grammar."""
     written = []
     with r.pipeline(transaction=False) as pipe:
         fields_list = [payload.render(f"fz{n}") for n, payload in enumerate(batch)]
@@ -85,8 +88,26 @@ def _check_all(r: sync_redis.Redis, keys, proc, batch: list[Payload],
         assert entry_id in dead or result is not None, (fields, "no dead letter, no result")
         event = decode_event(result) if result is not None else None
         outcomes[type(event).__name__ if event is not None else "dead letter only"] += 1
+        if isinstance(event, FinalEvent) and _fits_grammar(fields, event) is not None:
+            outcomes["grammar"] += 1
     # The mix exercises every path: served jobs, error events, unreadable entries.
+    grammars = outcomes.pop("grammar", 0)
     assert min(outcomes.values()) >= len(written) // 50 and len(outcomes) == 3, outcomes
+    return grammars
+
+
+def _fits_grammar(fields: dict[bytes, bytes], final: FinalEvent) -> bool | None:
+    """None without a grammar; else asserts that a complete answer fits it."""
+    parameters = decode_job(fields[b"job"]).parameters
+    grammar = parameters.grammar
+    if grammar is None:
+        return None
+    complete = final.details.finish_reason == "eos_token" and not parameters.return_full_text
+    if complete and grammar.type == "regex":
+        assert re.fullmatch(grammar.value, final.generated_text), (grammar, final)
+    elif complete:
+        json.loads(final.generated_text)
+    return True
 
 
 def _kv_all_free(r: sync_redis.Redis, keys, worker_id: str, timeout_s: float = 10) -> None:
@@ -109,7 +130,8 @@ def _fuzz(fleet, redis_url, keys, worker_id: str, num_payloads: int, timeout_s: 
         while not r.exists(keys.worker(worker_id)):
             assert proc.poll() is None and time.monotonic() < deadline, "worker did not start"
             time.sleep(0.1)
-        _check_all(r, keys, proc, batch, timeout_s)
+        num_grammar = _check_all(r, keys, proc, batch, timeout_s)
+        assert worker.get("engine") != "llm" or num_grammar > 0, "no grammar job was served"
         _kv_all_free(r, keys, worker_id)
         assert proc.poll() is None
         fleet.stop_all()
