@@ -7,6 +7,7 @@ stream's terminator, the whole-response body, and the error body.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,16 @@ class Renderer:
     def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
         """The body for several answers to one request (best_of, n)."""
         raise NotImplementedError
+
+    def for_choices(self, num_choices: int) -> list[Renderer]:
+        """Renderers of a stream with several answers, one per answer (copy)."""
+        if num_choices != 1:
+            raise NotImplementedError("this API streams one answer")
+        return [self]
+
+    def usage_chunks(self, finals: list[FinalEvent]) -> list[dict[str, Any]]:
+        """The chunks after every answer of a stream with several ended."""
+        return []
 
     def error(self, error: TokenfleetError) -> dict[str, Any]:
         return {"error": str(error), "error_type": error.error_type}
@@ -84,9 +95,25 @@ class _OpenAIRenderer(Renderer):
     include_usage: bool = False
     logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    choice_index: int = 0  # n > 1: which answer this renderer streams
+    own_usage: bool = True  # n > 1: usage comes once, after all answers (`usage_chunks`)
 
     sse_prefix = b"data: "
     stream_done = b"data: [DONE]\n\n"
+    chunk_object = ""  # the streamed chunks' `object`
+
+    def for_choices(self, num_choices: int) -> list[Renderer]:
+        if num_choices == 1:
+            return [self]
+        return [dataclasses.replace(self, choice_index=i, own_usage=False)
+                for i in range(num_choices)]
+
+    def usage_chunks(self, finals: list[FinalEvent]) -> list[dict[str, Any]]:
+        if not self.include_usage:
+            return []
+        chunk = self._envelope(self.chunk_object, [])
+        chunk["usage"] = _usage(*finals)
+        return [chunk]
 
     def error(self, error: TokenfleetError) -> dict[str, Any]:
         return {"error": {"message": str(error), "type": error.error_type, "param": None,
@@ -99,12 +126,8 @@ class _OpenAIRenderer(Renderer):
             out["usage"] = None  # OpenAI: null on every chunk but the last
         return out
 
-    def _usage_chunk(self, obj: str, final: FinalEvent) -> list[dict[str, Any]]:
-        if not self.include_usage:
-            return []
-        chunk = self._envelope(obj, [])
-        chunk["usage"] = _usage(final)
-        return [chunk]
+    def _usage_chunk(self, final: FinalEvent) -> list[dict[str, Any]]:
+        return self.usage_chunks([final]) if self.own_usage else []
 
 
 @dataclass
@@ -115,6 +138,7 @@ class ChatRenderer(_OpenAIRenderer):
     `tool_calls` deltas once it names its function (`ToolCallStream`), or, when the model
     chose no tool, sent at the end as content."""
 
+    chunk_object = "chat.completion.chunk"
     tools: ToolCallPlan | None = None
     _held: list[TokenEvent] = field(default_factory=list, init=False)  # tokens not yet sent
     _call: ToolCallStream | None = field(default=None, init=False)
@@ -157,13 +181,13 @@ class ChatRenderer(_OpenAIRenderer):
         """`scored`: the events whose logprobs this chunk carries (default: `event`)."""
         logprobs = logprobs_content(scored or [event]) if self.logprobs else None
         choice: dict[str, Any] = {
-            "index": 0, "delta": delta,
+            "index": self.choice_index, "delta": delta,
             "logprobs": {"content": logprobs} if logprobs is not None else None,
             "finish_reason": reason,
         }
         if isinstance(event, FinalEvent):
             return [self._envelope("chat.completion.chunk", [choice]),
-                    *self._usage_chunk("chat.completion.chunk", event)]
+                    *self._usage_chunk(event)]
         return [self._envelope("chat.completion.chunk", [choice])] if send else []
 
     def _answer(self, final: FinalEvent) -> tuple[dict[str, Any], str]:
@@ -199,13 +223,15 @@ class ChatRenderer(_OpenAIRenderer):
 class CompletionRenderer(_OpenAIRenderer):
     """`/v1/completions`: `text_completion` objects (streamed or whole)."""
 
+    chunk_object = "text_completion"
     echo_prompt: str = ""  # `echo`: streamed once, before the first token
     _offset: int = field(default=0, init=False)  # characters streamed, for `text_offset`
 
     def chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
         text = _text(event)
         prefix, self.echo_prompt = self.echo_prompt, ""
-        choice: dict[str, Any] = {"index": 0, "text": prefix + text, "logprobs": None,
+        choice: dict[str, Any] = {"index": self.choice_index, "text": prefix + text,
+                                  "logprobs": None,
                                   "finish_reason": None}
         if self.logprobs:
             choice["logprobs"] = completion_logprobs([event], self._offset + len(prefix))
@@ -213,7 +239,7 @@ class CompletionRenderer(_OpenAIRenderer):
         if isinstance(event, FinalEvent):
             choice["finish_reason"] = finish_reason(event)
             return [self._envelope("text_completion", [choice]),
-                    *self._usage_chunk("text_completion", event)]
+                    *self._usage_chunk(event)]
         return [self._envelope("text_completion", [choice])] if choice["text"] else []
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:

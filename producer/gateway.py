@@ -31,13 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgspec
 import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -50,12 +48,13 @@ from tokenfleet.producer.api_renderers import (
     TgiRenderer,
 )
 from tokenfleet.producer.client import Client
-from tokenfleet.producer.errors import TokenfleetError, ValidationError, error_class
+from tokenfleet.producer.errors import ValidationError, error_class
 from tokenfleet.producer.fleet_request import FleetRequest
 from tokenfleet.producer.fleet_status import live_workers
 from tokenfleet.producer.gateway_metrics import GatewayMetrics
 from tokenfleet.producer.gateway_middleware import GatewayMiddleware, json_response, outcome
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
+from tokenfleet.producer.sse_stream import SseStream
 from tokenfleet.producer.tgi_api import (
     best_of,
     decode_generate_request,
@@ -69,15 +68,7 @@ __all__ = ["Gateway", "GatewayConfig"]
 
 log = structlog.get_logger("tokenfleet.gateway")
 
-# How long a stream waits for its first event before sending headers: long enough that a
-# request a worker rejects at intake still gets its 422 status (as from TGI), short enough
-# that a proxy waiting on a deep queue sees bytes soon; keep-alives follow.
-FIRST_EVENT_WAIT_S: Final = 2.0
-KEEPALIVE_S: Final = 15.0
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # long prompts: 128k tokens is ~0.5 MB of text
-_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                       "X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
-_ENCODER: Final = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True)
@@ -182,9 +173,8 @@ class Gateway:
     # -- one request through the fleet ------------------------------------------------------
     async def _run(self, request: web.Request, args: dict[str, Any], renderer: Renderer, *,
                    stream: bool, copies: int = 1) -> web.StreamResponse:
-        """One job, or `copies` jobs of the same request (TGI's best_of, OpenAI's n: never
-        streamed) whose answers one body carries."""
-        assert copies == 1 or not stream, "several answers are never streamed"
+        """One job, or `copies` jobs of the same request (TGI's best_of, OpenAI's n) whose
+        answers one response carries."""
         key = request.headers.get("Idempotency-Key")
         request_id = await _request_id(request, key)
         if isinstance(renderer, ChatRenderer | CompletionRenderer):
@@ -203,7 +193,8 @@ class Gateway:
             self._idle.clear()
             try:
                 if stream:
-                    return await self._stream(request, fleets[0], renderer)
+                    return await SseStream(request, fleets,
+                                           renderer.for_choices(copies)).respond()
                 ends = await asyncio.gather(*(fleet.final() for fleet in fleets))
                 for end in ends:
                     if isinstance(end, ErrorEvent):
@@ -219,46 +210,6 @@ class Gateway:
                 self._in_flight.difference_update(fleets)
                 if not self._in_flight:
                     self._idle.set()
-
-    async def _stream(self, request: web.Request, fleet: FleetRequest,
-                      renderer: Renderer) -> web.StreamResponse:
-        event = await fleet.next_event(FIRST_EVENT_WAIT_S)
-        if isinstance(event, ErrorEvent):  # nothing sent yet: answer with the right status
-            raise error_class(event.error_type)(event.error, request_id=fleet.job.id)
-        response = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": fleet.job.id})
-        await response.prepare(request)
-        try:
-            await self._write_events(response, fleet, renderer, event)
-            await response.write_eof()
-        except ConnectionResetError:
-            outcome()["disconnected"] = True  # FleetRequest's exit cancels the job
-        return response
-
-    async def _write_events(self, response: web.StreamResponse, fleet: FleetRequest,
-                            renderer: Renderer, event: Any) -> None:
-        written_s = time.monotonic()
-        try:
-            while not isinstance(event, FinalEvent):
-                if isinstance(event, ErrorEvent):
-                    error = error_class(event.error_type)(event.error, request_id=event.id)
-                    await _write_sse(response, renderer, [renderer.error(error)])
-                    break
-                chunks = renderer.chunks(event) if event is not None else []
-                if chunks:
-                    await _write_sse(response, renderer, chunks)
-                    written_s = time.monotonic()
-                elif time.monotonic() - written_s >= KEEPALIVE_S:
-                    # Nothing to send (no event, or one held back: a tool call streams at
-                    # the end): a comment keeps proxies from closing an idle connection.
-                    await response.write(b": keep-alive\n\n")
-                    written_s = time.monotonic()
-                event = await fleet.next_event(KEEPALIVE_S)
-            else:
-                await _write_sse(response, renderer, renderer.chunks(event))
-        except TokenfleetError as e:  # the gateway's timeout, or a replay that lost tokens
-            await _write_sse(response, renderer, [renderer.error(e)])
-        if renderer.stream_done:
-            await response.write(renderer.stream_done)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -339,13 +290,6 @@ async def _request_id(request: web.Request, key: str | None) -> str:
     validate_request_id(key)
     digest = hashlib.sha256(f"{key}\n".encode() + await request.read())
     return "idem-" + digest.hexdigest()[:40]
-
-
-async def _write_sse(response: web.StreamResponse, renderer: Renderer,
-                     chunks: list[dict[str, Any]]) -> None:
-    if chunks:
-        await response.write(b"".join(renderer.sse_prefix + _ENCODER.encode(c) + b"\n\n"
-                                      for c in chunks))
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -6,10 +6,10 @@ The mapping follows OpenAI's semantics, not TGI's parameter names: `temperature`
 gateway holds no tokenizer to compute "the rest of the context". vLLM's extensions `top_k`,
 `min_p` and `repetition_penalty` are accepted. `response_format` constrains the output:
 `json_object` (any JSON object), `json_schema` (OpenAI's structured outputs), and TGI's
-`json` / `regex` grammars; `tools` become a grammar too (`tool_calls.py`). Fields that would
-change the answer and that we do not implement (`n` > 1 when streaming) are
-refused with a validation error rather than ignored; `n` > 1 runs that many jobs;
-`logit_bias` (token ids of the served model's tokenizer) is applied by the worker.
+`json` / `regex` grammars; `tools` become a grammar too (`tool_calls.py`). `n` > 1 runs that
+many jobs; `logit_bias` (token ids of the served model's tokenizer) is applied by the worker.
+Fields that would change the answer and that we do not implement are refused with a
+validation error rather than ignored.
 """
 
 from __future__ import annotations
@@ -168,13 +168,10 @@ MAX_N = 8  # answers per request: each is a job of its own in the fleet
 
 def num_choices(req: ChatRequest | CompletionRequest) -> int:
     """OpenAI's `n`: that many answers, each its own job (a seeded request's copies use
-    seed, seed + 1, ...); whole responses only."""
+    seed, seed + 1, ...); streamed, their chunks interleave, each with its choice index."""
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise ValidationError(f"Input validation error: `n` must be >= 1 and <= {MAX_N}")
-    if n > 1 and req.stream:
-        raise ValidationError("Input validation error: `n` > 1 is not supported when "
-                              "streaming")
     return n
 
 

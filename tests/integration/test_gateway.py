@@ -311,7 +311,7 @@ async def test_openai_completions_and_refusals(served):
         logprobs = out["choices"][0]["logprobs"]
         assert len(logprobs["tokens"]) == 4
         assert logprobs["text_offset"][0] == len("one two")
-        for bad in ({"n": 9}, {"n": 2, "stream": True}, {"tools": [{"type": "function"}]},
+        for bad in ({"n": 9}, {"n": 0}, {"tools": [{"type": "function"}]},
                     {"logit_bias": {"one": 5}}, {"logit_bias": {"1": 500}},
                     {"response_format": {"type": "xml"}}, {"max_tokens": 0},
                     {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
@@ -451,9 +451,9 @@ async def test_x_priority_header_picks_the_lane(fleet, redis, keys):
 async def test_a_streamed_tool_call_keeps_the_connection_alive(served, monkeypatch):
     """A tool call is held back until it is complete; meanwhile the stream is not silent
     (idle proxies would cut it): keep-alive comments go out every KEEPALIVE_S."""
-    from tokenfleet.producer import gateway
+    from tokenfleet.producer import sse_stream
 
-    monkeypatch.setattr(gateway, "KEEPALIVE_S", 0.02)
+    monkeypatch.setattr(sse_stream, "KEEPALIVE_S", 0.02)
     url, _ = served
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/chat/completions", json={
@@ -518,3 +518,32 @@ async def test_openai_n_returns_n_choices(served):
     assert many["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
     assert [c["index"] for c in completions["choices"]] == [0, 1]
     assert completions["usage"]["completion_tokens"] == 6
+
+
+async def test_openai_n_streams_interleaved_choices(served):
+    """Streamed with n: each choice's chunks carry its index, each choice ends with its own
+    finish_reason, the usage comes once after all of them, then [DONE]; every choice's text
+    is what the same request answers whole."""
+    url, _ = served
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0.7, "seed": 3, "n": 3}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/chat/completions", json={
+                **body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+            assert resp.status == 200
+            payloads = await _sse(resp)
+        async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+            whole = await resp.json()
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    texts = {i: "" for i in range(3)}
+    ended = []
+    for chunk in chunks[:-1]:
+        choice, = chunk["choices"]
+        texts[choice["index"]] += choice["delta"]["content"] or ""
+        if choice["finish_reason"]:
+            ended.append(choice["index"])
+    assert sorted(ended) == [0, 1, 2]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 15
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert texts == {c["index"]: c["message"]["content"] for c in whole["choices"]}
