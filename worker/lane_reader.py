@@ -2,7 +2,10 @@
 
 Each lane gets only the free slots the lanes before it left. Strict priority can starve the
 lower lanes under sustained load; with `lane_max_wait_ms` a job that has waited that long
-is pulled before younger jobs of higher lanes (aging), so every job's wait is bounded.
+is pulled before younger jobs of higher lanes (aging), so every job's wait is bounded. Aged
+jobs take at most half of the slots a worker fills (alternating when it fills one at a
+time): the rest follow priority, so under sustained overload the high lane is not starved
+by an old backlog in turn.
 
 One Lua call reads them all without blocking (three XREADGROUPs in one round trip: a worker
 pulls at every step that frees a slot, and three round trips each time cost it measurable
@@ -23,11 +26,12 @@ from tokenfleet.worker.script_reply import as_bytes, field_map
 
 __all__ = ["LaneEntry", "LaneReader"]
 
-# KEYS: the lanes' streams, in priority order. ARGV: group, consumer, count, max_wait_ms.
-# Returns {{lane number, entries} | {lane number, error text}, …}: a lane whose group is
-# missing reports NOGROUP without losing what the lanes before it delivered.
-# With max_wait_ms > 0, entries of the lower lanes that have waited that long (a stream id is
-# the server's clock when it was added) go first, oldest first, before the priority order.
+# KEYS: the lanes' streams, in priority order. ARGV: group, consumer, count, max_wait_ms,
+# max_aged. Returns {{lane number, entries} | {lane number, error text}, …}: a lane whose
+# group is missing reports NOGROUP without losing what the lanes before it delivered.
+# With max_wait_ms > 0, up to max_aged of the entries read are lower-lane entries that have
+# waited that long (a stream id is the server's clock when it was added), oldest first; the
+# rest follow the priority order.
 READ_LANES_LUA: Final = """
 local group, consumer = ARGV[1], ARGV[2]
 local remaining = tonumber(ARGV[3])
@@ -60,15 +64,18 @@ local function id_key(id)
   local ms, seq = string.match(id, '(%d+)-(%d+)')
   return tonumber(ms), tonumber(seq)
 end
-if max_wait_ms > 0 and remaining > 0 then
+local max_aged = math.min(tonumber(ARGV[5]), remaining)
+if max_wait_ms > 0 and max_aged > 0 then
   local now = redis.call('TIME')
-  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - max_wait_ms
+  -- %d: some servers print a large Lua number in scientific notation, which XRANGE refuses
+  local cutoff = string.format('%d', tonumber(now[1]) * 1000
+                               + math.floor(tonumber(now[2]) / 1000) - max_wait_ms)
   local overdue = {}
   for i = 2, #KEYS do
     local last = last_delivered(KEYS[i])
     if last then
       for _, e in ipairs(redis.call('XRANGE', KEYS[i], '(' .. last, cutoff,
-                                    'COUNT', remaining)) do
+                                    'COUNT', max_aged)) do
         local ms, seq = id_key(e[1])
         table.insert(overdue, {ms, seq, i})
       end
@@ -79,7 +86,7 @@ if max_wait_ms > 0 and remaining > 0 then
     return a[2] < b[2]
   end)
   local take = {}
-  for n = 1, math.min(remaining, #overdue) do
+  for n = 1, math.min(max_aged, #overdue) do
     take[overdue[n][3]] = (take[overdue[n][3]] or 0) + 1
   end
   for i = 2, #KEYS do
@@ -114,6 +121,7 @@ class LaneReader:
         self._consumer = consumer
         self._read_block_ms = read_block_ms
         self._lane_max_wait_ms = lane_max_wait_ms
+        self._aged_turn = True  # one free slot: aged entries may take every other one
         self._lane_of = {stream.encode(): lane for lane, stream in self.streams.items()}
         self._script = redis.register_script(READ_LANES_LUA)
 
@@ -124,9 +132,12 @@ class LaneReader:
         after each command; the admission script adds one entry); two or three, beyond the
         free slots, only if entries reached several lanes in the moment between the script
         and the blocking read."""
+        max_aged = num_free // 2 + (num_free % 2 if self._aged_turn else 0)
+        if num_free % 2:
+            self._aged_turn = not self._aged_turn
         reply: Any = await self._script(keys=list(self.streams.values()),
                                         args=[self._group, self._consumer, num_free,
-                                              self._lane_max_wait_ms])
+                                              self._lane_max_wait_ms, max_aged])
         out: list[LaneEntry] = []
         missing_group = False
         refused: ResponseError | None = None

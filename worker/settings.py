@@ -107,8 +107,9 @@ class WorkerSettings:
     read_block_ms: int = _setting(1_000, "XREADGROUP BLOCK time; bounds shutdown latency")
     lane_max_wait_s: float = _setting(0.0, "a job that waited this long in the normal or low "
                                       "lane is pulled before younger jobs of higher lanes, "
-                                      "oldest first (aging); 0 = strict priority, where a "
-                                      "lower lane may wait as long as higher ones are busy")
+                                      "oldest first, in up to half of the slots (aging); 0 = "
+                                      "strict priority, where a lower lane may wait as long "
+                                      "as higher ones are busy")
     metrics_port: int = _setting(0, "Prometheus /metrics port; 0 = off")
     metrics_host: str = _setting("0.0.0.0", "address the metrics endpoint binds")
     gateway_host: str = _setting("127.0.0.1", "address the HTTP gateway binds (0.0.0.0 in a "

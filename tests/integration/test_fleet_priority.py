@@ -133,3 +133,20 @@ async def test_aging_bounds_the_wait_of_a_low_priority_job(fleet, max_wait_s):
         assert order.index("low") <= 6, order  # ~100 ms a job: pulled after ~3 of them
         assert waited_ms < 300 + 400, waited_ms
         assert order.index("low") >= 2, order  # but not before it was due
+
+
+async def test_aging_does_not_starve_the_high_lane_behind_an_old_backlog(fleet):
+    """Under sustained overload every normal job is overdue; aged jobs take at most every
+    other slot, so a high-priority job still starts at the next priority slot, well before
+    the old backlog has drained."""
+    async with fleet.client() as client, fleet.worker(max_num_seqs=1, sim_step_ms=5.0,
+                                                      lane_max_wait_s=0.2):
+        submitted = {f"n{i}": await _submit(client, f"n{i}", 0, max_new_tokens=20)
+                     for i in range(12)}
+        await asyncio.sleep(0.5)  # the normal backlog is overdue now
+        submitted["h"] = await _submit(client, "h", 1, max_new_tokens=20)
+        started = await _start_times(client, submitted)
+    order = sorted(started, key=started.__getitem__)
+    after_h = order[order.index("h") + 1:]
+    assert len(after_h) >= 4, order  # the backlog was still there when h started
+    assert started["h"] - submitted["h"] < 400, order  # within ~two jobs' time
