@@ -19,7 +19,12 @@ from tokenfleet.producer.openai_api import (
     logprobs_content,
 )
 from tokenfleet.producer.protocol import FinalEvent, TokenEvent
-from tokenfleet.producer.tgi_api import best_of_response, generate_response, stream_response
+from tokenfleet.producer.tgi_api import (
+    best_of_index,
+    best_of_response,
+    generate_response,
+    stream_response,
+)
 from tokenfleet.producer.tool_calls import ToolCallPlan, ToolCallStream
 
 __all__ = ["ChatRenderer", "CompletionRenderer", "Renderer", "TgiRenderer"]
@@ -40,6 +45,11 @@ class Renderer:
     def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
         """The body for several answers to one request (best_of, n)."""
         raise NotImplementedError
+
+    def headline(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]
+                 ) -> FinalEvent:
+        """The answer whose numbers go in the response headers (of several)."""
+        return finals[0]
 
     def for_choices(self, num_choices: int) -> list[Renderer]:
         """Renderers of a stream with several answers, one per answer (copy)."""
@@ -79,6 +89,10 @@ class TgiRenderer(Renderer):
                 raise _cancelled(final)
         response = best_of_response(finals, tokens, details=self.details)
         return [response] if self.as_list else response
+
+    def headline(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]
+                 ) -> FinalEvent:
+        return finals[best_of_index(finals, tokens)]  # the answer TGI returns
 
 
 def _cancelled(final: FinalEvent) -> GenerationError:
@@ -154,7 +168,7 @@ class ChatRenderer(_OpenAIRenderer):
 
     def _tool_chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
         if self._call is None:
-            self._call = ToolCallStream("call_" + self.request_id.removeprefix("chatcmpl-"))
+            self._call = ToolCallStream(self._call_id())
         entries = self._call.push(_text(event))
         scored: list[TokenEvent | FinalEvent] = [*self._held, event]
         if not isinstance(event, FinalEvent):
@@ -168,7 +182,7 @@ class ChatRenderer(_OpenAIRenderer):
         delta = {"role": "assistant", "content": message["content"], "tool_calls": None}
         if self._call.started:  # the rest of the arguments
             entries = _merged(entries + self._call.finish(
-                complete=event.details.finish_reason != "length"))
+                complete=event.details.finish_reason == "eos_token"))  # grammar complete
             delta.update(content=None, tool_calls=entries or None)
         elif "tool_calls" in message:
             delta["tool_calls"] = [{"index": i, **call}
@@ -195,12 +209,16 @@ class ChatRenderer(_OpenAIRenderer):
         if self.tools is None:
             return ({"role": "assistant", "content": final.generated_text},
                     finish_reason(final))
-        call_id = "call_" + self.request_id.removeprefix("chatcmpl-")
-        message, is_call = self.tools.message(final.generated_text, call_id)
+        message, is_call = self.tools.message(final.generated_text, self._call_id())
         # OpenAI: "tool_calls" when the model chose to call (auto, required); "stop" when
         # the request named the function.
         called = is_call and not self.tools.named and final.details.finish_reason != "length"
         return message, "tool_calls" if called else finish_reason(final)
+
+    def _call_id(self) -> str:
+        """Unique per choice: n > 1 answers are separate calls."""
+        suffix = f"-{self.choice_index}" if self.choice_index else ""
+        return "call_" + self.request_id.removeprefix("chatcmpl-") + suffix
 
     def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
         return self.body_many([final], [tokens])
@@ -211,7 +229,7 @@ class ChatRenderer(_OpenAIRenderer):
             logprobs = None
             if self.logprobs:
                 logprobs = {"content": logprobs_content([*events, final])}
-            message, reason = self._answer(final)
+            message, reason = dataclasses.replace(self, choice_index=index)._answer(final)
             choices.append({"index": index, "message": message, "logprobs": logprobs,
                             "finish_reason": reason})
         out = self._envelope("chat.completion", choices)

@@ -56,6 +56,7 @@ from tokenfleet.producer.gateway_middleware import GatewayMiddleware, json_respo
 from tokenfleet.producer.protocol import ErrorEvent, FinalEvent
 from tokenfleet.producer.sse_stream import SseStream
 from tokenfleet.producer.tgi_api import (
+    MAX_BEST_OF,
     best_of,
     decode_generate_request,
     job_arguments,
@@ -64,9 +65,11 @@ from tokenfleet.producer.tgi_api import (
 from tokenfleet.producer.tool_calls import ToolCallPlan
 from tokenfleet.producer.validation import validate_request_id
 
-__all__ = ["Gateway", "GatewayConfig"]
+__all__ = ["MAX_COPIES", "Gateway", "GatewayConfig"]
 
 log = structlog.get_logger("tokenfleet.gateway")
+
+MAX_COPIES: Final = max(MAX_BEST_OF, openai_api.MAX_N)  # jobs one request may run as
 
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # long prompts: 128k tokens is ~0.5 MB of text
 
@@ -195,15 +198,15 @@ class Gateway:
                 if stream:
                     return await SseStream(request, fleets,
                                            renderer.for_choices(copies)).respond()
-                ends = await asyncio.gather(*(fleet.final() for fleet in fleets))
-                for end in ends:
-                    if isinstance(end, ErrorEvent):
-                        raise error_class(end.error_type)(end.error, request_id=end.id)
-                finals = [end for end in ends if isinstance(end, FinalEvent)]
+                finals = await _all_finals(fleets)
                 outcome()["tokens"] = sum(f.details.generated_tokens for f in finals)
-                body = (renderer.body(finals[0], fleets[0].tokens) if copies == 1 else
-                        renderer.body_many(finals, [fleet.tokens for fleet in fleets]))
-                return json_response(body, headers=response_headers(finals[0]))
+                if copies == 1:
+                    body, shown = renderer.body(finals[0], fleets[0].tokens), finals[0]
+                else:
+                    tokens = [fleet.tokens for fleet in fleets]
+                    body = renderer.body_many(finals, tokens)
+                    shown = renderer.headline(finals, tokens)
+                return json_response(body, headers=response_headers(shown))
             finally:
                 if any(not f.finished and f.cancel_on_abandon for f in fleets):
                     outcome()["abandoned"] = True  # FleetRequest's exit cancels them
@@ -235,7 +238,7 @@ class Gateway:
         return json_response({"model_id": models[0] if len(models) == 1 else ",".join(models),
                       "router": "tokenfleet-gateway", "version": self.config.version,
                       "queue": self.config.queue, "num_workers": len(workers),
-                      "max_best_of": 1, "max_stop_sequences": 16,
+                      "max_best_of": MAX_BEST_OF, "max_stop_sequences": 16,
                       "max_concurrent_requests": sum(w.max_num_seqs for w in workers)})
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -250,12 +253,31 @@ class Gateway:
 
     async def _cancel(self, request: web.Request) -> web.Response:
         request_id = validate_request_id(request.match_info["request_id"])
-        await self.client.cancel(request_id)
+        # A best_of / n request runs as copies <id>, <id>-1, ...: stop them all (a cancel
+        # for a copy that does not exist only leaves a short-lived key).
+        copies = [request_id, *(f"{request_id}-{i}" for i in range(1, MAX_COPIES))]
+        await asyncio.gather(*(self.client.cancel(rid) for rid in copies))
         return json_response({"id": request_id, "status": "cancelling"}, status=202)
 
     async def _queue_workers(self) -> list[Any]:
         return [w for w in await live_workers(self.client.redis, self.client.keys)
                 if w.queue == self.config.queue]
+
+
+async def _all_finals(fleets: list[FleetRequest]) -> list[FinalEvent]:
+    """Every copy's final, in copy order; the first error (an error event, or the wait's
+    own) ends the wait at once, and leaving the request's block cancels the other copies."""
+    tasks = [asyncio.create_task(fleet.final()) for fleet in fleets]
+    try:
+        for done in asyncio.as_completed(tasks):
+            end = await done
+            if isinstance(end, ErrorEvent):
+                raise error_class(end.error_type)(end.error, request_id=end.id)
+        return [end for end in (t.result() for t in tasks) if isinstance(end, FinalEvent)]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _copy_args(args: dict[str, Any], i: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import msgspec
 from tokenfleet.producer.errors import ValidationError
 from tokenfleet.producer.protocol import FinalEvent, Token, TokenEvent
 from tokenfleet.producer.tool_calls import ToolCallPlan
+from tokenfleet.producer.validation import logit_bias_from_json
 
 __all__ = [
     "ChatRequest",
@@ -184,7 +185,7 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
     if grammar is not None:
         args["grammar"] = grammar
     if req.logit_bias:
-        args["logit_bias"] = _logit_bias(req.logit_bias)
+        args["logit_bias"] = logit_bias_from_json(req.logit_bias)
     if temperature > 0:
         args["temperature"] = temperature
     if req.top_p is not None and req.top_p != 1.0:
@@ -197,15 +198,6 @@ def _sampling(req: _Sampling, max_tokens: int) -> dict[str, Any]:
         if value is not None:
             args[name] = value
     return args
-
-
-def _logit_bias(bias: dict[str, Any]) -> dict[int, float]:
-    """OpenAI's `{"<token id>": bias}` (JSON keys are strings) as token id -> bias."""
-    try:
-        return {int(token): float(value) for token, value in bias.items()}
-    except (TypeError, ValueError):
-        raise ValidationError("Input validation error: `logit_bias` maps token ids to "
-                              "numbers") from None
 
 
 def response_format_grammar(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

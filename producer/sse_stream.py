@@ -9,15 +9,15 @@ at intake still gets its status (422) as from TGI, not an error event after a 20
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any, Final
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from tokenfleet.producer.api_renderers import Renderer
-from tokenfleet.producer.errors import TokenfleetError, error_class
+from tokenfleet.producer.errors import GenerationError, TokenfleetError, error_class
 from tokenfleet.producer.fleet_request import FleetRequest
 from tokenfleet.producer.gateway_middleware import outcome
 from tokenfleet.producer.protocol import ErrorEvent, Event, FinalEvent
@@ -68,8 +68,8 @@ class SseStream:
         finally:
             for pump in self._pumps:
                 pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
+            # their exceptions were forwarded through the queue: nothing to raise here
+            await asyncio.gather(*self._pumps, return_exceptions=True)
 
     async def _write_all(self, response: web.StreamResponse,
                          item: tuple[int, Event] | None) -> None:
@@ -97,13 +97,18 @@ class SseStream:
                     await response.write(b": keep-alive\n\n")
                     written_s = time.monotonic()
                 if len(finals) < len(self._fleets):
-                    item = await self._next(KEEPALIVE_S)
+                    # wake for the next keep-alive on time even after held-back events
+                    idle_s = time.monotonic() - written_s
+                    item = await self._next(max(KEEPALIVE_S - idle_s, 0.01))
             else:
                 if len(finals) > 1:  # the copies' usage, once, after every choice ended
                     await _write(response, lead, lead.usage_chunks(
                         [finals[i] for i in sorted(finals)]))
         except TokenfleetError as e:  # the gateway's timeout, or a replay that lost tokens
             await _write(response, lead, [lead.error(e)])
+        except (RedisError, OSError) as e:  # headers are gone: end the stream with an error
+            await _write(response, lead, [lead.error(GenerationError(
+                f"the fleet became unreachable: {e}"))])
         if lead.stream_done:
             await response.write(lead.stream_done)
 
@@ -125,7 +130,7 @@ class SseStream:
         while True:
             try:
                 event = await fleet.next_event()
-            except TokenfleetError as e:
+            except Exception as e:  # TokenfleetError, or Redis gone: the stream must end
                 self._merged.put_nowait((index, e))
                 return
             assert event is not None  # no wait bound: an event or an exception

@@ -16,11 +16,13 @@ import msgspec
 
 from tokenfleet.producer.errors import ValidationError
 from tokenfleet.producer.protocol import FinalEvent, Parameters, Token, TokenEvent
+from tokenfleet.producer.validation import logit_bias_from_json
 
 __all__ = [
     "MAX_BEST_OF",
     "GenerateRequest",
     "best_of",
+    "best_of_index",
     "best_of_response",
     "decode_generate_request",
     "generate_response",
@@ -58,7 +60,7 @@ def decode_generate_request(body: bytes) -> GenerateRequest:
 def best_of(request: GenerateRequest, *, stream: bool) -> int:
     """How many sampled answers to choose the best of (TGI's rules and messages)."""
     value = request.parameters.get("best_of")
-    if value is None or value == 1:
+    if value is None or (value == 1 and not isinstance(value, bool)):
         return 1
     p = request.parameters
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BEST_OF:
@@ -66,8 +68,8 @@ def best_of(request: GenerateRequest, *, stream: bool) -> int:
                               f"{MAX_BEST_OF}. Given: {value!r}")
     sampling = (p.get("do_sample") or p.get("temperature") not in (None, 1.0)
                 or p.get("top_k") is not None or p.get("top_p") not in (None, 1.0)
-                or p.get("typical_p") not in (None, 1.0))
-    if not sampling:
+                or p.get("typical_p") not in (None, 1.0) or p.get("min_p") is not None)
+    if not sampling or p.get("temperature") == 0:  # temperature 0 is greedy: n equal answers
         raise ValidationError("Input validation error: you must use sampling when `best_of` "
                               "is > 1")
     if p.get("seed") is not None:
@@ -79,17 +81,22 @@ def best_of(request: GenerateRequest, *, stream: bool) -> int:
     return value
 
 
-def best_of_response(finals: list[FinalEvent], tokens: list[list[TokenEvent]], *,
-                     details: bool) -> dict[str, Any]:
-    """TGI's answer to best_of: the answer whose tokens have the highest mean logprob, the
-    others in `details.best_of_sequences`."""
+def best_of_index(finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> int:
+    """Which answer TGI's best_of returns: the highest mean logprob of its tokens."""
     def mean_logprob(i: int) -> float:
         events: list[TokenEvent | FinalEvent] = [*tokens[i], finals[i]]
         lps = [e.token.logprob for e in events if e.token is not None
                and e.token.logprob is not None]
         return sum(lps) / len(lps) if lps else float("-inf")
 
-    best = max(range(len(finals)), key=mean_logprob)
+    return max(range(len(finals)), key=mean_logprob)
+
+
+def best_of_response(finals: list[FinalEvent], tokens: list[list[TokenEvent]], *,
+                     details: bool) -> dict[str, Any]:
+    """TGI's answer to best_of: the answer whose tokens have the highest mean logprob, the
+    others in `details.best_of_sequences`."""
+    best = best_of_index(finals, tokens)
     out = generate_response(finals[best], tokens[best], details=details)
     if details:
         out["details"]["best_of_sequences"] = [
@@ -113,6 +120,8 @@ def job_arguments(request: GenerateRequest) -> dict[str, Any]:
     # TGI clients send every field, null for "unset": let our defaults apply to those.
     known = {k: v for k, v in parameters.items()
              if k in Parameters.__struct_fields__ and v is not None}
+    if "logit_bias" in known:  # JSON object keys are strings
+        known["logit_bias"] = logit_bias_from_json(known["logit_bias"])
     return {"inputs": request.inputs, **known}
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "MAX_REQUEST_ID_LEN",
     "MAX_STOP_SEQUENCES",
     "MAX_TOP_N_TOKENS",
+    "logit_bias_from_json",
     "validate_job",
     "validate_parameters",
     "validate_request_id",
@@ -100,6 +101,25 @@ def validate_parameters(p: Parameters) -> None:
            "`logit_bias` keys must be token ids (>= 0)")
     _check(all(isinstance(b, int | float) and -100 <= b <= 100 for b in p.logit_bias.values()),
            "`logit_bias` values must be >= -100 and <= 100")
+
+
+def logit_bias_from_json(bias: object) -> dict[int, float]:
+    """`{"<token id>": bias}` as JSON has it (keys are strings) -> token id -> bias; the
+    ranges are checked by `validate_parameters`."""
+    if not isinstance(bias, dict):
+        raise ValidationError("Input validation error: `logit_bias` must map token ids to "
+                              "numbers")
+    try:
+        return {int(token): _number(value) for token, value in bias.items()}
+    except (TypeError, ValueError, OverflowError):
+        raise ValidationError("Input validation error: `logit_bias` must map token ids to "
+                              "numbers") from None
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("not a number")
+    return float(value)
 
 
 def _validate_grammar(g: Grammar) -> None:

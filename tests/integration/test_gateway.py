@@ -92,6 +92,9 @@ async def test_generate_route_and_timing_headers(served):
     ({"best_of": 2}, "you must use sampling when `best_of`"),
     ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set"),
     ({"best_of": 9, "do_sample": True}, "`best_of` must be > 0 and <= 8"),
+    ({"best_of": 2, "do_sample": True, "temperature": 0}, "you must use sampling"),
+    ({"best_of": True, "do_sample": True}, "`best_of` must be > 0"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"grammar": {"type": "yaml", "value": "a: 1"}}, "grammar"),
     ({"grammar": {"type": "regex"}}, "grammar"),
     ({"grammar": {"type": "json", "value": "{oops"}}, "grammar"),
@@ -313,6 +316,7 @@ async def test_openai_completions_and_refusals(served):
         assert logprobs["text_offset"][0] == len("one two")
         for bad in ({"n": 9}, {"n": 0}, {"tools": [{"type": "function"}]},
                     {"logit_bias": {"one": 5}}, {"logit_bias": {"1": 500}},
+                    {"logit_bias": {"1": 10**400}}, {"logit_bias": {"1": True}},
                     {"response_format": {"type": "xml"}}, {"max_tokens": 0},
                     {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
                     {"temperature": -1}, {"top_p": 1.5},
@@ -547,3 +551,34 @@ async def test_openai_n_streams_interleaved_choices(served):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 15
     assert all(c["usage"] is None for c in chunks[:-1])
     assert texts == {c["index"]: c["message"]["content"] for c in whole["choices"]}
+
+
+async def test_cancel_stops_every_copy_of_an_n_request(served):
+    """DELETE /requests/{id} reaches the copies <id>-1, <id>-2 of an n = 3 request too: all
+    three answers end early (OpenAI renders a cancelled answer as "stop")."""
+    import hashlib
+
+    url, _ = served
+    body = json.dumps({"model": "sim", "messages": [{"role": "user", "content": "x"}],
+                       "max_tokens": 400, "n": 3, "temperature": 0.5}).encode()
+    request_id = "idem-" + hashlib.sha256(b"k1\n" + body).hexdigest()[:40]
+    async with aiohttp.ClientSession() as http:
+        answer = asyncio.create_task(http.post(
+            f"{url}/v1/chat/completions", data=body,
+            headers={"Idempotency-Key": "k1", "Content-Type": "application/json"}))
+        await asyncio.sleep(0.3)  # ~60 of the 400 tokens each
+        async with http.delete(f"{url}/requests/{request_id}") as resp:
+            assert resp.status == 202
+        async with await asyncio.wait_for(answer, 10) as resp:
+            assert resp.status == 200
+            out = await resp.json()
+    assert [c["finish_reason"] for c in out["choices"]] == ["stop"] * 3
+    assert out["usage"]["completion_tokens"] < 3 * 400
+
+
+async def test_tgi_routes_take_logit_bias(served):
+    url, _ = served
+    async with aiohttp.ClientSession() as http, http.post(url + "/generate", json={
+            "inputs": "x", "parameters": {"max_new_tokens": 3, "logit_bias": {"5": -100}}}
+    ) as resp:
+        assert resp.status == 200, await resp.text()

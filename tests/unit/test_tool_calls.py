@@ -224,3 +224,20 @@ def test_a_cut_call_streams_what_there_is_and_no_tool_waits() -> None:
     words = ToolCallStream("c")
     assert words.push('{"name": "no_tool", "arguments": {"content": "hi"}}') == []
     assert not words.started and words.finish(complete=True) == []
+
+
+def test_each_choice_of_an_n_request_gets_its_own_call_id() -> None:
+    from tokenfleet.producer.api_renderers import ChatRenderer
+    from tokenfleet.producer.protocol import FinalDetails, FinalEvent
+
+    plan = ToolCallPlan.build([CLOCK], "required")
+    answer = '{"name": "get_time", "arguments": {}}'
+    finals = [FinalEvent(id=f"r-{i}", generated_text=answer,
+                         details=FinalDetails(finish_reason="eos_token", generated_tokens=9))
+              for i in range(3)]
+    renderer = ChatRenderer(model="m", request_id="chatcmpl-r", tools=plan)
+    body = renderer.body_many(finals, [[], [], []])
+    ids = [c["message"]["tool_calls"][0]["id"] for c in body["choices"]]
+    assert len(set(ids)) == 3 and ids[0] == "call_r"
+    streamed = [r._call_id() for r in renderer.for_choices(3)]  # type: ignore[attr-defined]
+    assert streamed == ids
