@@ -46,8 +46,10 @@ _GRAMMARS = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(["regex", "json", "json_schema", "lark"]),
                            "value": st.one_of(st.text(max_size=12), _ANY_JSON)}),
     _ANY_JSON)
-_LOGIT_BIAS = st.one_of(
-    st.dictionaries(_edgy_ints(-3, 60_000), _edgy_floats(-150.0, 150.0), max_size=3),
+_LOGIT_BIAS = st.one_of(  # keys must be hashable: ints (as msgspec writes them) or strings
+    st.dictionaries(st.one_of(st.integers(-3, 60_000), st.sampled_from([2**31, 2**64]),
+                              st.text(max_size=4)),
+                    _edgy_floats(-150.0, 150.0), max_size=3),
     _ANY_JSON)
 
 _PARAMETERS = st.fixed_dictionaries({}, optional={
