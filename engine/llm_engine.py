@@ -21,9 +21,10 @@ from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.grammar_compiler import GrammarCompiler
 from tokenfleet.engine.hub import resolve_model
 from tokenfleet.engine.loader import load_engine_model, load_model_config
-from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner, reads_tokens_on_host
+from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
+from tokenfleet.engine.sampling_batch import reads_tokens_on_host
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
 from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from tokenfleet.engine.compiled_decode import CompiledDecode
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.cuda_graph_runner import CudaGraphRunner
-from tokenfleet.engine.grammar_compiler import grammar_masks
 from tokenfleet.engine.layers.attention import Attention, make_backend
 from tokenfleet.engine.layers.attention_torch import TorchAttentionBackend
 from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
@@ -279,18 +278,8 @@ class ModelRunner:
             return self.graph_runner.run(token_ids, positions, slots, tables)
 
     def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> SamplerOutput:
-        sbatch = SamplingBatch.build(
-            params=[s.params for s in sampled],
-            seeds=[s.seed for s in sampled],
-            indices=[s.num_output_tokens for s in sampled],
-            token_histories=[s.token_ids for s in sampled] if needs_history(sampled) else None,
-            prompt_lens=[s.num_prompt_tokens for s in sampled],
-            banned_token_ids=[_banned(s) for s in sampled],
-            grammar=grammar_masks([s.grammar_matcher for s in sampled],
-                                  self.model_config.vocab_size, self.device),
-            vocab_size=self.model_config.vocab_size,
-            device=self.device,
-        )
+        sbatch = SamplingBatch.for_sequences(sampled, self.model_config.vocab_size,
+                                             self.device)
         return self.sampler(logits, sbatch)
 
     @torch.inference_mode()
@@ -338,24 +327,3 @@ class ModelRunner:
 def _to_host_async(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host.copy_(t, non_blocking=True)
-
-
-def needs_history(seqs: list[Sequence]) -> bool:
-    """Some row applies a penalty over its token history (which must then be on the host)."""
-    return any(s.params.repetition_penalty not in (None, 1.0) or s.params.frequency_penalty
-               or s.params.presence_penalty for s in seqs)
-
-
-def reads_tokens_on_host(seqs: list[Sequence]) -> bool:
-    """Some row's sampling needs its latest token on the host: a penalty over its history, or
-    a grammar whose mask follows each token (so no decode step is queued ahead for it)."""
-    return needs_history(seqs) or any(s.grammar_matcher is not None for s in seqs)
-
-
-def _banned(seq: Sequence) -> list[int]:
-    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish). With a
-    grammar too: its mask never allows EOS alone here (a complete grammar ends the request
-    when it completes), so some other token is always left."""
-    if seq.num_output_tokens < seq.params.min_new_tokens:
-        return list(seq.eos_token_ids)
-    return []

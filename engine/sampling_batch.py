@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenfleet.engine.grammar_compiler import grammar_masks
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.seeded_random import to_int64_seed
+from tokenfleet.engine.sequence import Sequence as Seq
 
-__all__ = ["Penalties", "SamplingBatch", "Warping"]
+__all__ = ["Penalties", "SamplingBatch", "Warping", "needs_history", "reads_tokens_on_host"]
 
 # Per-row "off" values that leave the logits bit-identical, so mixed batches need no masking.
 _TOP_P_OFF = -1.0  # the threshold is 1 - top_p: no cumulative probability is <= -1
@@ -72,6 +74,22 @@ class SamplingBatch:
                 and self.bias is None and self.warping is None)
 
     @classmethod
+    def for_sequences(cls, seqs: Sequence[Seq], vocab_size: int, device: torch.device
+                      ) -> SamplingBatch:
+        """The batch for sampling the next token of each of `seqs` (one row each)."""
+        return cls.build(
+            params=[s.params for s in seqs],
+            seeds=[s.seed for s in seqs],
+            indices=[s.num_output_tokens for s in seqs],
+            token_histories=[s.token_ids for s in seqs] if needs_history(seqs) else None,
+            prompt_lens=[s.num_prompt_tokens for s in seqs],
+            banned_token_ids=[_eos_banned(s) for s in seqs],
+            grammar=grammar_masks([s.grammar_matcher for s in seqs], vocab_size, device),
+            vocab_size=vocab_size,
+            device=device,
+        )
+
+    @classmethod
     def build(
         cls,
         params: Sequence[SamplingParams],
@@ -114,6 +132,27 @@ class SamplingBatch:
             bias=_build_bias(params, vocab_size, device),
             warping=_build_warping(params, seeds, indices, vocab_size, device),
         )
+
+
+def needs_history(seqs: Sequence[Seq]) -> bool:
+    """Some row applies a penalty over its token history (which must then be on the host)."""
+    return any(s.params.repetition_penalty not in (None, 1.0) or s.params.frequency_penalty
+               or s.params.presence_penalty for s in seqs)
+
+
+def reads_tokens_on_host(seqs: Sequence[Seq]) -> bool:
+    """Some row's sampling needs its latest token on the host: a penalty over its history, or
+    a grammar whose mask follows each token (so no decode step is queued ahead for it)."""
+    return needs_history(seqs) or any(s.grammar_matcher is not None for s in seqs)
+
+
+def _eos_banned(seq: Seq) -> list[int]:
+    """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish). With a
+    grammar too: its mask never allows EOS alone here (a complete grammar ends the request
+    when it completes), so some other token is always left."""
+    if seq.num_output_tokens < seq.params.min_new_tokens:
+        return list(seq.eos_token_ids)
+    return []
 
 
 def _build_penalties(
