@@ -20,7 +20,7 @@ import torch
 from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.grammar import Grammar
 
-__all__ = ["GrammarCompiler", "grammar_masks", "unpack_bits"]
+__all__ = ["GrammarCompiler", "first_error_line", "grammar_masks", "unpack_bits"]
 
 # JSON without free whitespace: `{"a": 1, "b": [2, 3]}`. Flexible whitespace lets a weak model
 # emit newlines until max_new_tokens; a schema can turn it back on with "x-guidance".
@@ -144,6 +144,12 @@ def _mask_executor() -> Any:
         return _executor
 
 
+def first_error_line(message: str, default: str) -> str:
+    """llguidance's error without the parser dump that follows its first line."""
+    lines = message.strip().splitlines()
+    return lines[0][:_MAX_ERROR_CHARS] if lines else default
+
+
 def _invalid(message: str) -> ValidationError:
-    first = message.strip().splitlines()[0] if message.strip() else "does not compile"
-    return ValidationError(f"Input validation error: `grammar` {first[:_MAX_ERROR_CHARS]}")
+    return ValidationError("Input validation error: `grammar` "
+                           + first_error_line(message, "does not compile"))

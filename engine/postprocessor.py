@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from tokenfleet.engine.grammar_compiler import first_error_line
 from tokenfleet.engine.model_runner import RunOutput
 from tokenfleet.engine.outputs import FinishReason, StepOutput, TokenOutput, TopToken
 from tokenfleet.engine.sampler import SamplerOutput
@@ -69,7 +68,9 @@ class Postprocessor:
         be pending: lengths are counted up to this token)."""
         matcher = seq.grammar_matcher
         if matcher is not None and not matcher.consume_token(token_id):
-            return self._fail(seq, f"the output left its grammar: {_first_line(matcher)}")
+            # the mask admitted the token: only a parser limit (e.g. lexer fuel) rejects it
+            error = first_error_line(str(matcher.get_error()), "parser error")
+            return self._fail(seq, f"the output left its grammar: {error}")
         grammar_done = matcher is not None and matcher.is_stopped()
         text, stopped = seq.stop_matcher.push(seq.detokenizer.add(token_id))
         reason = self._finish_reason(seq, index + 1, token_id, stopped, grammar_done)
@@ -138,9 +139,3 @@ class Postprocessor:
             for t, lp in zip(ids[:n], logprobs[:n], strict=True) if lp != _NEG_INF
         )
 
-
-def _first_line(matcher: Any) -> str:
-    """llguidance's error, without the parser dump that follows its first line (a token
-    the mask admitted is rejected only when the matcher hit a limit, e.g. lexer fuel)."""
-    lines = str(matcher.get_error()).strip().splitlines()
-    return lines[0][:400] if lines else "parser error"

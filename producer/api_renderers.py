@@ -115,6 +115,7 @@ class _OpenAIRenderer(Renderer):
     sse_prefix = b"data: "
     stream_done = b"data: [DONE]\n\n"
     chunk_object = ""  # the streamed chunks' `object`
+    body_object = ""  # a whole response's `object`
 
     def for_choices(self, num_choices: int) -> list[Renderer]:
         if num_choices == 1:
@@ -143,6 +144,21 @@ class _OpenAIRenderer(Renderer):
     def _usage_chunk(self, final: FinalEvent) -> list[dict[str, Any]]:
         return self.usage_chunks([final]) if self.own_usage else []
 
+    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
+        return self.body_many([final], [tokens])
+
+    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
+        out = self._envelope(self.body_object, [
+            self._choice(index, final, events)
+            for index, (final, events) in enumerate(zip(finals, tokens, strict=True))])
+        out["usage"] = _usage(*finals)
+        return out
+
+    def _choice(self, index: int, final: FinalEvent, tokens: list[TokenEvent]
+                ) -> dict[str, Any]:
+        """Answer `index` of a whole response."""
+        raise NotImplementedError
+
 
 @dataclass
 class ChatRenderer(_OpenAIRenderer):
@@ -153,6 +169,7 @@ class ChatRenderer(_OpenAIRenderer):
     chose no tool, sent at the end as content."""
 
     chunk_object = "chat.completion.chunk"
+    body_object = "chat.completion"
     tools: ToolCallPlan | None = None
     _held: list[TokenEvent] = field(default_factory=list, init=False)  # tokens not yet sent
     _call: ToolCallStream | None = field(default=None, init=False)
@@ -168,7 +185,7 @@ class ChatRenderer(_OpenAIRenderer):
 
     def _tool_chunks(self, event: TokenEvent | FinalEvent) -> list[dict[str, Any]]:
         if self._call is None:
-            self._call = ToolCallStream(self._call_id())
+            self._call = ToolCallStream(self._call_id(self.choice_index))
         entries = self._call.push(_text(event))
         scored: list[TokenEvent | FinalEvent] = [*self._held, event]
         if not isinstance(event, FinalEvent):
@@ -178,7 +195,7 @@ class ChatRenderer(_OpenAIRenderer):
             self._held = []
             return self._chunk(event, {"role": "assistant", "content": None,
                                        "tool_calls": entries}, None, True, scored)
-        message, reason = self._answer(event)
+        message, reason = self._answer(event, self.choice_index)
         delta = {"role": "assistant", "content": message["content"], "tool_calls": None}
         if self._call.started:  # the rest of the arguments
             entries = _merged(entries + self._call.finish(
@@ -200,48 +217,40 @@ class ChatRenderer(_OpenAIRenderer):
             "finish_reason": reason,
         }
         if isinstance(event, FinalEvent):
-            return [self._envelope("chat.completion.chunk", [choice]),
-                    *self._usage_chunk(event)]
-        return [self._envelope("chat.completion.chunk", [choice])] if send else []
+            return [self._envelope(self.chunk_object, [choice]), *self._usage_chunk(event)]
+        return [self._envelope(self.chunk_object, [choice])] if send else []
 
-    def _answer(self, final: FinalEvent) -> tuple[dict[str, Any], str]:
-        """The assistant message and OpenAI's finish reason (`tool_calls` for a call)."""
+    def _answer(self, final: FinalEvent, index: int) -> tuple[dict[str, Any], str]:
+        """Choice `index`'s assistant message and OpenAI's finish reason (`tool_calls` for a
+        call)."""
         if self.tools is None:
             return ({"role": "assistant", "content": final.generated_text},
                     finish_reason(final))
-        message, is_call = self.tools.message(final.generated_text, self._call_id())
+        message, is_call = self.tools.message(final.generated_text, self._call_id(index))
         # OpenAI: "tool_calls" when the model chose to call (auto, required); "stop" when
         # the request named the function.
         called = is_call and not self.tools.named and final.details.finish_reason != "length"
         return message, "tool_calls" if called else finish_reason(final)
 
-    def _call_id(self) -> str:
+    def _call_id(self, index: int) -> str:
         """Unique per choice: n > 1 answers are separate calls."""
-        suffix = f"-{self.choice_index}" if self.choice_index else ""
+        suffix = f"-{index}" if index else ""
         return "call_" + self.request_id.removeprefix("chatcmpl-") + suffix
 
-    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
-        return self.body_many([final], [tokens])
-
-    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
-        choices = []
-        for index, (final, events) in enumerate(zip(finals, tokens, strict=True)):
-            logprobs = None
-            if self.logprobs:
-                logprobs = {"content": logprobs_content([*events, final])}
-            message, reason = dataclasses.replace(self, choice_index=index)._answer(final)
-            choices.append({"index": index, "message": message, "logprobs": logprobs,
-                            "finish_reason": reason})
-        out = self._envelope("chat.completion", choices)
-        out["usage"] = _usage(*finals)
-        return out
+    def _choice(self, index: int, final: FinalEvent, tokens: list[TokenEvent]
+                ) -> dict[str, Any]:
+        logprobs = ({"content": logprobs_content([*tokens, final])} if self.logprobs
+                    else None)
+        message, reason = self._answer(final, index)
+        return {"index": index, "message": message, "logprobs": logprobs,
+                "finish_reason": reason}
 
 
 @dataclass
 class CompletionRenderer(_OpenAIRenderer):
     """`/v1/completions`: `text_completion` objects (streamed or whole)."""
 
-    chunk_object = "text_completion"
+    chunk_object = body_object = "text_completion"
     echo_prompt: str = ""  # `echo`: streamed once, before the first token
     _offset: int = field(default=0, init=False)  # characters streamed, for `text_offset`
 
@@ -256,27 +265,19 @@ class CompletionRenderer(_OpenAIRenderer):
         self._offset += len(prefix) + len(text)
         if isinstance(event, FinalEvent):
             choice["finish_reason"] = finish_reason(event)
-            return [self._envelope("text_completion", [choice]),
-                    *self._usage_chunk(event)]
-        return [self._envelope("text_completion", [choice])] if choice["text"] else []
+            return [self._envelope(self.chunk_object, [choice]), *self._usage_chunk(event)]
+        return [self._envelope(self.chunk_object, [choice])] if choice["text"] else []
 
-    def body(self, final: FinalEvent, tokens: list[TokenEvent]) -> Any:
-        return self.body_many([final], [tokens])
-
-    def body_many(self, finals: list[FinalEvent], tokens: list[list[TokenEvent]]) -> Any:
-        choices = []
-        for index, (final, token_events) in enumerate(zip(finals, tokens, strict=True)):
-            logprobs = None
-            if self.logprobs:
-                # With `echo` the text starts with the prompt; offsets count from its end.
-                events: list[TokenEvent | FinalEvent] = [*token_events, final]
-                prompt_len = len(final.generated_text) - sum(len(_text(e)) for e in events)
-                logprobs = completion_logprobs(events, max(prompt_len, 0))
-            choices.append({"index": index, "text": final.generated_text,
-                            "logprobs": logprobs, "finish_reason": finish_reason(final)})
-        out = self._envelope("text_completion", choices)
-        out["usage"] = _usage(*finals)
-        return out
+    def _choice(self, index: int, final: FinalEvent, tokens: list[TokenEvent]
+                ) -> dict[str, Any]:
+        logprobs = None
+        if self.logprobs:
+            # With `echo` the text starts with the prompt; offsets count from its end.
+            events: list[TokenEvent | FinalEvent] = [*tokens, final]
+            prompt_len = len(final.generated_text) - sum(len(_text(e)) for e in events)
+            logprobs = completion_logprobs(events, max(prompt_len, 0))
+        return {"index": index, "text": final.generated_text, "logprobs": logprobs,
+                "finish_reason": finish_reason(final)}
 
 
 def _merged(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

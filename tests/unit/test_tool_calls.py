@@ -239,5 +239,6 @@ def test_each_choice_of_an_n_request_gets_its_own_call_id() -> None:
     body = renderer.body_many(finals, [[], [], []])
     ids = [c["message"]["tool_calls"][0]["id"] for c in body["choices"]]
     assert len(set(ids)) == 3 and ids[0] == "call_r"
-    streamed = [r._call_id() for r in renderer.for_choices(3)]  # type: ignore[attr-defined]
+    streamed = [r._call_id(r.choice_index)  # type: ignore[attr-defined]
+                for r in renderer.for_choices(3)]
     assert streamed == ids
