@@ -1,17 +1,21 @@
 """The timing half of benchmarks/gpu_check.py: HF `generate` and our engine, same shapes.
 
 `bench_engine` reports each batch size with the defaults (CUDA graphs, asynchronous decode),
-then without asynchronous decode, then batch 1 fully eager, then batch 1 with the norms fused
-into the GEMVs (`fused_decode_gemv`, experimental), plus the GPU time of one graph replay and
-torch-profiler tables of a batch-1 replay and of the largest batch's prefill.
+the largest batch twice (the spread between runs), then without asynchronous decode, then
+batch 1 fully eager, then batch 1 with the other setting of `fused_decode_gemv` (the norms,
+SiLU·mul and o_proj in our tuned GEMV), plus the GPU time of one graph replay and
+torch-profiler tables of a batch-1 replay, the largest batch's prefill and a window of its
+decode steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["bench_engine", "bench_hf", "generate"]
+__all__ = ["bench_engine", "bench_hf", "fused_gemv_graphs", "generate"]
 
 
 def generate(engine: Any, prompts: list[list[int]], new_tokens: int, tag: str
@@ -64,6 +68,8 @@ def bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float
     results = {}
     for batch in plan["bench_batches"]:
         results[str(batch)] = _bench_engine_batch(engine, plan, batch)
+    largest = max(plan["bench_batches"])
+    results[f"{largest} again"] = _bench_engine_batch(engine, plan, largest)
     graphs = engine.runner.graph_runner
     if graphs is not None and engine.config.async_decode:
         engine.config.async_decode = False  # the same steps, host work not overlapped
@@ -75,64 +81,120 @@ def bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float
     if graphs is not None:
         results["replay"] = _time_replays(graphs, plan)
         _profile_prefill(engine, plan)
+        _profile_decode(engine, plan)
         engine.runner.graph_runner = None
         try:
             results["1 eager"] = _bench_engine_batch(engine, plan, 1)
         finally:
             engine.runner.graph_runner = graphs
-        if not engine.config.fused_decode_gemv:
-            results["1 fused-gemv"] = _bench_fused_gemv(engine, plan)
+        flipped = not engine.config.fused_decode_gemv
+        results[f"1 fused-gemv {'on' if flipped else 'off'}"] = _bench_fused_gemv(
+            engine, plan, flipped)
     return results
 
 
-def _bench_fused_gemv(engine: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """Batch 1 again with `fused_decode_gemv` (each RMSNorm inside the GEMV after it), in a
-    graph captured for it; then the engine as it was. A failure is reported, not raised, so
-    that the default path's numbers survive it."""
+@contextlib.contextmanager
+def fused_gemv_graphs(engine: Any, on: bool) -> Iterator[Any]:
+    """The engine with `fused_decode_gemv` set to `on` for one-row steps, replayed from a
+    batch-1 graph captured for it; as it was afterwards. Yields that graph runner."""
     import torch
 
     runner, config = engine.runner, engine.config
     graphs, max_batch = runner.graph_runner, config.cuda_graph_max_batch
     try:
-        runner.set_fused_decode_gemv(True)
+        runner.set_fused_decode_gemv(on)
         config.cuda_graph_max_batch = 1  # capture the batch-1 graph only
-        fused = runner.make_graph_runner(use_graphs=True)
+        other = runner.make_graph_runner(use_graphs=True)
         with torch.cuda.device(runner.device):
-            fused.capture_all()
-        runner.graph_runner = fused
-        return _bench_engine_batch(engine, plan, 1)
-    except Exception as exc:  # the A/B is an extra: keep the rest of the report
-        print(f"fused-gemv A/B failed: {exc!r}", flush=True)
-        return {"error": repr(exc)}
+            other.capture_all()
+        runner.graph_runner = other
+        yield other
     finally:
         runner.graph_runner = graphs
         config.cuda_graph_max_batch = max_batch
-        runner.set_fused_decode_gemv(False)
+        runner.set_fused_decode_gemv(not on)
+
+
+def _bench_fused_gemv(engine: Any, plan: dict[str, Any], on: bool) -> dict[str, Any]:
+    """Batch 1 again with `fused_decode_gemv` set to `on` (each RMSNorm inside the GEMV after
+    it, tiles tuned per shape). A failure is reported, not raised, so that the default path's
+    numbers survive it."""
+    from tokenfleet.kernels.norm_gemv import GEMV_TUNER
+
+    try:
+        with fused_gemv_graphs(engine, on) as other:
+            result: dict[str, Any] = _bench_engine_batch(engine, plan, 1)
+            result["replay_ms_b1"] = _replay_ms(other._replays[1])
+            print(f"  replay GPU ms: {result['replay_ms_b1']:.3f}; tuned GEMV tiles: "
+                  f"{GEMV_TUNER.report()}", flush=True)
+            result["gemv_tiles"] = GEMV_TUNER.report()
+            if on:
+                _profile_replay(other._replays[1])
+            return result
+    except Exception as exc:  # the A/B is an extra: keep the rest of the report
+        print(f"fused-gemv A/B failed: {exc!r}", flush=True)
+        return {"error": repr(exc)}
 
 
 def _time_replays(graphs: Any, plan: dict[str, Any]) -> dict[str, float]:
     """GPU time of one graph replay (the forward + lm_head alone, no host work), per batch."""
+    out = {}
+    for batch in plan["bench_batches"]:
+        replay = graphs._replays.get(graphs.bucket_for(batch))
+        if replay is not None:
+            out[f"replay_ms_b{batch}"] = _replay_ms(replay)
+    print(f"graph replay GPU time: {out}", flush=True)
+    _profile_replay(graphs._replays[graphs.bucket_for(1)])
+    return out
+
+
+def _replay_ms(replay: Any) -> float:
+    """Median GPU ms of one replay (CUDA events around it, 20 replays)."""
     import statistics
 
     import torch
 
-    out = {}
-    for batch in plan["bench_batches"]:
-        replay = graphs._replays.get(graphs.bucket_for(batch))
-        if replay is None:
-            continue
-        times = []
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        out[f"replay_ms_b{batch}"] = statistics.median(times)
-    print(f"graph replay GPU time: {out}", flush=True)
-    _profile_replay(graphs._replays[graphs.bucket_for(1)])
-    return out
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _profile_decode(engine: Any, plan: dict[str, Any], num_steps: int = 8) -> None:
+    """Kernel and host tables of `num_steps` decode steps of the largest batch, once every
+    sequence is decoding: where a step's time goes beyond its graph replay."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenfleet.engine import SamplingParams
+
+    batch, vocab = max(plan["bench_batches"]), plan["model"]["vocab_size"]
+    params = SamplingParams(max_new_tokens=num_steps + 8, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"profdec-{i}", torch.randint(3, vocab, (plan["bench_prompt_len"],))
+                           .tolist(), params)
+    decoding: set[str] = set()
+    while len(decoding) < batch and engine.has_unfinished():
+        decoding.update(s.request_id for s in engine.step() if s.tokens)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(num_steps):
+                engine.step()
+            torch.cuda.synchronize()
+        print(f"decode batch {batch}, {num_steps} steps:", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
+                                        max_name_column_width=60), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16,
+                                        max_name_column_width=60), flush=True)
+    except Exception as exc:
+        print(f"profiler unavailable: {exc!r}")
+    while engine.has_unfinished():
+        engine.step()
 
 
 def _profile_prefill(engine: Any, plan: dict[str, Any]) -> None:

@@ -210,6 +210,11 @@ def _run_model_parts(plan: dict[str, Any], parts: set[str], report: dict[str, An
         _part(report, "hf_bench", functools.partial(gpu_bench.bench_hf, hf, plan))
     engine = _load_engine(plan, model_dir)  # HF stays loaded: it becomes the fp32 truth below
     ours = gpu_parity.engine_outputs(engine, prompts, n, gpu_bench.generate) if theirs else None
+    # The other fused_decode_gemv setting, one prompt at a time (it serves one-row steps).
+    ours_other: list[dict[str, Any]] = []
+    if theirs and engine.runner.graph_runner is not None:
+        _part(report, "other_gemv_outputs", functools.partial(
+            _other_gemv_outputs, engine, prompts, n, ours_other))
     if "bench" in parts:
         _part(report, "engine_bench", functools.partial(gpu_bench.bench_engine, engine, plan))
     del engine
@@ -219,6 +224,19 @@ def _run_model_parts(plan: dict[str, Any], parts: set[str], report: dict[str, An
     if theirs is not None and ours is not None:
         hf32 = hf.float()
         _part(report, "parity", lambda: _judge(hf32, prompts, ours, theirs, plan))
+        if ours_other:
+            _part(report, "parity_other_gemv",
+                  lambda: _judge(hf32, prompts, ours_other, theirs, plan))
+
+
+def _other_gemv_outputs(engine: Any, prompts: list[list[int]], n: int,
+                        into: list[dict[str, Any]]) -> str:
+    """Parity outputs with the other `fused_decode_gemv` setting, each prompt alone."""
+    on = not engine.config.fused_decode_gemv
+    with gpu_bench.fused_gemv_graphs(engine, on):
+        into.extend(gpu_parity.engine_outputs(engine, [p], n, gpu_bench.generate,
+                                              f"other{i}-")[0] for i, p in enumerate(prompts))
+    return f"fused_decode_gemv={on}, batch 1, {len(into)} prompts"
 
 
 def _judge(hf32: Any, prompts: list[list[int]], ours: list[dict[str, Any]],
@@ -305,7 +323,8 @@ def _print_table(report: dict[str, Any]) -> None:
         print(f"attention {row['case']}: ours {row['ours_ms']:.3f} ms "
               f"({row['ours_GB_s']:.0f} GB/s KV, {row['ours_TFLOP_s']:.1f} TFLOP/s), no-split "
               f"{row['ours_no_split_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms "
-              f"(SDPA/ours {row['sdpa_over_ours']:.2f})")
+              f"(SDPA/ours {row['sdpa_over_ours']:.2f})"
+              + (f"; tiles (block_m, block_n) ms: {row['tiles_ms']}" if "tiles_ms" in row else ""))
 
 
 if __name__ == "__main__":

@@ -41,13 +41,13 @@ def hf_bf16_reference(hf: Any, prompts: list[list[int]], new_tokens: int,
 
 
 def engine_outputs(engine: Any, prompts: list[list[int]], new_tokens: int,
-                   generate: Any) -> list[dict[str, Any]]:
+                   generate: Any, tag: str = "parity") -> list[dict[str, Any]]:
     """Our greedy tokens (through the engine's normal decode path, graphs included), their
     log-probs, and the last-prompt logits from `engine.score`."""
-    outputs, _ = generate(engine, prompts, new_tokens, "parity")
+    outputs, _ = generate(engine, prompts, new_tokens, tag)
     result = []
     for i, prompt in enumerate(prompts):
-        toks = outputs[f"parity{i}"]
+        toks = outputs[f"{tag}{i}"]
         result.append({"tokens": [t.id for t in toks], "logprobs": [t.logprob for t in toks],
                        "last_logits": engine.score(prompt).float().cpu()})
     return result

@@ -11,6 +11,10 @@ and adds a reduce kernel after each (64 a step). `silu_mul_gemv` puts the MLP's 
 the down projection's prologue the same way. Semantics: `reference.norm_gemv_ref`, and
 `silu_mul_ref` then a linear layer.
 
+Tiles (rows of W per program, K per iteration, warps) are picked per shape by timing the
+candidates on the device (`TileTuner`): o_proj's 4,096 rows want small row blocks to keep
+enough loads in flight, gate-up's 28,672 do not. Explicit tiles skip the tuner (tests).
+
 The engine uses it only with `fused_decode_gemv` (off: not yet measured on a GPU);
 `kernels/norm_gemv_bench.py` times it against RMSNorm + cuBLAS on the GPU check, and
 `benchmarks/gpu_bench.py` runs batch-1 decode with and without it.
@@ -25,8 +29,15 @@ import triton.language as tl
 from tokenfleet.kernels.errors import KernelArgumentError
 from tokenfleet.kernels.launch_checks import FLOAT_DTYPES, check_device, check_tensor
 from tokenfleet.kernels.rms_norm import check_rms_norm_args
+from tokenfleet.kernels.tile_tuner import TileTuner
 
-__all__ = ["norm_gemv", "silu_mul_gemv"]
+__all__ = ["GEMV_TILES", "GEMV_TUNER", "norm_gemv", "silu_mul_gemv"]
+
+# (block_n, block_k, num_warps) candidates: from 512 programs of 8 rows (the 4,096-row
+# projections) to 64-row blocks streaming 64 KB an iteration.
+GEMV_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 128, 4),
+              (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 256, 8), (64, 512, 8))
+GEMV_TUNER: TileTuner[tuple[int, int, int]] = TileTuner(GEMV_TILES, default=(32, 256, 4))
 
 
 @triton.jit
@@ -101,27 +112,25 @@ def norm_gemv(
     bias: torch.Tensor | None = None,  # [N]
     residual: torch.Tensor | None = None,  # [num_rows, K]
     *,
-    block_n: int = 32,
-    block_k: int = 256,
-    num_warps: int = 4,
+    tiles: tuple[int, int, int] | None = None,  # (block_n, block_k, num_warps); None: tuned
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (out [num_rows, N], new_residual [num_rows, K])
     """linear(rms_norm(x (+ residual))): the RMSNorm of `rms_norm` in the GEMV's prologue.
 
     For decode-sized row counts (each program reads its weight rows once per input row).
     new_residual is `x` itself without `residual`, else a new tensor x + residual. Without
     `norm_weight` it is a plain GEMV, linear(x) (no residual then), the candidate for the
-    projections that follow no norm. The tile sizes are tuning knobs (powers of two). Raises
-    KernelArgumentError on bad arguments.
+    projections that follow no norm. `tiles` (powers of two) overrides the tuned choice.
+    Raises KernelArgumentError on bad arguments.
     """
     if norm_weight is not None:
         check_rms_norm_args(x, norm_weight, eps, residual, weight_name="norm_weight")
     elif residual is not None:
         raise KernelArgumentError("a residual needs the norm (norm_weight) it feeds")
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    _check_linear("x", x, x.shape[1], weight, bias, block_n, block_k)
+    _check_linear("x", x, x.shape[1], weight, bias, tiles)
     new_residual = x if residual is None else torch.empty_like(x)
-    out = _launch(x, weight, bias, block_n, block_k, num_warps, norm_weight=norm_weight,
-                  eps=eps, residual=residual, new_residual=new_residual)
+    out = _launch(x, weight, bias, tiles, norm_weight=norm_weight, eps=eps, residual=residual,
+                  new_residual=new_residual)
     return out, new_residual
 
 
@@ -130,20 +139,18 @@ def silu_mul_gemv(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     *,
-    block_n: int = 32,
-    block_k: int = 256,
-    num_warps: int = 4,
+    tiles: tuple[int, int, int] | None = None,  # (block_n, block_k, num_warps); None: tuned
 ) -> torch.Tensor:  # [num_rows, N]
     """linear(silu_mul(gate_up)): the MLP's activation in the down projection's prologue."""
     check_tensor("gate_up", gate_up, ndim=2, dtypes=FLOAT_DTYPES)
     if gate_up.shape[1] % 2:
         raise KernelArgumentError(f"gate_up: last dimension must be even, got {gate_up.shape[1]}")
-    _check_linear("gate_up", gate_up, gate_up.shape[1] // 2, weight, bias, block_n, block_k)
-    return _launch(gate_up, weight, bias, block_n, block_k, num_warps, silu_mul=True)
+    _check_linear("gate_up", gate_up, gate_up.shape[1] // 2, weight, bias, tiles)
+    return _launch(gate_up, weight, bias, tiles, silu_mul=True)
 
 
 def _check_linear(x_name: str, x: torch.Tensor, k: int, weight: torch.Tensor,
-                  bias: torch.Tensor | None, block_n: int, block_k: int) -> None:
+                  bias: torch.Tensor | None, tiles: tuple[int, int, int] | None) -> None:
     """The product's own arguments: weight [N, k] in x's dtype, bias [N], one device, tiles."""
     check_tensor("weight", weight, ndim=2, dtypes=[x.dtype], shape=(None, k))
     tensors = [(x_name, x), ("weight", weight)]
@@ -151,13 +158,13 @@ def _check_linear(x_name: str, x: torch.Tensor, k: int, weight: torch.Tensor,
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(weight.shape[0],))
         tensors.append(("bias", bias))
     check_device(tensors)
-    for name, size in (("block_n", block_n), ("block_k", block_k)):
+    for name, size in zip(("block_n", "block_k", "num_warps"), tiles or (), strict=False):
         if size < 1 or size & (size - 1):
             raise KernelArgumentError(f"{name} must be a power of two, got {size}")
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int,
-            block_k: int, num_warps: int, *, norm_weight: torch.Tensor | None = None,
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            tiles: tuple[int, int, int] | None, *, norm_weight: torch.Tensor | None = None,
             eps: float = 1.0, residual: torch.Tensor | None = None,
             new_residual: torch.Tensor | None = None,
             silu_mul: bool = False) -> torch.Tensor:  # [num_rows, N]
@@ -168,13 +175,22 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bl
     # Absent tensors are passed as x: placeholders the kernel never reads.
     res = x if residual is None else residual
     new_res = x if new_residual is None else new_residual
-    _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
-        out, new_res, x, res, x if norm_weight is None else norm_weight, weight,
-        weight if bias is None else bias, eps, n,
-        out.stride(0), new_res.stride(0), x.stride(0), res.stride(0), weight.stride(0),
-        K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-        APPLY_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        num_warps=num_warps,
-    )
+
+    def run(config: tuple[int, int, int]) -> None:
+        block_n, block_k, num_warps = config
+        _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
+            out, new_res, x, res, x if norm_weight is None else norm_weight, weight,
+            weight if bias is None else bias, eps, n,
+            out.stride(0), new_res.stride(0), x.stride(0), res.stride(0), weight.stride(0),
+            K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+            APPLY_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
+            HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+            num_warps=num_warps,
+        )
+
+    if tiles is None:  # every launch of this shape writes the same outputs: safe to repeat
+        key = (x.device, x.dtype, num_rows, n, k, norm_weight is not None,
+               residual is not None, bias is not None, silu_mul)
+        tiles = GEMV_TUNER.choose(key, x.device, run)
+    run(tiles)
     return out

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfleet.kernels.attention_bench import graph_us_per_call
-from tokenfleet.kernels.norm_gemv import norm_gemv, silu_mul_gemv
+from tokenfleet.kernels.norm_gemv import GEMV_TILES, norm_gemv, silu_mul_gemv
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.selfcheck import rel_err
 from tokenfleet.kernels.silu_mul import silu_mul
@@ -36,9 +36,8 @@ GPU_CASES = (("qkv", 6144, 4096, "norm"), ("gate_up", 28672, 4096, "norm"),
              ("down", 4096, 14336, "silu_mul"), ("o_proj", 4096, 4096, ""),
              ("down", 4096, 14336, ""))
 CPU_CASES = (("tiny", 48, 64, "norm"), ("tiny", 40, 96, "silu_mul"), ("tiny", 40, 96, ""))
-# (block_n, block_k, num_warps)
-GPU_CONFIGS = ((16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 256, 8),
-               (32, 128, 4), (16, 512, 4), (64, 512, 8))
+# (block_n, block_k, num_warps): the tuner's candidates, each timed in a whole graph here
+GPU_CONFIGS = GEMV_TILES
 CPU_CONFIGS = ((16, 32, 4),)
 
 
@@ -74,13 +73,12 @@ def _bench_case(name: str, n: int, k: int, prologue: str,
             return F.linear(rms_norm(x, norm_weight, 1e-5, residual)[0], w)
         return F.linear(silu_mul(x) if prologue == "silu_mul" else x, w)
 
-    def fused(w: torch.Tensor, block_n: int, block_k: int, num_warps: int) -> torch.Tensor:
+    def fused(w: torch.Tensor, tiles: tuple[int, int, int]) -> torch.Tensor:
         if prologue == "silu_mul":
-            return silu_mul_gemv(x, w, block_n=block_n, block_k=block_k, num_warps=num_warps)
+            return silu_mul_gemv(x, w, tiles=tiles)
         norm = prologue == "norm"
         return norm_gemv(x, norm_weight if norm else None, 1e-5, w,
-                         residual=residual if norm else None, block_n=block_n,
-                         block_k=block_k, num_warps=num_warps)[0]
+                         residual=residual if norm else None, tiles=tiles)[0]
 
     expected = baseline(weights[0])
     label = {"norm": "norm+gemv", "silu_mul": "silu_mul+gemv", "": "gemv"}[prologue]
@@ -88,11 +86,10 @@ def _bench_case(name: str, n: int, k: int, prologue: str,
                            "baseline_us": _layers_us(baseline, weights, device)}
     best: tuple[float, tuple[int, int, int]] | None = None
     for config in configs:
-        if rel_err(fused(weights[0], *config), expected) > 2e-2:
+        if rel_err(fused(weights[0], config), expected) > 2e-2:
             row.setdefault("wrong_configs", []).append(config)
             continue
-        us = _layers_us(functools.partial(fused, block_n=config[0], block_k=config[1],
-                                          num_warps=config[2]), weights, device)
+        us = _layers_us(functools.partial(fused, tiles=config), weights, device)
         if best is None or us < best[0]:
             best = (us, config)
     if best is not None:

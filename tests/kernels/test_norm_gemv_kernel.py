@@ -43,7 +43,7 @@ def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, re
                            bias: bool) -> None:
     args = _args(num_rows, k, n, dtype, residual=residual, bias=bias)
     x_before = args["x"].clone()  # type: ignore[union-attr]
-    out, new_res = norm_gemv(**args, eps=1e-5, block_n=16, block_k=32)  # type: ignore[arg-type]
+    out, new_res = norm_gemv(**args, eps=1e-5, tiles=(16, 32, 4))  # type: ignore[arg-type]
     out_ref, res_ref = norm_gemv_ref(**args, eps=1e-5)  # type: ignore[arg-type]
     tol = 1e-5 if dtype == torch.float32 else 1.2e-2
     assert rel_err(out, out_ref) < tol
@@ -58,7 +58,7 @@ def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, re
 def test_without_a_norm_it_is_a_plain_gemv(dtype: torch.dtype) -> None:
     args = _args(2, 160, 72, dtype, seed=7, residual=False, bias=True)
     args["norm_weight"] = None
-    out, new_res = norm_gemv(**args, eps=1e-5, block_n=16, block_k=64)  # type: ignore[arg-type]
+    out, new_res = norm_gemv(**args, eps=1e-5, tiles=(16, 64, 4))  # type: ignore[arg-type]
     expected = (args["x"].float() @ args["weight"].float().T  # type: ignore[union-attr]
                 + args["bias"].float()).to(dtype)  # type: ignore[union-attr]
     assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -73,7 +73,7 @@ def test_equals_rms_norm_then_linear() -> None:
     normed, new_res = rms_norm(args["x"], args["norm_weight"], 1e-5,  # type: ignore[arg-type]
                                args["residual"])
     two = (normed.float() @ args["weight"].float().T).bfloat16()  # type: ignore[union-attr]
-    out, fused_res = norm_gemv(**args, eps=1e-5, block_k=64)  # type: ignore[arg-type]
+    out, fused_res = norm_gemv(**args, eps=1e-5, tiles=(32, 64, 4))  # type: ignore[arg-type]
     assert torch.equal(fused_res, new_res)
     # The norm's sum of squares adds in another order: at most a bf16 ulp on a few inputs.
     assert rel_err(out, two) < 1e-2
@@ -82,7 +82,7 @@ def test_equals_rms_norm_then_linear() -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [({"weight": "transposed"}, "weight"), ({"norm_weight": "short"}, "norm_weight"),
-     ({"block_n": 24}, "block_n"), ({"eps": 0.0}, "eps")],
+     ({"tiles": (24, 32, 4)}, "block_n"), ({"eps": 0.0}, "eps")],
     ids=["weight-shape", "norm-weight-shape", "block-not-power-of-two", "eps"],
 )
 def test_bad_arguments_are_rejected(change: dict[str, object], match: str) -> None:
@@ -108,7 +108,7 @@ def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool) -> None:
     gate_up = (torch.randn(num_rows, 2 * k, generator=gen) * 2).to(dtype=dtype, device=DEVICE)
     weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype=dtype, device=DEVICE)
     b = torch.randn(n, generator=gen).to(dtype=dtype, device=DEVICE) if bias else None
-    out = silu_mul_gemv(gate_up, weight, b, block_n=16, block_k=32)
+    out = silu_mul_gemv(gate_up, weight, b, tiles=(16, 32, 4))
     expected = silu_mul_ref(gate_up).float() @ weight.float().T
     if b is not None:
         expected = expected + b.float()
