@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["bench_engine", "bench_hf", "fused_gemv_graphs", "generate"]
+__all__ = ["bench_engine", "bench_hf", "bench_row_stats", "fused_gemv_graphs", "generate"]
 
 
 def generate(engine: Any, prompts: list[list[int]], new_tokens: int, tag: str
@@ -38,6 +38,25 @@ def generate(engine: Any, prompts: list[list[int]], new_tokens: int, tag: str
             outputs[s.request_id].extend(s.tokens)
         steps.append((elapsed, sum(len(s.tokens) for s in step), firsts))
     return outputs, steps
+
+
+def bench_row_stats(device: str, vocab: int, batches: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The sampler's argmax + logsumexp over bf16 logits: the Triton kernel vs the torch ops
+    it replaced (a float32 copy, argmax, logsumexp)."""
+    import torch
+
+    from tokenfleet.engine.sampler import torch_row_stats
+    from tokenfleet.kernels.attention_bench import time_ms
+    from tokenfleet.kernels.row_stats import row_stats
+
+    rows = []
+    for n in batches:
+        logits = (torch.randn(n, vocab, device=device) * 4).bfloat16()
+        torch_ms = time_ms(lambda logits=logits: torch_row_stats(logits.float()), device)
+        ours_ms = time_ms(lambda logits=logits: row_stats(logits), device)
+        rows.append({"case": f"row_stats {n}x{vocab}", "torch_us": torch_ms * 1e3,
+                     "ours_us": ours_ms * 1e3, "torch_over_ours": torch_ms / ours_ms})
+    return rows
 
 
 def bench_hf(hf: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -183,12 +183,14 @@ def _bench_attention(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
     if plan["device"] == "cuda":
         rows = (bench_paged_attention("cuda") + bench_rotary_store_kv("cuda")
-                + norm_gemv_bench.bench_norm_gemv("cuda"))
+                + norm_gemv_bench.bench_norm_gemv("cuda")
+                + gpu_bench.bench_row_stats("cuda", plan["model"]["vocab_size"], (1, 128)))
     else:
         rows = (bench_paged_attention("cpu", heads=(4, 2, 16), cases=CPU_CASES)
                 + bench_rotary_store_kv("cpu", heads=(4, 2, 16), batches=(2,))
                 + norm_gemv_bench.bench_norm_gemv("cpu", norm_gemv_bench.CPU_CASES,
-                                                  norm_gemv_bench.CPU_CONFIGS))
+                                                  norm_gemv_bench.CPU_CONFIGS)
+                + gpu_bench.bench_row_stats("cpu", plan["model"]["vocab_size"], (2,)))
     for row in rows:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     return rows
@@ -314,6 +316,10 @@ def _print_table(report: dict[str, Any]) -> None:
                   f" us at {row.get('best_config')} ({row.get('fused_GB_s', 0):.0f} GB/s; "
                   f"ratio {row.get('baseline_over_fused', float('nan')):.2f}); wrong configs: "
                   f"{row.get('wrong_configs', [])}")
+            continue
+        if "torch_us" in row:
+            print(f"{row['case']}: torch ops {row['torch_us']:.1f} us, ours "
+                  f"{row['ours_us']:.1f} us (ratio {row['torch_over_ours']:.2f})")
             continue
         if "fused_us" in row:
             print(f"{row['case']} per layer (32 in one graph): two kernels "

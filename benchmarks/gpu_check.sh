@@ -42,7 +42,7 @@ if [[ " $* " != *" --dry-run "* ]]; then
     timeout --signal=INT --kill-after=10 "$PYTEST_LIMIT_S" "$PYTHON" -m pytest -q -x \
         -p no:cacheprovider -o addopts="" \
         tests/kernels/test_attention_flash_backend.py tests/kernels/test_silu_mul_kernel.py \
-        tests/kernels/test_rotary_store_kv_kernel.py tests/kernels/test_norm_gemv_kernel.py \
+        tests/kernels/test_rotary_store_kv_kernel.py tests/kernels/test_norm_gemv_kernel.py tests/kernels/test_row_stats_kernel.py \
         tests/kernels/test_attention_backend.py "tests/unit/test_sampler.py::test_cuda_draws_equal_cpu_draws" \
         "${TINY_MODEL_TESTS[@]}" \
         2>&1 | tee "$OUT/pytest_gpu.log" | tail -25

@@ -76,9 +76,7 @@ class ModelRunner:
         single = config.tensor_parallel_size == 1
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        row_stats = self._cpu_row_stats()
-        self.sampler = (Sampler(row_stats, reads_bf16=True) if row_stats is not None
-                        else Sampler(torch_row_stats))
+        self.sampler = self._make_sampler()
         self.num_kv_blocks = self._num_kv_blocks()
         self.backend = make_backend(config.attention_backend, self.device,
                                     self._cpu_decode_kernel())
@@ -129,6 +127,17 @@ class ModelRunner:
                 or config.torch_dtype not in (torch.bfloat16, torch.float32):
             return None
         return cpu_paged_decode.load(config.kernel_dir)
+
+    def _make_sampler(self) -> Sampler:
+        """The sampler's argmax + logsumexp in one read of the logits: the Triton kernel on
+        CUDA (~6 torch kernels otherwise, ~0.3 ms of an H100 step at 128 rows), the C kernel
+        on CPU; torch's ops where neither applies."""
+        if self.device.type == "cuda":
+            from tokenfleet.kernels.row_stats import row_stats  # triton: CUDA installs only
+
+            return Sampler(row_stats, reads_bf16=True)
+        cpu = self._cpu_row_stats()
+        return Sampler(cpu, reads_bf16=True) if cpu is not None else Sampler(torch_row_stats)
 
     def _cpu_row_stats(self) -> CpuRowStats | None:
         """The C kernel for the sampler's argmax + logsumexp; None off CPU, when disabled, or

@@ -36,7 +36,8 @@ _NEG_INF = float("-inf")
 
 # scores [n, vocab] -> (argmax [n] int64, logsumexp [n] float32): the two reductions every
 # step needs. On CPU the engine passes the C kernel (kernels/cpu_row_stats.c): ~5x faster
-# than these two ops at 32 x 49,152 logits (benchmarks/bench_cpu_step_parts.py).
+# than these two ops at 32 x 49,152 logits (benchmarks/bench_cpu_step_parts.py); on CUDA
+# the Triton kernel (kernels/row_stats.py), one read of the logits.
 RowStats = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

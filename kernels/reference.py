@@ -17,6 +17,7 @@ __all__ = [
     "rms_norm_ref",
     "rotary_ref",
     "rotary_store_kv_ref",
+    "row_stats_ref",
     "store_kv_ref",
 ]
 
@@ -157,3 +158,9 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """The Llama MLP's activation: [num_tokens, 2 * I] -> SiLU(first half) * second half."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def row_stats_ref(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (the first maximal index) and its logsumexp in float32."""
+    scores = scores.float()
+    return scores.argmax(dim=-1), scores.logsumexp(dim=-1)

@@ -20,6 +20,7 @@ from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 from tokenfleet.kernels.rotary import rotary
 from tokenfleet.kernels.rotary_store_kv import rotary_store_kv
+from tokenfleet.kernels.row_stats import row_stats
 from tokenfleet.kernels.silu_mul import silu_mul
 
 __all__ = [
@@ -95,6 +96,7 @@ def run_kernel_checks(
         ("rms_norm", lambda: _check_rms_norm(shape, dtype, device, seed, False)),
         ("rms_norm + residual", lambda: _check_rms_norm(shape, dtype, device, seed, True)),
         ("silu_mul", lambda: _check_silu_mul(shape, dtype, device, seed)),
+        ("row_stats (argmax + logsumexp)", lambda: _check_row_stats(shape, dtype, device, seed)),
         ("rotary llama3", lambda: _check_rotary(shape, dtype, device, seed)),
         ("rotary + store_kv", lambda: _check_rotary_store_kv(shape, dtype, device, seed)),
     ]
@@ -160,6 +162,17 @@ def _check_silu_mul(shape: CheckShape, dtype: torch.dtype, device: torch.device 
     width = 2 * (3 * shape.hidden + 3)  # the intermediate size is no multiple of the block
     gate_up = (torch.randn(7, width, generator=gen) * 3).to(dtype).to(device)
     return rel_err(silu_mul(gate_up), reference.silu_mul_ref(gate_up))
+
+
+def _check_row_stats(shape: CheckShape, dtype: torch.dtype, device: torch.device | str,
+                     seed: int) -> float:
+    """The logsumexp's error; NaN (a failure) when any row's argmax differs from torch's."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 32 * shape.hidden + 5  # 131,077 at the 8B shape: many chunks, the last partial
+    scores = (torch.randn(7, vocab, generator=gen) * 4).to(dtype).to(device)
+    argmax, lse = row_stats(scores)
+    want_arg, want_lse = reference.row_stats_ref(scores)
+    return rel_err(lse, want_lse) if torch.equal(argmax, want_arg) else float("nan")
 
 
 def _check_rotary(shape: CheckShape, dtype: torch.dtype, device: torch.device | str,

@@ -10,6 +10,11 @@ import torch
 from tokenfleet.engine import LLM, SamplingParams
 from tokenfleet.engine.layers.attention import Attention
 
+# Interpreted on the CPU (CI); on a GPU the same comparisons run on CUDA, eagerly so that the
+# kernels are called from Python each step (graph replays would bypass the swaps below).
+ON_DEVICE: dict[str, object] = (dict(device="cuda", cuda_graph_max_batch=0)
+                                if torch.cuda.is_available() else {})
+
 
 def test_triton_backend_matches_torch_backend(tiny_llama_dir: Path) -> None:
     g = torch.Generator().manual_seed(3)
@@ -18,7 +23,8 @@ def test_triton_backend_matches_torch_backend(tiny_llama_dir: Path) -> None:
     outputs = {}
     for backend in ("torch", "triton"):
         llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_kv_blocks=64,
-                  attention_backend=backend, max_num_batched_tokens=16)  # chunked prefill
+                  attention_backend=backend, max_num_batched_tokens=16,  # chunked prefill
+                  **ON_DEVICE)
         layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, Attention)]
         used = {m.backend.name for m in layers}
         assert used == {backend}
@@ -43,7 +49,8 @@ def test_fused_norm_and_rotary_kernels_in_the_model(
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 13)]
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, attention_backend="torch")
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, attention_backend="torch",
+                **ON_DEVICE)
     expected = [c.token_ids for c in LLM(str(tiny_llama_dir), **args).generate(prompts, params)]
     llm = LLM(str(tiny_llama_dir), **{**args, "attention_backend": backend})
     fused = [m for m in llm.engine.runner.model.modules()
@@ -81,7 +88,7 @@ def test_norms_fused_into_the_decode_gemvs(tiny_llama_dir: Path,
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (4, 11)]
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    args = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, **ON_DEVICE)
     expected = [LLM(str(tiny_llama_dir), attention_backend="torch", **args)
                 .generate([p], params)[0].token_ids for p in prompts]
     llm = LLM(str(tiny_llama_dir), attention_backend="triton", **args)
