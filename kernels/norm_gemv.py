@@ -23,20 +23,26 @@ The engine uses it only with `fused_decode_gemv` (off: not yet measured on a GPU
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from tokenfleet.kernels.errors import KernelArgumentError
 from tokenfleet.kernels.launch_checks import FLOAT_DTYPES, check_device, check_tensor
-from tokenfleet.kernels.rms_norm import check_rms_norm_args
+from tokenfleet.kernels.rms_norm import check_rms_norm_args, rms_norm
+from tokenfleet.kernels.silu_mul import silu_mul
 from tokenfleet.kernels.tile_tuner import TileTuner
 
-__all__ = ["GEMV_TILES", "GEMV_TUNER", "norm_gemv", "silu_mul_gemv"]
+__all__ = ["GEMV_TILES", "GEMV_TUNER", "UNFUSED", "norm_gemv", "silu_mul_gemv"]
 
-# (block_n, block_k, num_warps) candidates: from 512 programs of 8 rows (the 4,096-row
-# projections) to 64-row blocks streaming 64 KB an iteration.
-GEMV_TILES = ((8, 512, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 128, 4),
-              (32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 256, 8), (64, 512, 8))
+# (block_n, block_k, num_warps) candidates: from 1,024 programs of 4 rows (the 4,096-row
+# projections) to 64-row blocks, and K loads of 8 to 64 KB an iteration. UNFUSED is the
+# two-kernel path (our RMSNorm or SiLU·mul, then cuBLAS): a shape where cuBLAS's GEMV is
+# faster than ours keeps it, so the fused path is never slower than the plain one per shape.
+UNFUSED = (0, 0, 0)
+GEMV_TILES = ((4, 1024, 4), (4, 2048, 4), (8, 512, 4), (8, 1024, 4), (8, 2048, 8),
+              (16, 256, 4), (16, 512, 4), (16, 1024, 8), (16, 2048, 8), (32, 256, 4),
+              (32, 512, 4), (64, 256, 8), (64, 512, 8), UNFUSED)
 GEMV_TUNER: TileTuner[tuple[int, int, int]] = TileTuner(GEMV_TILES, default=(32, 256, 4))
 
 
@@ -112,15 +118,15 @@ def norm_gemv(
     bias: torch.Tensor | None = None,  # [N]
     residual: torch.Tensor | None = None,  # [num_rows, K]
     *,
-    tiles: tuple[int, int, int] | None = None,  # (block_n, block_k, num_warps); None: tuned
+    tiles: tuple[int, int, int] | None = None,  # (block_n, block_k, num_warps), UNFUSED, None
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (out [num_rows, N], new_residual [num_rows, K])
     """linear(rms_norm(x (+ residual))): the RMSNorm of `rms_norm` in the GEMV's prologue.
 
     For decode-sized row counts (each program reads its weight rows once per input row).
     new_residual is `x` itself without `residual`, else a new tensor x + residual. Without
     `norm_weight` it is a plain GEMV, linear(x) (no residual then), the candidate for the
-    projections that follow no norm. `tiles` (powers of two) overrides the tuned choice.
-    Raises KernelArgumentError on bad arguments.
+    projections that follow no norm. `tiles` (powers of two, or UNFUSED: our RMSNorm then
+    cuBLAS) overrides the tuned choice. Raises KernelArgumentError on bad arguments.
     """
     if norm_weight is not None:
         check_rms_norm_args(x, norm_weight, eps, residual, weight_name="norm_weight")
@@ -128,10 +134,7 @@ def norm_gemv(
         raise KernelArgumentError("a residual needs the norm (norm_weight) it feeds")
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     _check_linear("x", x, x.shape[1], weight, bias, tiles)
-    new_residual = x if residual is None else torch.empty_like(x)
-    out = _launch(x, weight, bias, tiles, norm_weight=norm_weight, eps=eps, residual=residual,
-                  new_residual=new_residual)
-    return out, new_residual
+    return _launch(x, weight, bias, tiles, norm_weight=norm_weight, eps=eps, residual=residual)
 
 
 def silu_mul_gemv(
@@ -139,14 +142,14 @@ def silu_mul_gemv(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     *,
-    tiles: tuple[int, int, int] | None = None,  # (block_n, block_k, num_warps); None: tuned
+    tiles: tuple[int, int, int] | None = None,  # (block_n, block_k, num_warps), UNFUSED, None
 ) -> torch.Tensor:  # [num_rows, N]
     """linear(silu_mul(gate_up)): the MLP's activation in the down projection's prologue."""
     check_tensor("gate_up", gate_up, ndim=2, dtypes=FLOAT_DTYPES)
     if gate_up.shape[1] % 2:
         raise KernelArgumentError(f"gate_up: last dimension must be even, got {gate_up.shape[1]}")
     _check_linear("gate_up", gate_up, gate_up.shape[1] // 2, weight, bias, tiles)
-    return _launch(gate_up, weight, bias, tiles, silu_mul=True)
+    return _launch(gate_up, weight, bias, tiles, silu_mul=True)[0]
 
 
 def _check_linear(x_name: str, x: torch.Tensor, k: int, weight: torch.Tensor,
@@ -158,7 +161,8 @@ def _check_linear(x_name: str, x: torch.Tensor, k: int, weight: torch.Tensor,
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, shape=(weight.shape[0],))
         tensors.append(("bias", bias))
     check_device(tensors)
-    for name, size in zip(("block_n", "block_k", "num_warps"), tiles or (), strict=False):
+    for name, size in zip(("block_n", "block_k", "num_warps"),
+                          () if tiles in (None, UNFUSED) else tiles, strict=False):
         if size < 1 or size & (size - 1):
             raise KernelArgumentError(f"{name} must be a power of two, got {size}")
 
@@ -166,18 +170,19 @@ def _check_linear(x_name: str, x: torch.Tensor, k: int, weight: torch.Tensor,
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             tiles: tuple[int, int, int] | None, *, norm_weight: torch.Tensor | None = None,
             eps: float = 1.0, residual: torch.Tensor | None = None,
-            new_residual: torch.Tensor | None = None,
-            silu_mul: bool = False) -> torch.Tensor:  # [num_rows, N]
+            silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # out, new residual
     num_rows, n, k = x.shape[0], weight.shape[0], weight.shape[1]
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0 or n == 0:
-        return out
-    # Absent tensors are passed as x: placeholders the kernel never reads.
-    res = x if residual is None else residual
-    new_res = x if new_residual is None else new_residual
+        new_residual = x if residual is None else x + residual
+        return torch.empty((num_rows, n), dtype=x.dtype, device=x.device), new_residual
 
-    def run(config: tuple[int, int, int]) -> None:
+    def run(config: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if config == UNFUSED:
+            return _two_kernels(x, weight, bias, norm_weight, eps, residual, silu_mul)
         block_n, block_k, num_warps = config
+        out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+        new_res = x if residual is None else torch.empty_like(x)
+        res = x if residual is None else residual  # absent tensors: x, never read
         _norm_gemv_kernel[(triton.cdiv(n, block_n), num_rows)](
             out, new_res, x, res, x if norm_weight is None else norm_weight, weight,
             weight if bias is None else bias, eps, n,
@@ -187,10 +192,22 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
             num_warps=num_warps,
         )
+        return out, new_res
 
-    if tiles is None:  # every launch of this shape writes the same outputs: safe to repeat
+    if tiles is None:  # every run of this shape computes the same outputs: safe to repeat
         key = (x.device, x.dtype, num_rows, n, k, norm_weight is not None,
                residual is not None, bias is not None, silu_mul)
         tiles = GEMV_TUNER.choose(key, x.device, run)
-    run(tiles)
-    return out
+    return run(tiles)
+
+
+def _two_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 norm_weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None,
+                 silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused path: our RMSNorm (+ residual) or SiLU·mul kernel, then cuBLAS."""
+    new_residual = x
+    if norm_weight is not None:
+        x, new_residual = rms_norm(x, norm_weight, eps, residual)
+    elif silu:
+        x = silu_mul(x)
+    return F.linear(x, weight, bias), new_residual

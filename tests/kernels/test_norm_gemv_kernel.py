@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenfleet.kernels.errors import KernelArgumentError
-from tokenfleet.kernels.norm_gemv import norm_gemv, silu_mul_gemv
+from tokenfleet.kernels.norm_gemv import UNFUSED, norm_gemv, silu_mul_gemv
 from tokenfleet.kernels.reference import norm_gemv_ref, silu_mul_ref
 from tokenfleet.kernels.rms_norm import rms_norm
 from tokenfleet.kernels.selfcheck import rel_err
@@ -39,11 +39,13 @@ def _args(num_rows: int, k: int, n: int, dtype: torch.dtype, seed: int = 0,
      (2, 200, 70, True, True)],
     ids=["one-row", "three-rows-bias", "residual-and-bias"],
 )
+@pytest.mark.parametrize("tiles", [(16, 32, 4), UNFUSED], ids=["fused", "unfused"])
 def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, residual: bool,
-                           bias: bool) -> None:
+                           bias: bool, tiles: tuple[int, int, int]) -> None:
+    """Fused, and the tuner's other candidate: our RMSNorm kernel, then a linear layer."""
     args = _args(num_rows, k, n, dtype, residual=residual, bias=bias)
     x_before = args["x"].clone()  # type: ignore[union-attr]
-    out, new_res = norm_gemv(**args, eps=1e-5, tiles=(16, 32, 4))  # type: ignore[arg-type]
+    out, new_res = norm_gemv(**args, eps=1e-5, tiles=tiles)  # type: ignore[arg-type]
     out_ref, res_ref = norm_gemv_ref(**args, eps=1e-5)  # type: ignore[arg-type]
     tol = 1e-5 if dtype == torch.float32 else 1.2e-2
     assert rel_err(out, out_ref) < tol
@@ -55,10 +57,12 @@ def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, re
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_without_a_norm_it_is_a_plain_gemv(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tiles", [(16, 64, 4), UNFUSED], ids=["fused", "unfused"])
+def test_without_a_norm_it_is_a_plain_gemv(dtype: torch.dtype,
+                                           tiles: tuple[int, int, int]) -> None:
     args = _args(2, 160, 72, dtype, seed=7, residual=False, bias=True)
     args["norm_weight"] = None
-    out, new_res = norm_gemv(**args, eps=1e-5, tiles=(16, 64, 4))  # type: ignore[arg-type]
+    out, new_res = norm_gemv(**args, eps=1e-5, tiles=tiles)  # type: ignore[arg-type]
     expected = (args["x"].float() @ args["weight"].float().T  # type: ignore[union-attr]
                 + args["bias"].float()).to(dtype)  # type: ignore[union-attr]
     assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
@@ -100,7 +104,9 @@ def test_bad_arguments_are_rejected(change: dict[str, object], match: str) -> No
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool) -> None:
+@pytest.mark.parametrize("tiles", [(16, 32, 4), UNFUSED], ids=["fused", "unfused"])
+def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool,
+                                   tiles: tuple[int, int, int]) -> None:
     """silu_mul_gemv = linear(silu_mul(gate_up)): against the reference, and against our
     silu_mul kernel followed by a float32 product (the same rounded activations)."""
     gen = torch.Generator().manual_seed(11)
@@ -108,7 +114,7 @@ def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool) -> None:
     gate_up = (torch.randn(num_rows, 2 * k, generator=gen) * 2).to(dtype=dtype, device=DEVICE)
     weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype=dtype, device=DEVICE)
     b = torch.randn(n, generator=gen).to(dtype=dtype, device=DEVICE) if bias else None
-    out = silu_mul_gemv(gate_up, weight, b, tiles=(16, 32, 4))
+    out = silu_mul_gemv(gate_up, weight, b, tiles=tiles)
     expected = silu_mul_ref(gate_up).float() @ weight.float().T
     if b is not None:
         expected = expected + b.float()
