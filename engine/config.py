@@ -138,10 +138,11 @@ class EngineConfig:
     # Queue decode step N+1 on the device before reading step N's tokens back, so that the
     # host's per-token work overlaps the next forward (graph-replayed decode steps only).
     async_decode: bool = True
-    # CUDA, experimental (not yet measured on a GPU; benchmarks/gpu_check.sh A/Bs it): one-row
-    # steps compute each RMSNorm inside the QKV / gate-up GEMV that follows it and SiLU·mul
-    # inside the down GEMV, and o_proj in the same GEMV instead of cuBLAS (kernels/norm_gemv.py):
-    # three launches a layer fewer, and no split-K reduce kernels. Ignored on CPU.
+    # CUDA, experimental: one-row steps compute each RMSNorm inside the QKV / gate-up GEMV
+    # that follows it and SiLU·mul inside the down GEMV (kernels/norm_gemv.py), each shape's
+    # tiles (or cuBLAS, where it is faster) chosen by timing at the graph warm-up. H100,
+    # 2026-11-27: 161.5 vs 159.1 batch-1 decode tok/s, the same replay GPU time within 0.3 %:
+    # off until a run shows more (benchmarks/gpu_check.sh A/Bs it). Ignored on CPU.
     fused_decode_gemv: bool = False
     # Split every layer across this many processes (one device each on CUDA; the CPU's cores
     # shared between them on CPU): heads and the MLP split Megatron-style, two all-reduces
