@@ -127,7 +127,8 @@ def _cmd_worker(args: argparse.Namespace, settings: WorkerSettings) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     try:
-        return asyncio.run(Worker(settings).run(install_signal_handlers=True))
+        return asyncio.run(Worker(settings).run(install_signal_handlers=True,
+                                                freeze_heap=settings.gc_freeze))
     except (RedisConnectionError, ConnectionError) as e:
         print(f"error: cannot reach Redis at {settings.redis_url}: {e}", file=sys.stderr)
         return 2

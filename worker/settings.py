@@ -91,6 +91,11 @@ class WorkerSettings:
     async_decode: bool = _setting(True, "CUDA graphs: queue the next decode step before "
                                   "reading this one's tokens, overlapping host work with the "
                                   "GPU")
+    gc_freeze: bool = _setting(True, "`tokenfleet worker`: once the engine is built and "
+                               "warm, move the heap made so far out of Python's garbage "
+                               "collector (gc.freeze), so that its oldest-generation passes "
+                               "skip the model, tokenizer and graphs instead of pausing "
+                               "every stream for them")
     tensor_parallel_size: int = _setting(1, "split each layer across this many processes "
                                          "(one GPU each on CUDA: cuda:0..N-1 from --device; "
                                          "CPU cores shared on CPU); heads, MLP and vocabulary "

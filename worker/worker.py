@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -73,6 +74,7 @@ class Worker:
         self._rate = (0, time.monotonic())  # (tokens, when) at the last heartbeat
         self._log = structlog.get_logger("tokenfleet.worker").bind(worker_id=self.worker_id)
         self._engine_thread: EngineThread | None = None
+        self._freeze_heap = False  # run(freeze_heap=...)
         self._intake: Intake | None = None
         self._pump: EventPump | None = None
 
@@ -91,8 +93,18 @@ class Worker:
         if self._intake is not None:
             self._intake.wakeup.set()
 
-    async def run(self, *, install_signal_handlers: bool = False) -> int:
-        """Serve until stopped; returns the process exit code (0, or 1 after a failure)."""
+    async def run(self, *, install_signal_handlers: bool = False,
+                  freeze_heap: bool = False) -> int:
+        """Serve until stopped; returns the process exit code (0, or 1 after a failure).
+
+        `freeze_heap` is for a process that is this worker alone (`tokenfleet worker`): once
+        the engine is warm, everything allocated so far leaves the cyclic garbage collector
+        (`gc.freeze`). A full collection otherwise walks the whole start-up heap (~309k
+        objects and 130 ms for SmolLM2 on cpu-2c) and every stream waits for it. In a shared
+        process (tests, an embedding application) the frozen objects would never be collected
+        if they became cyclic garbage later, so it is off by default.
+        """
+        self._freeze_heap = freeze_heap
         if install_signal_handlers:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,9 +193,10 @@ class Worker:
                   asyncio.create_task(heartbeat.run(self._closing), name="beat"),
                   asyncio.create_task(control.run(self._closing), name="control")]
         await control.subscribed.wait()
+        num_frozen = _freeze_heap() if self._freeze_heap else 0
         self.ready.set()
         self._log.info("worker_started", queue=s.queue, model=s.model, engine=s.engine,
-                       engine_load_s=engine_load_s,
+                       engine_load_s=engine_load_s, num_frozen_objects=num_frozen,
                        attention=getattr(engine, "attention_path", None),
                        server=features.name, server_version=".".join(map(str, features.version)))
         try:
@@ -259,6 +272,13 @@ class Worker:
             tokens_per_s=round((num_tokens - tokens) / max(now - when, 1e-6), 2),
             num_finished=self.num_finished, draining=self._stop.is_set(),
             started_ms=self._started_ms, updated_ms=int(time.time() * 1000))
+
+
+def _freeze_heap() -> int:
+    """Collect what start-up left behind, then freeze the rest; returns the frozen count."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _version() -> str:

@@ -98,3 +98,22 @@ async def test_one_client_multiplexes_streams_of_the_same_request(fleet, num_cli
 
 async def _collect(client, request_id: str) -> list[int]:
     return [e.index async for e in client.stream(request_id)]
+
+
+async def test_a_worker_process_freezes_its_start_up_heap(fleet, redis):
+    """`tokenfleet worker` moves its start-up heap out of the cyclic garbage collector once it
+    is ready (gc_freeze, on by default), so an oldest-generation pass no longer walks the
+    model and every stream no longer waits for it; `--gc-freeze 0` leaves the heap as is.
+    Both serve."""
+    fleet.spawn("frozen")
+    fleet.spawn("unfrozen", gc_freeze=False)
+    await fleet.wait_for_workers(redis, ["frozen", "unfrozen"])
+    async with fleet.client() as client:
+        ids = [await client.submit(f"p{i}", max_new_tokens=3) for i in range(8)]
+        finals = [await asyncio.wait_for(client.result(i), 20) for i in ids]
+    assert [f.details.generated_tokens for f in finals] == [3] * 8
+    started = {w: next(line for line in fleet.log_lines(w)
+                       if line.get("event") == "worker_started")
+               for w in ("frozen", "unfrozen")}
+    assert started["frozen"]["num_frozen_objects"] > 10_000
+    assert started["unfrozen"]["num_frozen_objects"] == 0
