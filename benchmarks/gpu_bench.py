@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["bench_engine", "bench_hf", "bench_row_stats", "fused_gemv_graphs", "generate"]
@@ -188,7 +188,6 @@ def _profile_decode(engine: Any, plan: dict[str, Any], num_steps: int = 8) -> No
     """Kernel and host tables of `num_steps` decode steps of the largest batch, once every
     sequence is decoding: where a step's time goes beyond its graph replay."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from tokenfleet.engine import SamplingParams
 
@@ -200,18 +199,9 @@ def _profile_decode(engine: Any, plan: dict[str, Any], num_steps: int = 8) -> No
     decoding: set[str] = set()
     while len(decoding) < batch and engine.has_unfinished():
         decoding.update(s.request_id for s in engine.step() if s.tokens)
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(num_steps):
-                engine.step()
-            torch.cuda.synchronize()
-        print(f"decode batch {batch}, {num_steps} steps:", flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
-                                        max_name_column_width=60), flush=True)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16,
-                                        max_name_column_width=60), flush=True)
-    except Exception as exc:
-        print(f"profiler unavailable: {exc!r}")
+    print(f"decode batch {batch}, {num_steps} steps:", flush=True)
+    _print_profile(lambda: [engine.step() for _ in range(num_steps)],
+                   ("cuda_time_total", "self_cpu_time_total"))
     while engine.has_unfinished():
         engine.step()
 
@@ -219,18 +209,26 @@ def _profile_decode(engine: Any, plan: dict[str, Any], num_steps: int = 8) -> No
 def _profile_prefill(engine: Any, plan: dict[str, Any]) -> None:
     """Kernel table of the prefill steps of the largest batch (the steps before decode)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     batch, vocab = max(plan["bench_batches"]), plan["model"]["vocab_size"]
     prompts = torch.randint(3, vocab, (batch, plan["bench_prompt_len"])).tolist()
+    _print_profile(lambda: generate(engine, prompts, 1, "prof-"),
+                   ("cuda_time_total", "cpu_time_total"))
+
+
+def _print_profile(fn: Callable[[], Any], sort_keys: tuple[str, ...]) -> None:
+    """Run `fn` under the torch profiler (CPU + CUDA); one table per sort key. A diagnostic:
+    a profiler failure is printed, never raised."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            generate(engine, prompts, 1, "prof-")
+            fn()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
-                                        max_name_column_width=60), flush=True)
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=10,
-                                        max_name_column_width=60), flush=True)
+        for key in sort_keys:
+            print(prof.key_averages().table(sort_by=key, row_limit=16,
+                                            max_name_column_width=60), flush=True)
     except Exception as exc:
         print(f"profiler unavailable: {exc!r}")
 
