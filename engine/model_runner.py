@@ -23,15 +23,14 @@ from tokenfleet.engine.layers.cpu_fused import CpuFusedOps
 from tokenfleet.engine.layers.cpu_prepack import needs_freezing
 from tokenfleet.engine.models.registry import CausalLM
 from tokenfleet.engine.prompt_logprobs import prompt_logprobs, prompt_targets
-from tokenfleet.engine.sampler import Sampler, SamplerOutput, torch_row_stats
+from tokenfleet.engine.sampler import Sampler, SamplerOutput
 from tokenfleet.engine.sampling_batch import SamplingBatch
 from tokenfleet.engine.scheduler import ScheduledBatch
 from tokenfleet.engine.sequence import Sequence
 from tokenfleet.engine.step_inputs import StepInputs
 from tokenfleet.engine.tensor_parallel_workers import TensorParallelWorkers
-from tokenfleet.kernels import cpu_paged_decode, cpu_row_stats
+from tokenfleet.kernels import cpu_paged_decode
 from tokenfleet.kernels.cpu_paged_decode import CpuPagedDecode
-from tokenfleet.kernels.cpu_row_stats import CpuRowStats
 
 __all__ = ["LaunchedDecode", "ModelRunner", "RunOutput"]
 
@@ -76,7 +75,7 @@ class ModelRunner:
         single = config.tensor_parallel_size == 1
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.sampler = self._make_sampler()
+        self.sampler = Sampler.for_device(self.device, config)
         self.num_kv_blocks = self._num_kv_blocks()
         self.backend = make_backend(config.attention_backend, self.device,
                                     self._cpu_decode_kernel())
@@ -127,24 +126,6 @@ class ModelRunner:
                 or config.torch_dtype not in (torch.bfloat16, torch.float32):
             return None
         return cpu_paged_decode.load(config.kernel_dir)
-
-    def _make_sampler(self) -> Sampler:
-        """The sampler's argmax + logsumexp in one read of the logits: the Triton kernel on
-        CUDA (~6 torch kernels otherwise, ~0.3 ms of an H100 step at 128 rows), the C kernel
-        on CPU; torch's ops where neither applies."""
-        if self.device.type == "cuda":
-            from tokenfleet.kernels.row_stats import row_stats  # triton: CUDA installs only
-
-            return Sampler(row_stats, reads_bf16=True)
-        cpu = self._cpu_row_stats()
-        return Sampler(cpu, reads_bf16=True) if cpu is not None else Sampler(torch_row_stats)
-
-    def _cpu_row_stats(self) -> CpuRowStats | None:
-        """The C kernel for the sampler's argmax + logsumexp; None off CPU, when disabled, or
-        when it cannot be built here."""
-        if self.device.type != "cpu" or not self.config.cpu_sampler_kernel:
-            return None
-        return cpu_row_stats.load(self.config.kernel_dir)
 
     def _kv_bytes_per_block(self) -> int:
         mc = self.model_config

@@ -390,3 +390,24 @@ def test_cuda_draws_equal_cpu_draws() -> None:
     on_gpu = Sampler()(logits.cuda(), _batch(params, device="cuda"))
     assert torch.equal(on_cpu.token_ids, on_gpu.token_ids.cpu())
     assert torch.allclose(on_cpu.logprobs, on_gpu.logprobs.cpu(), atol=1e-5)
+
+
+def test_each_device_gets_its_one_pass_row_stats() -> None:
+    """CUDA: the Triton kernel; CPU: the C kernel unless switched off (then torch's ops)."""
+    pytest.importorskip("triton")
+    from tokenfleet.engine.config import EngineConfig
+    from tokenfleet.engine.sampler import torch_row_stats
+    from tokenfleet.kernels.cpu_row_stats import CpuRowStats
+    from tokenfleet.kernels.row_stats import row_stats
+
+    config = EngineConfig(model="unused")
+    cuda = Sampler.for_device(torch.device("cuda"), config)
+    assert cuda.row_stats is row_stats and cuda.reads_bf16
+    off = Sampler.for_device(torch.device("cpu"),
+                             EngineConfig(model="unused", cpu_sampler_kernel=False))
+    assert off.row_stats is torch_row_stats and not off.reads_bf16
+    cpu = Sampler.for_device(torch.device("cpu"), config)
+    if isinstance(cpu.row_stats, CpuRowStats):  # built here (a C compiler is present)
+        assert cpu.reads_bf16
+    else:
+        assert cpu.row_stats is torch_row_stats
