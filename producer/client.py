@@ -121,13 +121,15 @@ class Client:
         deadline_ms: int | None = None,
         deadline_s: float | None = None,
         tenant: str | None = None,
+        owner: str | None = None,
         **parameters: Any,
     ) -> Job:
         """Build and validate a Job (raises ValidationError).
 
         `deadline_s` (seconds from now) or `deadline_ms` (epoch ms): a job not started by
         then is dropped, and one still running then is stopped, both with an `error` event
-        of type `deadline_exceeded` (docs/RELIABILITY.md).
+        of type `deadline_exceeded` (docs/RELIABILITY.md). `owner`: the id of an
+        `OwnerLiveness` whose key must stay alive for the job to keep running.
         """
         unknown = sorted(set(parameters) - _PARAMETER_NAMES)
         if unknown:
@@ -147,6 +149,7 @@ class Client:
                 deadline_ms=deadline_ms,
                 tenant=tenant,
                 submitted_ms=now_ms,
+                owner=owner,
             )
         except msgspec.ValidationError as e:
             raise ValidationError(f"Input validation error: {e}", request_id=request_id) from e

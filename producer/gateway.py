@@ -83,6 +83,7 @@ class GatewayConfig:
     timeout_s: float | None = None
     default_max_tokens: int = 1024
     version: str = ""
+    owner_ttl_s: float = 0.0  # > 0: jobs without an Idempotency-Key die with the gateway
 
 
 class Gateway:
@@ -92,6 +93,7 @@ class Gateway:
         self.client = client
         self.config = config
         self.metrics = GatewayMetrics()
+        self.owner_id: str | None = None  # GatewayServer's OwnerLiveness, when it keeps one
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight: set[FleetRequest] = set()
         self._idle = asyncio.Event()
@@ -185,7 +187,9 @@ class Gateway:
             renderer.request_id = prefix + request_id
         jobs = [self.client.build_job(request_id=f"{request_id}-{i}" if i else request_id,
                                       deadline_s=self.config.timeout_s,
-                                      priority=_priority(request), **_copy_args(args, i))
+                                      priority=_priority(request),
+                                      owner=self.owner_id if key is None else None,
+                                      **_copy_args(args, i))
                 for i in range(copies)]
         outcome()["id"] = request_id
         async with contextlib.AsyncExitStack() as stack:

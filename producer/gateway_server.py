@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 from aiohttp import web
 
 from tokenfleet.producer.client import Client
 from tokenfleet.producer.gateway import Gateway, GatewayConfig
+from tokenfleet.producer.owner_liveness import OwnerLiveness
 
 __all__ = ["GatewayServer"]
 
@@ -36,8 +39,19 @@ class GatewayServer:
         # jobs to end with their final event.
         self._runner = web.AppRunner(self.gateway.app(), handler_cancellation=True,
                                      access_log=None, shutdown_timeout=_CLOSE_TIMEOUT_S)
+        # Jobs of clients without an Idempotency-Key are owned by this process: if it dies,
+        # workers see its key expire and cancel them (producer/owner_liveness.py).
+        self._liveness = (OwnerLiveness(client.redis, client.keys, config.owner_ttl_s)
+                          if config.owner_ttl_s > 0 else None)
+        self._liveness_stop = asyncio.Event()
+        self._liveness_task: asyncio.Task[None] | None = None
+        if self._liveness is not None:
+            self.gateway.owner_id = self._liveness.owner_id
 
     async def start(self) -> None:
+        if self._liveness is not None:
+            await self._liveness.beat()  # alive before the first job names it
+            self._liveness_task = asyncio.create_task(self._liveness.run(self._liveness_stop))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -56,4 +70,8 @@ class GatewayServer:
         num_cut = await self.gateway.drain(self.drain_timeout_s)
         await self._runner.cleanup()
         await self.gateway.aclose()
+        if self._liveness is not None and self._liveness_task is not None:
+            self._liveness_stop.set()
+            await self._liveness_task
+            await self._liveness.remove()
         log.info("gateway_stopped", num_cancelled=num_cut)

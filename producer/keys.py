@@ -20,6 +20,9 @@ flag and token channel.
     tf:{r:<id>}:tokens           channel  live events of a request
     tf:control                   channel  cancel commands to all workers
     tf:workers:<worker_id>       string   worker heartbeat JSON (TTL)
+    tf:owners:<owner_id>         string   a gateway's liveness (TTL, refreshed): while it
+                                          exists, the jobs it submitted for its clients
+                                          (Job.owner) have a reader
 """
 
 from __future__ import annotations
@@ -107,6 +110,11 @@ class Keys:
         """A worker's heartbeat key."""
         _check_name("worker_id", worker_id)
         return f"{self.prefix}:workers:{worker_id}"
+
+    def owner(self, owner_id: str) -> str:
+        """A job owner's (a gateway's) liveness key: workers cancel its jobs once it is gone."""
+        _check_name("owner id", owner_id)
+        return f"{self.prefix}:owners:{owner_id}"
 
     def workers_pattern(self) -> str:
         """SCAN pattern matching every worker heartbeat key."""

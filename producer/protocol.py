@@ -125,6 +125,11 @@ class Job(msgspec.Struct, kw_only=True):
     deadline_ms: int | None = None
     tenant: str | None = None
     submitted_ms: int = 0
+    # The producer whose client reads this job's events (a gateway, for a request sent
+    # without an Idempotency-Key): while `Keys.owner(owner)` exists it is alive; once that key
+    # has been gone for a while, workers cancel the job, since nobody can read it any more.
+    # Not must-understand: a worker that ignores it only runs such a job to its end.
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         for name, version in MUST_UNDERSTAND.items():

@@ -59,6 +59,9 @@ def validate_job(job: Job) -> None:
     _check(job.inputs is None or len(job.inputs) > 0, "`inputs` cannot be empty")
     _check(job.messages is None or len(job.messages) > 0, "`messages` cannot be empty")
     _check(job.deadline_ms is None or job.deadline_ms > 0, "`deadline_ms` must be positive")
+    _check(job.owner is None or (0 < len(job.owner) <= MAX_REQUEST_ID_LEN
+                                 and _REQUEST_ID_RE.fullmatch(job.owner) is not None),
+           f"`owner` must be 1-{MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:@/+=-]")
     validate_parameters(job.parameters)
 
 

@@ -5,13 +5,16 @@ worker took over, catch cancels it missed, refresh its registry key.
 A renewal that finds one of our entries pending for another consumer means we were cut off
 longer than the lease (a Redis stall, a long GC pause) and the job was reclaimed: we abort our
 copy instead of racing the new owner. Cancel flags of running jobs are polled too, so a cancel
-published while our control subscription was reconnecting still stops the job.
+published while our control subscription was reconnecting still stops the job. So are the
+liveness keys of the jobs' owners (gateways, `Job.owner`): a job whose owner's key has been
+gone for `owner_grace_s` has no reader left and is cancelled (producer/owner_liveness.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +39,7 @@ class Heartbeat:
                  interval_s: float, connectivity: Connectivity,
                  inflight: Mapping[str, InFlightRequest], info: Callable[[], WorkerInfo],
                  on_stolen: Callable[[InFlightRequest], None],
-                 on_cancel: Callable[[str], None]) -> None:
+                 on_cancel: Callable[[str], None], owner_grace_s: float = 0.0) -> None:
         self._redis = redis
         self._keys = keys
         self._lease = lease
@@ -47,6 +50,8 @@ class Heartbeat:
         self._info = info
         self._on_stolen = on_stolen
         self._on_cancel = on_cancel
+        self._owner_grace_s = owner_grace_s  # 0: owners are not watched
+        self._owner_missing_since: dict[str, float] = {}  # owner -> monotonic s first missed
         self._log = structlog.get_logger("tokenfleet.heartbeat")
 
     async def run(self, closing: asyncio.Event) -> None:
@@ -98,4 +103,28 @@ class Heartbeat:
             for req, flag in zip(running, flags, strict=True):
                 if flag:
                     self._on_cancel(req.request_id)
+        await self._cancel_orphans(running)
         await self._registry.beat(self._info())
+
+    async def _cancel_orphans(self, running: list[InFlightRequest]) -> None:
+        """Cancel the jobs whose owner's liveness key has been missing for `owner_grace_s`
+        (not at the first miss: a Redis restarted without the key gets it back within a
+        third of the TTL, from the owner's next beat)."""
+        owners = sorted({r.job.owner for r in running if r.job.owner is not None})
+        if not owners or self._owner_grace_s <= 0:
+            self._owner_missing_since.clear()
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(self._keys.owner(owner))
+            alive: list[Any] = await pipe.execute()
+        now = time.monotonic()
+        self._owner_missing_since = {
+            owner: self._owner_missing_since.get(owner, now)
+            for owner, found in zip(owners, alive, strict=True) if not found}
+        gone = {owner for owner, since in self._owner_missing_since.items()
+                if now - since >= self._owner_grace_s}
+        for req in running:
+            if req.job.owner in gone and self._inflight.get(req.request_id) is req:
+                self._log.warning("owner_gone", request_id=req.request_id, owner=req.job.owner)
+                self._on_cancel(req.request_id)

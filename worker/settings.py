@@ -100,6 +100,11 @@ class WorkerSettings:
                                          "(one GPU each on CUDA: cuda:0..N-1 from --device; "
                                          "CPU cores shared on CPU); heads, MLP and vocabulary "
                                          "split, two all-reduces a layer")
+    owner_ttl_s: float = _setting(10.0, "a gateway keeps a liveness key with this TTL "
+                                  "(refreshed every third of it); a worker cancels the jobs "
+                                  "it sent without an Idempotency-Key once that key has been "
+                                  "gone this long: the gateway died and nobody reads them; "
+                                  "0 = off")
     lease_ms: int = _setting(30_000, "a job whose worker is silent this long is reclaimed; "
                              "leases are renewed every lease_ms/3")
     max_deliveries: int = _setting(3, "deliveries of one job before it is dead-lettered")
@@ -154,7 +159,7 @@ class WorkerSettings:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise SettingsError(f"{_describe('gpu_memory_utilization')} must be in (0, 1]")
         for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms", "cuda_graph_max_batch",
-                     "lane_max_wait_s"):
+                     "lane_max_wait_s", "owner_ttl_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("metrics_port", "gateway_port"):

@@ -182,7 +182,8 @@ class Worker:
         heartbeat = Heartbeat(redis=redis, keys=self.keys, lease=lease, registry=registry,
                               interval_s=s.heartbeat_s, connectivity=self.connectivity,
                               inflight=self.inflight, info=self._info,
-                              on_stolen=pump.drop, on_cancel=pump.cancel)
+                              on_stolen=pump.drop, on_cancel=pump.cancel,
+                              owner_grace_s=s.owner_ttl_s)
         await intake.ensure_group()
         await registry.publish_limits(s.queue, s.max_queue_len)
         self.metrics.serve(s.metrics_port, s.metrics_host)

@@ -60,3 +60,36 @@ async def test_requests_survive_a_sigkilled_gateway(fleet):
         assert [e["token"]["id"] for e in events] == sim_reference(spec, None)
         assert events[-1]["details"]["finish_reason"] == "length"  # never cancelled
         assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+
+
+async def test_a_sigkilled_gateways_unkeyed_jobs_are_cancelled(fleet):
+    """A request sent without an Idempotency-Key has one reader, through one gateway: when
+    that gateway dies nobody can read the job any more. Workers see the gateway's liveness key
+    expire (owner_ttl_s) and cancel the job instead of generating to max_new_tokens. Keyed
+    jobs of the same gateway keep running (their clients can re-attach elsewhere)."""
+    body = {"inputs": "orphan", "parameters": {"max_new_tokens": 2000}}  # ~40 s at 20 ms
+    async with fleet.gateway("--owner-ttl-s", "1") as (gateway, url), \
+            fleet.worker(sim_step_ms=20.0, max_num_seqs=8, owner_ttl_s=1.0,
+                         lease_ms=600) as worker, \
+            aiohttp.ClientSession() as http, fleet.client() as client:
+        streams = [await http.post(f"{url}/generate_stream", json=body, headers=headers)
+                   for headers in ({}, {"Idempotency-Key": "kept"})]
+        for resp in streams:  # both running, their clients still connected
+            assert resp.status == 200
+            assert await resp.content.readline()
+        running = list(worker.inflight.values())
+        orphan = next(r for r in running if r.job.owner is not None)
+        kept = next(r for r in running if r.job.owner is None)
+        assert orphan.job.owner.startswith("gateway-")
+        gateway.send_signal(signal.SIGKILL)
+        await gateway.wait()
+        killed_at = asyncio.get_running_loop().time()
+        final = await client.result(orphan.request_id, timeout_s=15)
+        took_s = asyncio.get_running_loop().time() - killed_at
+        assert final.details.finish_reason == "cancelled"
+        assert final.details.generated_tokens < 1000
+        assert took_s < 8  # key TTL (1 s) + grace (1 s) + a heartbeat (0.2 s), with slack
+        assert kept.request_id in worker.inflight  # the keyed one is still generating
+        await client.cancel(kept.request_id)
+        for resp in streams:
+            resp.close()
