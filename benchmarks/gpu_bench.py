@@ -193,17 +193,20 @@ def _profile_decode(engine: Any, plan: dict[str, Any], num_steps: int = 8) -> No
 
     batch, vocab = max(plan["bench_batches"]), plan["model"]["vocab_size"]
     params = SamplingParams(max_new_tokens=num_steps + 8, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"profdec-{i}", torch.randint(3, vocab, (plan["bench_prompt_len"],))
-                           .tolist(), params)
-    decoding: set[str] = set()
-    while len(decoding) < batch and engine.has_unfinished():
-        decoding.update(s.request_id for s in engine.step() if s.tokens)
-    print(f"decode batch {batch}, {num_steps} steps:", flush=True)
-    _print_profile(lambda: [engine.step() for _ in range(num_steps)],
-                   ("cuda_time_total", "self_cpu_time_total"))
-    while engine.has_unfinished():
-        engine.step()
+    try:  # a diagnostic: a failure here must not cost the measured numbers
+        for i in range(batch):
+            engine.add_request(f"profdec-{i}", torch.randint(
+                3, vocab, (plan["bench_prompt_len"],)).tolist(), params)
+        decoding: set[str] = set()
+        while len(decoding) < batch and engine.has_unfinished():
+            decoding.update(s.request_id for s in engine.step() if s.tokens)
+        print(f"decode batch {batch}, {num_steps} steps:", flush=True)
+        _print_profile(lambda: [engine.step() for _ in range(num_steps)],
+                       ("cuda_time_total", "self_cpu_time_total"))
+        while engine.has_unfinished():
+            engine.step()
+    except Exception as exc:
+        print(f"decode profile failed: {exc!r}", flush=True)
 
 
 def _profile_prefill(engine: Any, plan: dict[str, Any]) -> None:

@@ -76,6 +76,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.sampler = Sampler.for_device(self.device, config)
+        if self.device.type == "cuda":  # the Triton row stats compile here, not at a request
+            self.sampler.warm_up(model_config.vocab_size, config.torch_dtype, self.device)
         self.num_kv_blocks = self._num_kv_blocks()
         self.backend = make_backend(config.attention_backend, self.device,
                                     self._cpu_decode_kernel())

@@ -84,6 +84,12 @@ class Sampler:
                 return cls(kernel, reads_bf16=True)
         return cls(torch_row_stats)
 
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Run the row stats once per dtype they will see (the logits', and float32 for
+        penalised or sampled rows), so that a JIT kernel compiles before the first request."""
+        for row_dtype in dict.fromkeys((dtype, torch.float32)):
+            self.row_stats(torch.zeros(1, vocab_size, dtype=row_dtype, device=device))
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [num_rows, vocab] in any float dtype (computed in float32)."""
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:

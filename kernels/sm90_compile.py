@@ -53,6 +53,7 @@ def variants() -> list[Variant]:
     from tokenfleet.kernels.rms_norm import _rms_norm_kernel
     from tokenfleet.kernels.rotary import _rotary_kernel
     from tokenfleet.kernels.rotary_store_kv import _rotary_store_kv_kernel
+    from tokenfleet.kernels.row_stats import _BLOCK, _CHUNK, _row_chunk_kernel, _row_merge_kernel
 
     def attention(name: str, dtype: str, group: int, head_dim: int, max_query_len: int,
                   splits: int, window: bool) -> Variant:
@@ -120,6 +121,14 @@ def variants() -> list[Variant]:
         norm_gemv("norm + gemv 64x512", 64, 512, 8),
         norm_gemv("gemv 32x512 (down)", 32, 512, 4, norm=False),
         norm_gemv("silu_mul + gemv 32x512 (down)", 32, 512, 4, norm=False, silu_mul=True),
+        Variant("row stats chunks (Llama 3 vocab, bf16)", _row_chunk_kernel,
+                {"scores_ptr": "*bf16", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                 "part_arg_ptr": "*i32", "part_nan_ptr": "*i32"},
+                dict(NUM_CHUNKS=32, CHUNK=_CHUNK, BLOCK=_BLOCK), num_warps=4),
+        Variant("row stats merge", _row_merge_kernel,
+                {"argmax_ptr": "*i64", "lse_ptr": "*fp32", "part_max_ptr": "*fp32",
+                 "part_sum_ptr": "*fp32", "part_arg_ptr": "*i32", "part_nan_ptr": "*i32"},
+                dict(NUM_CHUNKS=32, CHUNKS_PADDED=32), num_warps=1),
     ]
 
 

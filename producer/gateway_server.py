@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from tokenfleet.producer.client import Client
 from tokenfleet.producer.gateway import Gateway, GatewayConfig
@@ -50,7 +52,9 @@ class GatewayServer:
 
     async def start(self) -> None:
         if self._liveness is not None:
-            await self._liveness.beat()  # alive before the first job names it
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await self._liveness.beat()  # alive before the first job names it
+            # Redis may be down now: /health says so, and the beats retry until it is back.
             self._liveness_task = asyncio.create_task(self._liveness.run(self._liveness_stop))
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -51,7 +51,9 @@ class Heartbeat:
         self._on_stolen = on_stolen
         self._on_cancel = on_cancel
         self._owner_grace_s = owner_grace_s  # 0: owners are not watched
-        self._owner_missing_since: dict[str, float] = {}  # owner -> monotonic s first missed
+        # owner -> (monotonic s of the first miss in a row, misses in a row)
+        self._owner_missing: dict[str, tuple[float, int]] = {}
+        self._owner_ttl_s: dict[str, float] = {}  # the TTL each owner wrote, last seen
         self._log = structlog.get_logger("tokenfleet.heartbeat")
 
     async def run(self, closing: asyncio.Event) -> None:
@@ -65,6 +67,7 @@ class Heartbeat:
             try:
                 await self.beat()
             except (RedisError, OSError) as e:
+                self._owner_missing.clear()  # what we could not see is not a miss
                 await self._connectivity.failed(e, "heartbeat", backoff)
                 continue
             self._connectivity.succeeded(backoff)
@@ -107,23 +110,32 @@ class Heartbeat:
         await self._registry.beat(self._info())
 
     async def _cancel_orphans(self, running: list[InFlightRequest]) -> None:
-        """Cancel the jobs whose owner's liveness key has been missing for `owner_grace_s`
-        (not at the first miss: a Redis restarted without the key gets it back within a
-        third of the TTL, from the owner's next beat)."""
+        """Cancel the jobs whose owner's liveness key was missing at two beats in a row
+        spanning the grace: our `owner_grace_s`, or the owner's own TTL if longer (a Redis
+        restarted without the key gets it back from the owner's next beat)."""
         owners = sorted({r.job.owner for r in running if r.job.owner is not None})
         if not owners or self._owner_grace_s <= 0:
-            self._owner_missing_since.clear()
+            self._owner_missing.clear()
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for owner in owners:
-                pipe.exists(self._keys.owner(owner))
-            alive: list[Any] = await pipe.execute()
+                pipe.get(self._keys.owner(owner))
+            values: list[Any] = await pipe.execute()
         now = time.monotonic()
-        self._owner_missing_since = {
-            owner: self._owner_missing_since.get(owner, now)
-            for owner, found in zip(owners, alive, strict=True) if not found}
-        gone = {owner for owner, since in self._owner_missing_since.items()
-                if now - since >= self._owner_grace_s}
+        missing: dict[str, tuple[float, int]] = {}
+        for owner, value in zip(owners, values, strict=True):
+            if value is not None:
+                with contextlib.suppress(ValueError):
+                    self._owner_ttl_s[owner] = int(value) / 1000
+                continue
+            since, misses = self._owner_missing.get(owner, (now, 0))
+            missing[owner] = (since, misses + 1)
+        self._owner_missing = missing
+        gone = {owner for owner, (since, misses) in missing.items()
+                if misses >= 2 and now - since >= max(self._owner_grace_s,
+                                                      self._owner_ttl_s.get(owner, 0.0))}
+        for owner in set(self._owner_ttl_s) - set(owners):
+            del self._owner_ttl_s[owner]  # no job of it runs here any more
         for req in running:
             if req.job.owner in gone and self._inflight.get(req.request_id) is req:
                 self._log.warning("owner_gone", request_id=req.request_id, owner=req.job.owner)

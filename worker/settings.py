@@ -162,6 +162,12 @@ class WorkerSettings:
                      "lane_max_wait_s", "owner_ttl_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
+        if 0 < self.owner_ttl_s < 1:
+            raise SettingsError(f"{_describe('owner_ttl_s')} must be 0 (off) or at least 1 s, "
+                                f"got {self.owner_ttl_s}")
+        self._check_gateway()
+
+    def _check_gateway(self) -> None:
         for name in ("metrics_port", "gateway_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise SettingsError(f"{_describe(name)} must be a port number")

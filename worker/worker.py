@@ -187,6 +187,9 @@ class Worker:
         await intake.ensure_group()
         await registry.publish_limits(s.queue, s.max_queue_len)
         self.metrics.serve(s.metrics_port, s.metrics_host)
+        # Before the first job: a full collection now stalls nobody, and what jobs allocate
+        # later stays collectable.
+        num_frozen = _freeze_heap() if self._freeze_heap else 0
         engine_thread.start()
         pulling = [asyncio.create_task(intake.run(self._stop), name="intake"),
                    asyncio.create_task(reclaimer.run(self._stop), name="reclaim")]
@@ -194,7 +197,6 @@ class Worker:
                   asyncio.create_task(heartbeat.run(self._closing), name="beat"),
                   asyncio.create_task(control.run(self._closing), name="control")]
         await control.subscribed.wait()
-        num_frozen = _freeze_heap() if self._freeze_heap else 0
         self.ready.set()
         self._log.info("worker_started", queue=s.queue, model=s.model, engine=s.engine,
                        engine_load_s=engine_load_s, num_frozen_objects=num_frozen,

@@ -67,3 +67,17 @@ def test_bad_arguments_are_rejected() -> None:
         row_stats(torch.zeros(3, device=DEVICE))
     with pytest.raises(KernelArgumentError, match="dtype"):
         row_stats(torch.zeros(2, 3, dtype=torch.int32, device=DEVICE))
+
+
+def test_nan_shows_as_torch_shows_it() -> None:
+    """A NaN logit (a numerics bug upstream) is not sampled around: the first NaN's index and a
+    NaN logsumexp, as torch.argmax / logsumexp give; other rows are unaffected."""
+    scores = _rows(3, 9001, torch.float32, seed=5)
+    scores[0, [100, 7000]] = float("nan")
+    scores[0, 200] = 50.0
+    scores[1] = float("nan")
+    argmax, lse = row_stats(scores)
+    want_arg, want_lse = row_stats_ref(scores)
+    assert argmax.tolist() == want_arg.tolist() == [100, 0, want_arg[2].item()]
+    assert torch.isnan(lse[:2]).all() and torch.isnan(want_lse[:2]).all()
+    torch.testing.assert_close(lse[2], want_lse[2], rtol=2e-6, atol=2e-5)

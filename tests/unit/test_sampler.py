@@ -411,3 +411,17 @@ def test_each_device_gets_its_one_pass_row_stats() -> None:
         assert cpu.reads_bf16
     else:
         assert cpu.row_stats is torch_row_stats
+
+
+def test_warm_up_runs_the_row_stats_for_each_dtype_it_will_see() -> None:
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def row_stats(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append((scores.dtype, tuple(scores.shape)))
+        return scores.argmax(-1), scores.float().logsumexp(-1)
+
+    Sampler(row_stats).warm_up(50, torch.bfloat16, torch.device("cpu"))
+    assert seen == [(torch.bfloat16, (1, 50)), (torch.float32, (1, 50))]
+    seen.clear()
+    Sampler(row_stats).warm_up(50, torch.float32, torch.device("cpu"))
+    assert seen == [(torch.float32, (1, 50))]

@@ -54,6 +54,7 @@ def test_command_line_beats_environment_beats_default():
     ({"TOKENFLEET_GATEWAY_PORT": "-1"}, "port"),
     ({"TOKENFLEET_GATEWAY_API_KEY": "  "}, "TOKENFLEET_GATEWAY_API_KEY.*empty"),
     ({"TOKENFLEET_GATEWAY_TIMEOUT_S": "0"}, "TOKENFLEET_GATEWAY_TIMEOUT_S"),
+    ({"TOKENFLEET_OWNER_TTL_S": "0.2"}, "TOKENFLEET_OWNER_TTL_S.*at least 1 s"),
 ])
 def test_bad_values_name_the_setting(env, message):
     with pytest.raises(SettingsError, match=message):
