@@ -212,4 +212,5 @@ def _two_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         x, new_residual = rms_norm(x, norm_weight, eps, residual)
     elif silu:
         x = silu_mul(x)
-    return F.linear(x, weight, bias), new_residual
+    # The fused kernel accepts a bias of another float dtype; F.linear wants x's.
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype)), new_residual

@@ -29,7 +29,26 @@ from tokenfleet.worker.inflight import InFlightRequest
 from tokenfleet.worker.lease import Lease
 from tokenfleet.worker.registry import Registry
 
-__all__ = ["Heartbeat"]
+__all__ = ["GoneOwners", "Heartbeat"]
+
+_GONE_OWNER_MEMORY_S = 600.0  # owner ids are random per gateway process: never reused
+
+
+class GoneOwners:
+    """Owners (gateways) found dead, remembered for a while so that the intake cancels their
+    queued jobs at once instead of starting each and waiting out the grace again."""
+
+    def __init__(self, memory_s: float = _GONE_OWNER_MEMORY_S) -> None:
+        self._until: dict[str, float] = {}
+        self._memory_s = memory_s
+
+    def add(self, owner: str) -> None:
+        now = time.monotonic()
+        self._until = {o: t for o, t in self._until.items() if t > now}
+        self._until[owner] = now + self._memory_s
+
+    def __contains__(self, owner: object) -> bool:
+        return isinstance(owner, str) and self._until.get(owner, 0.0) > time.monotonic()
 
 
 class Heartbeat:
@@ -39,7 +58,8 @@ class Heartbeat:
                  interval_s: float, connectivity: Connectivity,
                  inflight: Mapping[str, InFlightRequest], info: Callable[[], WorkerInfo],
                  on_stolen: Callable[[InFlightRequest], None],
-                 on_cancel: Callable[[str], None], owner_grace_s: float = 0.0) -> None:
+                 on_cancel: Callable[[str], None], owner_grace_s: float = 0.0,
+                 gone_owners: GoneOwners | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._lease = lease
@@ -54,6 +74,7 @@ class Heartbeat:
         # owner -> (monotonic s of the first miss in a row, misses in a row)
         self._owner_missing: dict[str, tuple[float, int]] = {}
         self._owner_ttl_s: dict[str, float] = {}  # the TTL each owner wrote, last seen
+        self.gone_owners = gone_owners if gone_owners is not None else GoneOwners()
         self._log = structlog.get_logger("tokenfleet.heartbeat")
 
     async def run(self, closing: asyncio.Event) -> None:
@@ -136,6 +157,8 @@ class Heartbeat:
                                                       self._owner_ttl_s.get(owner, 0.0))}
         for owner in set(self._owner_ttl_s) - set(owners):
             del self._owner_ttl_s[owner]  # no job of it runs here any more
+        for owner in gone:
+            self.gone_owners.add(owner)
         for req in running:
             if req.job.owner in gone and self._inflight.get(req.request_id) is req:
                 self._log.warning("owner_gone", request_id=req.request_id, owner=req.job.owner)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -59,7 +59,8 @@ class Intake:
                  publisher: Publisher, metrics: WorkerMetrics, read_block_ms: int,
                  max_deliveries: int, seed_ttl_s: int = 86_400, lane_max_wait_ms: int = 0,
                  connectivity: Connectivity | None = None,
-                 hooks: TestHooks | None = None) -> None:
+                 hooks: TestHooks | None = None,
+                 gone_owners: Container[str] = frozenset()) -> None:
         self._redis = redis
         self._keys = keys
         self._queue = queue
@@ -77,6 +78,7 @@ class Intake:
         self._seed_ttl_s = seed_ttl_s
         self._connectivity = connectivity if connectivity is not None else Connectivity()
         self._hooks = hooks if hooks is not None else TestHooks(enabled=False)
+        self._gone_owners = gone_owners  # gateways found dead: their jobs have no reader
         self._log = structlog.get_logger("tokenfleet.intake").bind(worker_id=consumer)
         self.wakeup = asyncio.Event()  # set whenever engine capacity may have grown
 
@@ -227,7 +229,7 @@ class Intake:
         if new_seed is not None:
             params.seed = state.seed  # the first run's seed: a resumed run draws the same
         req.resume(state.replay.tokens, state.replay.first_token_ms)
-        if state.cancelled:
+        if state.cancelled or req.job.owner in self._gone_owners:
             await self._finish_cancelled(req)
             return
         if req.num_delivered == 1:

@@ -35,7 +35,7 @@ from tokenfleet.worker.engine_factory import build_engine, served_model_names
 from tokenfleet.worker.engine_protocol import EngineLike
 from tokenfleet.worker.engine_thread import EngineThread
 from tokenfleet.worker.event_pump import EventPump
-from tokenfleet.worker.heartbeat import Heartbeat
+from tokenfleet.worker.heartbeat import GoneOwners, Heartbeat
 from tokenfleet.worker.inflight import InFlightRequest
 from tokenfleet.worker.intake import Intake
 from tokenfleet.worker.lease import Lease
@@ -160,6 +160,7 @@ class Worker:
         publisher = Publisher(redis, self.keys, s.queue, worker_id=self.worker_id,
                               result_ttl_s=s.result_ttl_s, events_ttl_s=s.events_ttl_s,
                               events_maxlen=s.events_maxlen, connectivity=self.connectivity)
+        gone_owners = GoneOwners()  # found by the heartbeat, consulted by the intake
         self._intake = intake = Intake(
             redis=redis, keys=self.keys, queue=s.queue, consumer=self.worker_id,
             engine_thread=engine_thread, tokenizer=engine.tokenizer,
@@ -167,7 +168,8 @@ class Worker:
             publisher=publisher, metrics=self.metrics, read_block_ms=s.read_block_ms,
             lane_max_wait_ms=round(s.lane_max_wait_s * 1000),
             max_deliveries=s.max_deliveries, seed_ttl_s=max(s.events_ttl_s, s.result_ttl_s),
-            connectivity=self.connectivity, hooks=TestHooks(s.test_hooks))
+            connectivity=self.connectivity, hooks=TestHooks(s.test_hooks),
+            gone_owners=gone_owners)
         registry = Registry(redis, self.keys, self.worker_id, ttl_s=s.lease_ms / 1000)
         lease = Lease(redis, self.keys, s.queue, self.worker_id, lease_ms=s.lease_ms)
         self._pump = pump = EventPump(
@@ -183,7 +185,7 @@ class Worker:
                               interval_s=s.heartbeat_s, connectivity=self.connectivity,
                               inflight=self.inflight, info=self._info,
                               on_stolen=pump.drop, on_cancel=pump.cancel,
-                              owner_grace_s=s.owner_ttl_s)
+                              owner_grace_s=s.owner_ttl_s, gone_owners=gone_owners)
         await intake.ensure_group()
         await registry.publish_limits(s.queue, s.max_queue_len)
         self.metrics.serve(s.metrics_port, s.metrics_host)

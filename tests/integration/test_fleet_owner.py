@@ -1,5 +1,6 @@
 """Jobs owned by a producer (Job.owner, a gateway) live as long as its liveness key: a worker
-cancels them once the key has been gone for owner_ttl_s, not at the first miss."""
+cancels them once the key has been gone for owner_ttl_s, not at the first miss, and cancels
+that owner's later jobs at intake."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ async def test_an_owned_job_survives_a_short_gap_and_is_cancelled_after_the_grac
         final = await client.result(owned, timeout_s=10)
         assert final.details.finish_reason == "cancelled"
         assert free in worker.inflight
+        # A later job of the dead owner is cancelled at intake: nothing is generated for it.
+        late = await client.submit("late", max_new_tokens=2000, owner=owner)
+        final = await client.result(late, timeout_s=2)
+        assert final.details.finish_reason == "cancelled"
+        assert final.details.generated_tokens == 0
         await client.cancel(free)
 
 
