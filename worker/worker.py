@@ -100,9 +100,10 @@ class Worker:
         `freeze_heap` is for a process that is this worker alone (`tokenfleet worker`): once
         the engine is warm, everything allocated so far leaves the cyclic garbage collector
         (`gc.freeze`). A full collection otherwise walks the whole start-up heap (~309k
-        objects and 130 ms for SmolLM2 on cpu-2c) and every stream waits for it. In a shared
-        process (tests, an embedding application) the frozen objects would never be collected
-        if they became cyclic garbage later, so it is off by default.
+        objects and ~140 ms for SmolLM2 on cpu-2c, benchmarks/bench_gc_pause.py) and every
+        stream waits for it. In a shared process (tests, an embedding application) the frozen
+        objects would never be collected if they became cyclic garbage later, so it is off by
+        default.
         """
         self._freeze_heap = freeze_heap
         if install_signal_handlers:
