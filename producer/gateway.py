@@ -84,6 +84,7 @@ class GatewayConfig:
     default_max_tokens: int = 1024
     version: str = ""
     owner_ttl_s: float = 0.0  # > 0: jobs without an Idempotency-Key die with the gateway
+    max_best_of: int = MAX_BEST_OF  # answers (jobs) one request may ask for: best_of, n
 
 
 class Gateway:
@@ -140,18 +141,20 @@ class Gateway:
         body = decode_generate_request(await request.read())
         renderer = TgiRenderer(details=bool(body.parameters.get("details")), as_list=True)
         return await self._run(request, job_arguments(body), renderer, stream=body.stream,
-                               copies=best_of(body, stream=body.stream))
+                               copies=best_of(body, stream=body.stream,
+                                              max_best_of=self.config.max_best_of))
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = decode_generate_request(await request.read())
         renderer = TgiRenderer(details=bool(body.parameters.get("details")))
         return await self._run(request, job_arguments(body), renderer, stream=False,
-                               copies=best_of(body, stream=False))
+                               copies=best_of(body, stream=False,
+                                              max_best_of=self.config.max_best_of))
 
     async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
         body = decode_generate_request(await request.read())
         renderer = TgiRenderer(details=bool(body.parameters.get("details")))
-        best_of(body, stream=True)  # > 1 is refused, as by TGI
+        best_of(body, stream=True, max_best_of=self.config.max_best_of)  # > 1: refused
         return await self._run(request, job_arguments(body), renderer, stream=True)
 
     # -- OpenAI ---------------------------------------------------------------------------
@@ -163,7 +166,7 @@ class Gateway:
                                 include_usage=openai_api.include_usage(body),
                                 logprobs=body.logprobs, tools=tools)
         return await self._run(request, args, renderer, stream=body.stream,
-                               copies=openai_api.num_choices(body))
+                               copies=openai_api.num_choices(body, self.config.max_best_of))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = openai_api.decode(await request.read(), openai_api.CompletionRequest)
@@ -173,7 +176,7 @@ class Gateway:
                                       logprobs=bool(body.logprobs),
                                       echo_prompt=args["inputs"] if body.echo else "")
         return await self._run(request, args, renderer, stream=body.stream,
-                               copies=openai_api.num_choices(body))
+                               copies=openai_api.num_choices(body, self.config.max_best_of))
 
     # -- one request through the fleet ------------------------------------------------------
     async def _run(self, request: web.Request, args: dict[str, Any], renderer: Renderer, *,
@@ -242,7 +245,7 @@ class Gateway:
         return json_response({"model_id": models[0] if len(models) == 1 else ",".join(models),
                       "router": "tokenfleet-gateway", "version": self.config.version,
                       "queue": self.config.queue, "num_workers": len(workers),
-                      "max_best_of": MAX_BEST_OF, "max_stop_sequences": 16,
+                      "max_best_of": self.config.max_best_of, "max_stop_sequences": 16,
                       "max_concurrent_requests": sum(w.max_num_seqs for w in workers)})
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -259,7 +262,8 @@ class Gateway:
         request_id = validate_request_id(request.match_info["request_id"])
         # A best_of / n request runs as copies <id>, <id>-1, ...: stop them all (a cancel
         # for a copy that does not exist only leaves a short-lived key).
-        copies = [request_id, *(f"{request_id}-{i}" for i in range(1, MAX_COPIES))]
+        most = max(MAX_COPIES, self.config.max_best_of)  # also copies made under a higher limit
+        copies = [request_id, *(f"{request_id}-{i}" for i in range(1, most))]
         await asyncio.gather(*(self.client.cancel(rid) for rid in copies))
         return json_response({"id": request_id, "status": "cancelling"}, status=202)
 

@@ -164,15 +164,15 @@ def completion_logprobs(events: list[TokenEvent | FinalEvent], text_offset: int 
     return out
 
 
-MAX_N = 8  # answers per request: each is a job of its own in the fleet
+MAX_N = 8  # the default limit on answers per request: each is a job of its own in the fleet
 
 
-def num_choices(req: ChatRequest | CompletionRequest) -> int:
+def num_choices(req: ChatRequest | CompletionRequest, max_n: int = MAX_N) -> int:
     """OpenAI's `n`: that many answers, each its own job (a seeded request's copies use
     seed, seed + 1, ...); streamed, their chunks interleave, each with its choice index."""
     n = 1 if req.n is None else req.n
-    if not 1 <= n <= MAX_N:
-        raise ValidationError(f"Input validation error: `n` must be >= 1 and <= {MAX_N}")
+    if not 1 <= n <= max_n:
+        raise ValidationError(f"Input validation error: `n` must be >= 1 and <= {max_n}")
     return n
 
 

@@ -35,7 +35,7 @@ __all__ = [
 # validation error instead of being ignored: silently returning one sequence for best_of=4
 # would be a wrong answer.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {"watermark": (None, False), "adapter_id": (None, "")}
-MAX_BEST_OF = 8  # TGI's --max-best-of defaults to 2; each copy takes a slot of the fleet
+MAX_BEST_OF = 8  # the default limit (TGI's --max-best-of: 2); each copy takes a fleet slot
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
@@ -57,15 +57,16 @@ def decode_generate_request(body: bytes) -> GenerateRequest:
         raise ValidationError(f"Input validation error: invalid request body: {e}") from e
 
 
-def best_of(request: GenerateRequest, *, stream: bool) -> int:
-    """How many sampled answers to choose the best of (TGI's rules and messages)."""
+def best_of(request: GenerateRequest, *, stream: bool, max_best_of: int = MAX_BEST_OF) -> int:
+    """How many sampled answers to choose the best of (TGI's rules and messages; the limit is
+    the gateway's `gateway_max_best_of`, TGI's --max-best-of)."""
     value = request.parameters.get("best_of")
     if value is None or (value == 1 and not isinstance(value, bool)):
         return 1
     p = request.parameters
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BEST_OF:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= max_best_of:
         raise ValidationError(f"Input validation error: `best_of` must be > 0 and <= "
-                              f"{MAX_BEST_OF}. Given: {value!r}")
+                              f"{max_best_of}. Given: {value!r}")
     sampling = (p.get("do_sample") or p.get("temperature") not in (None, 1.0)
                 or p.get("top_k") is not None or p.get("top_p") not in (None, 1.0)
                 or p.get("typical_p") not in (None, 1.0) or p.get("min_p") is not None)

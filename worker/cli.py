@@ -41,7 +41,7 @@ _ENGINE_OPTIONS = ("engine", "model", "cache_dir", "device", "dtype", "max_num_s
 _CLIENT_OPTIONS = ("redis_url", "cache_dir", "queue", "key_prefix")
 _GATEWAY_OPTIONS = (*_CLIENT_OPTIONS, "gateway_host", "gateway_port", "gateway_api_key",
                     "gateway_timeout_s", "gateway_default_max_tokens", "drain_timeout_s",
-                    "owner_ttl_s",
+                    "owner_ttl_s", "gateway_max_best_of",
                     "log_format", "log_level")
 _SECRET_SETTINGS = frozenset({"gateway_api_key"})
 _DEMO_PROMPT = "What is the capital of France?"

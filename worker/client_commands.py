@@ -156,7 +156,8 @@ async def serve_gateway(settings: WorkerSettings) -> int:
     config = GatewayConfig(queue=settings.queue, api_key=settings.gateway_api_key,
                            timeout_s=settings.gateway_timeout_s,
                            default_max_tokens=settings.gateway_default_max_tokens,
-                           version=version("tokenfleet"), owner_ttl_s=settings.owner_ttl_s)
+                           version=version("tokenfleet"), owner_ttl_s=settings.owner_ttl_s,
+                           max_best_of=settings.gateway_max_best_of)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -100,6 +100,10 @@ class WorkerSettings:
                                          "(one GPU each on CUDA: cuda:0..N-1 from --device; "
                                          "CPU cores shared on CPU); heads, MLP and vocabulary "
                                          "split, two all-reduces a layer")
+    gateway_max_best_of: int = _setting(8, "gateway: most answers one request may ask for "
+                                        "(TGI best_of, OpenAI n; each is a job of its own in "
+                                        "the fleet, so this bounds one request's share); "
+                                        "TGI's --max-best-of, whose default is 2; at most 64")
     owner_ttl_s: float = _setting(10.0, "a gateway keeps a liveness key with this TTL "
                                   "(refreshed every third of it); a worker cancels the jobs "
                                   "it sent without an Idempotency-Key once that key has been "
@@ -152,7 +156,8 @@ class WorkerSettings:
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "lease_ms",
                     "max_deliveries", "result_ttl_s", "events_ttl_s", "events_maxlen",
                     "read_block_ms", "sim_vocab_size", "sim_max_model_len",
-                    "tensor_parallel_size", "gateway_default_max_tokens")
+                    "tensor_parallel_size", "gateway_default_max_tokens",
+                    "gateway_max_best_of")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_describe(name)} must be > 0, got {getattr(self, name)}")
@@ -176,6 +181,8 @@ class WorkerSettings:
                                 "without a key")
         if self.gateway_timeout_s is not None and self.gateway_timeout_s <= 0:
             raise SettingsError(f"{_describe('gateway_timeout_s')} must be > 0")
+        if self.gateway_max_best_of > 64:
+            raise SettingsError(f"{_describe('gateway_max_best_of')} must be <= 64")
 
     # -- derived --------------------------------------------------------------------------
     @property

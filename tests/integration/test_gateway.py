@@ -582,3 +582,28 @@ async def test_tgi_routes_take_logit_bias(served):
             "inputs": "x", "parameters": {"max_new_tokens": 3, "logit_bias": {"5": -100}}}
     ) as resp:
         assert resp.status == 200, await resp.text()
+
+
+async def test_the_best_of_and_n_limit_is_a_setting(fleet):
+    """gateway_max_best_of (TGI's --max-best-of) bounds both TGI's best_of and OpenAI's n,
+    and /info reports it."""
+    async with fleet.worker(sim_step_ms=5.0), fleet.client() as client, \
+            running_gateway(client, max_best_of=2) as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/info") as resp:
+            assert (await resp.json())["max_best_of"] == 2
+        tgi = {"inputs": "x", "parameters": {"do_sample": True, "max_new_tokens": 2}}
+        async with http.post(f"{url}/generate", json={
+                **tgi, "parameters": {**tgi["parameters"], "best_of": 3}}) as resp:
+            assert resp.status == 422
+            assert "`best_of` must be > 0 and <= 2" in (await resp.json())["error"]
+        async with http.post(f"{url}/generate", json={
+                **tgi, "parameters": {**tgi["parameters"], "best_of": 2}}) as resp:
+            assert resp.status == 200
+        chat = {"model": "sim", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2}
+        async with http.post(f"{url}/v1/chat/completions", json={**chat, "n": 3}) as resp:
+            assert resp.status == 422
+            assert "<= 2" in (await resp.json())["error"]["message"]
+        async with http.post(f"{url}/v1/chat/completions", json={**chat, "n": 2}) as resp:
+            assert resp.status == 200
+            assert len((await resp.json())["choices"]) == 2
