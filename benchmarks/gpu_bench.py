@@ -82,8 +82,9 @@ def bench_hf(hf: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def bench_engine(engine: Any, plan: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each batch size with the defaults (CUDA graphs, asynchronous decode), then without
-    asynchronous decode, then batch 1 fully eager: what each part contributes."""
+    """Each batch size with the defaults (CUDA graphs, asynchronous decode), the largest
+    twice, then without asynchronous decode, then batch 1 fully eager and with the other
+    `fused_decode_gemv` setting: what each part contributes (module docstring)."""
     results = {}
     for batch in plan["bench_batches"]:
         results[str(batch)] = _bench_engine_batch(engine, plan, batch)

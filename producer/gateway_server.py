@@ -74,7 +74,8 @@ class GatewayServer:
         num_cut = await self.gateway.drain(self.drain_timeout_s)
         await self._runner.cleanup()
         await self.gateway.aclose()
-        if self._liveness is not None and self._liveness_task is not None:
+        if self._liveness_task is not None:  # set by start() when there is a liveness key
+            assert self._liveness is not None
             self._liveness_stop.set()
             await self._liveness_task
             await self._liveness.remove()

@@ -35,14 +35,15 @@ MAX_LOGIT_BIAS: Final = 1024  # same as the engine's
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@/+=-]+")
 
 
+def _is_key_name(value: object) -> bool:
+    """Usable inside a Redis key name (request ids, owner ids)."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LEN
+            and _REQUEST_ID_RE.fullmatch(value) is not None)
+
+
 def validate_request_id(request_id: object) -> str:
     """Return the id if it is usable in key names, else raise ValidationError."""
-    ok = (
-        isinstance(request_id, str)
-        and 0 < len(request_id) <= MAX_REQUEST_ID_LEN
-        and _REQUEST_ID_RE.fullmatch(request_id) is not None
-    )
-    if not ok:
+    if not _is_key_name(request_id):
         raise ValidationError(
             f"Input validation error: request id must be 1-{MAX_REQUEST_ID_LEN} characters "
             f"of [A-Za-z0-9._:@/+=-], got {request_id!r}"
@@ -59,8 +60,7 @@ def validate_job(job: Job) -> None:
     _check(job.inputs is None or len(job.inputs) > 0, "`inputs` cannot be empty")
     _check(job.messages is None or len(job.messages) > 0, "`messages` cannot be empty")
     _check(job.deadline_ms is None or job.deadline_ms > 0, "`deadline_ms` must be positive")
-    _check(job.owner is None or (0 < len(job.owner) <= MAX_REQUEST_ID_LEN
-                                 and _REQUEST_ID_RE.fullmatch(job.owner) is not None),
+    _check(job.owner is None or _is_key_name(job.owner),
            f"`owner` must be 1-{MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:@/+=-]")
     validate_parameters(job.parameters)
 
