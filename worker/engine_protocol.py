@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from tokenfleet.engine.outputs import Capacity, StepOutput
 from tokenfleet.engine.sampling_params import SamplingParams
 
-__all__ = ["EngineConfigLike", "EngineLike", "TokenizerLike"]
+__all__ = ["EngineConfigLike", "EngineLike", "GrammarPreparer", "TokenizerLike"]
 
 
 class TokenizerLike(Protocol):
@@ -20,6 +20,13 @@ class TokenizerLike(Protocol):
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str: ...
+
+
+class GrammarPreparer(Protocol):
+    """`LLMEngine.grammars`: compiles a request's grammar ahead of `add_request` (thread-safe),
+    raising ValueError when it does not compile."""
+
+    def prepare(self, grammar: Any) -> None: ...
 
 
 class EngineConfigLike(Protocol):

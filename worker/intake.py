@@ -35,7 +35,7 @@ from tokenfleet.producer.keys import Keys
 from tokenfleet.producer.protocol import PROTOCOL_VERSION, Job, decode_job
 from tokenfleet.producer.validation import validate_job, validate_request_id
 from tokenfleet.worker.connectivity import Connectivity, is_transient
-from tokenfleet.worker.engine_protocol import TokenizerLike
+from tokenfleet.worker.engine_protocol import GrammarPreparer, TokenizerLike
 from tokenfleet.worker.engine_thread import EngineThread
 from tokenfleet.worker.inflight import InFlightRequest
 from tokenfleet.worker.job_state import fetch_job_state
@@ -60,7 +60,8 @@ class Intake:
                  max_deliveries: int, seed_ttl_s: int = 86_400, lane_max_wait_ms: int = 0,
                  connectivity: Connectivity | None = None,
                  hooks: TestHooks | None = None,
-                 gone_owners: Container[str] = frozenset()) -> None:
+                 gone_owners: Container[str] = frozenset(),
+                 grammars: GrammarPreparer | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._queue = queue
@@ -79,6 +80,7 @@ class Intake:
         self._connectivity = connectivity if connectivity is not None else Connectivity()
         self._hooks = hooks if hooks is not None else TestHooks(enabled=False)
         self._gone_owners = gone_owners  # gateways found dead: their jobs have no reader
+        self._grammars = grammars
         self._log = structlog.get_logger("tokenfleet.intake").bind(worker_id=consumer)
         self.wakeup = asyncio.Event()  # set whenever engine capacity may have grown
 
@@ -188,6 +190,12 @@ class Intake:
         except Exception as e:  # a chat template may raise anything on odd messages
             await self._reject(entry, job.id, f"Input validation error: {e}", fields)
             return
+        if params.grammar is not None and self._grammars is not None:
+            try:  # compiled here, in a thread: the engine thread then only copies it
+                await asyncio.to_thread(self._grammars.prepare, params.grammar)
+            except ValueError as e:
+                await self._reject(entry, job.id, str(e), fields)
+                return
         self._hooks.on_start(job)
         req = InFlightRequest(request_id=job.id, entry_id=entry.entry_id, lane=entry.lane,
                               job=job, params=params,

@@ -170,7 +170,7 @@ class Worker:
             lane_max_wait_ms=round(s.lane_max_wait_s * 1000),
             max_deliveries=s.max_deliveries, seed_ttl_s=max(s.events_ttl_s, s.result_ttl_s),
             connectivity=self.connectivity, hooks=TestHooks(s.test_hooks),
-            gone_owners=gone_owners)
+            gone_owners=gone_owners, grammars=getattr(engine, "grammars", None))
         registry = Registry(redis, self.keys, self.worker_id, ttl_s=s.lease_ms / 1000)
         lease = Lease(redis, self.keys, s.queue, self.worker_id, lease_ms=s.lease_ms)
         self._pump = pump = EventPump(

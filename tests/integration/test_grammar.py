@@ -5,6 +5,7 @@ constrained output; bad grammars are refused before anything changes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -265,3 +266,105 @@ def test_the_gpu_unpacking_agrees_with_the_cpu_one(tiny_llama_dir: Path) -> None
     assert 0 < int(allowed[0].sum()) < vocab  # a real mask: some tokens, not all
     first = {engine.tokenizer.decode([int(t)]) for t in allowed[0].nonzero().flatten()[:50]}
     assert all(text and text[0].isupper() for text in first), first
+
+
+def test_a_repeated_grammar_is_compiled_once_and_each_request_gets_its_own_copy(
+        tiny_llama_dir: Path) -> None:
+    """The same schema spelled three ways (object, JSON string with its keys in another order,
+    TGI 3's json_schema) compiles once; the sampled requests sharing it each keep their own
+    parser state, so every answer still fits the schema."""
+    engine = _engine(tiny_llama_dir)
+    reordered = json.dumps(dict(reversed(list(SCHEMA.items()))))
+    spellings = [{"type": "json", "value": SCHEMA}, {"type": "json", "value": reordered},
+                 {"type": "json_schema", "value": {"name": "person", "schema": SCHEMA}}]
+    for i, prompt in enumerate(_prompts(6)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(
+            max_new_tokens=60, temperature=1.0, seed=i, grammar=spellings[i % 3]))
+    finals = _run(engine)
+    assert engine.grammars.num_compiled == 1
+    for out, _ids in finals.values():
+        _fits_schema(out.generated_text)
+    assert len({out.generated_text for out, _ in finals.values()}) > 1  # sampled apart
+
+
+def test_compiled_grammars_are_bounded_least_recently_used_first(
+        tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenfleet.engine import grammar_compiler
+    from tokenfleet.engine.grammar import Grammar
+
+    monkeypatch.setattr(grammar_compiler, "MAX_CACHED_GRAMMARS", 2)
+    grammars = _engine(tiny_llama_dir).grammars
+    a, b, c = (Grammar("regex", p) for p in ("a+", "b+", "c+"))
+    for g in (a, b, a, c):  # c evicts b, the least recently used
+        grammars.matcher(g)
+    assert grammars.num_compiled == 3
+    grammars.matcher(a)
+    assert grammars.num_compiled == 3
+    grammars.matcher(b)
+    assert grammars.num_compiled == 4
+    with pytest.raises(ValidationError, match="regex"):
+        grammars.prepare(Grammar("regex", "[a-"))
+    assert grammars.num_compiled == 4  # a failed compile is not kept
+
+
+def test_concurrent_requests_for_a_new_grammar_wait_for_one_compile(tiny_llama_dir: Path
+                                                                   ) -> None:
+    import threading
+
+    from tokenfleet.engine.grammar import Grammar
+
+    grammars = _engine(tiny_llama_dir).grammars
+    grammar = Grammar("json", SCHEMA)
+    start = threading.Barrier(4)
+
+    def prepare() -> None:
+        start.wait()
+        grammars.prepare(grammar)
+
+    threads = [threading.Thread(target=prepare) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert grammars.num_compiled == 1
+    matcher = grammars.matcher(grammar)
+    assert grammars.num_compiled == 1 and not matcher.is_error()
+
+
+@pytest.mark.slow
+async def test_the_worker_compiles_grammars_off_the_engine_thread(fleet, tiny_llama_dir: Path
+                                                                 ) -> None:
+    """The intake compiles a job's grammar in a thread pool; the engine thread only copies it
+    (a 60-field schema costs ~15 ms to compile: a stall of every stream in the batch). A
+    grammar that does not compile is refused there, and the worker goes on."""
+    import threading
+
+    from tokenfleet.producer.errors import ValidationError as ProducerValidationError
+
+    async with fleet.worker(engine="llm", model=str(tiny_llama_dir), dtype="float32",
+                            device="cpu", num_threads=1, num_kv_blocks=256) as worker, \
+            fleet.client() as client:
+        assert worker._engine_thread is not None
+        grammars = worker._engine_thread.engine.grammars
+        compiled_on: list[str] = []
+        compile_ = grammars._compile
+
+        def recording(grammar: Any) -> Any:
+            compiled_on.append(threading.current_thread().name)
+            return compile_(grammar)
+
+        grammars._compile = recording
+        regex = {"type": "regex", "value": REGEX}
+        first = await client.generate("first", max_new_tokens=30, grammar=regex)
+        more = await asyncio.gather(*(client.generate(f"more {i}", max_new_tokens=30,
+                                                      grammar=regex) for i in range(3)))
+        with pytest.raises(ProducerValidationError, match="regex"):
+            await client.generate("bad", max_new_tokens=5,
+                                  grammar={"type": "regex", "value": "[a-"})
+        after = await client.generate("after", max_new_tokens=3)
+    for result in (first, *more):
+        assert re.fullmatch(REGEX, result.generated_text), result.generated_text
+    assert after.details.generated_tokens == 3
+    assert len(compiled_on) == 2  # the regex once, the bad one once
+    assert "tokenfleet-engine" not in compiled_on
+    assert grammars.num_compiled == 1
