@@ -339,7 +339,9 @@ def _print_table(report: dict[str, Any]) -> None:
               f"({row['ours_GB_s']:.0f} GB/s KV, {row['ours_TFLOP_s']:.1f} TFLOP/s), no-split "
               f"{row['ours_no_split_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms "
               f"(SDPA/ours {row['sdpa_over_ours']:.2f})"
-              + (f"; tiles (block_m, block_n) ms: {row['tiles_ms']}" if "tiles_ms" in row else ""))
+              + (f"; tiles (block_m, block_n) ms: {row['tiles_ms']}" if "tiles_ms" in row else "")
+              + (f"; by split count (graph) ms: {row['splits_ms']}" if "splits_ms" in row
+                 else ""))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@
 SDPA runs on the same values in a contiguous [batch, heads, seq, head_dim] layout, so it
 reads no block table: it is the bar a paged kernel should get close to. Decode cases report
 achieved KV bandwidth (every K and V byte read once), prefill cases TFLOP/s.
+
+On the GPU, decode cases are timed as a decode step runs them: 32 calls captured in one CUDA
+graph (ms per call). Timed eagerly, a few-microsecond kernel measures the Python launcher
+instead (the split path launches two kernels and allocates its partials): the first H100 run
+read 0.129 ms for batch 1 at 8,192 keys. They also sweep the split count, which the engine
+fixes at capture for `max_model_len` (16 at batch 1), at the context the batch-1 benchmark
+runs (~256 keys) and at 8,192.
 `bench_rotary_store_kv` times the fused rotary + KV store against the two kernels it replaces,
 32 layers' worth captured in one CUDA graph as a decode step runs them.
 """
@@ -37,8 +44,10 @@ __all__ = [
 ]
 
 # (name, batch, cached context per sequence, new tokens per sequence)
-GPU_CASES = (("decode b1 ctx8192", 1, 8192, 1), ("decode b128 ctx1024", 128, 1024, 1),
-             ("prefill 4096", 1, 0, 4096), ("prefill 64x128", 64, 0, 128))
+GPU_CASES = (("decode b1 ctx256", 1, 256, 1), ("decode b1 ctx8192", 1, 8192, 1),
+             ("decode b128 ctx1024", 128, 1024, 1), ("prefill 4096", 1, 0, 4096),
+             ("prefill 64x128", 64, 0, 128))
+DECODE_SPLITS = (1, 2, 4, 8, 16)  # flash-decoding split counts swept for the decode cases
 # Prefill tiles tried beside the default (block_m, block_n): the default is not yet tuned
 # for Hopper (0.60 ms vs SDPA's 0.27 ms at 4,096 tokens on the H100, 2026-11-26).
 PREFILL_TILES = ((64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128))
@@ -87,17 +96,27 @@ def bench_paged_attention(
 
         kv_bytes = 2 * batch * seq * num_kv_heads * head_dim * 2
         flops = 4 * batch * num_heads * head_dim * (q_len * ctx + q_len * (q_len + 1) / 2)
-        row: dict[str, Any] = {"case": name, "ours_ms": time_ms(ours, device),
-                               "ours_no_split_ms": time_ms(lambda: ours(1), device),
-                               "sdpa_ms": time_ms(sdpa, device)}
+        on_gpu = torch.device(device).type == "cuda"
+        timer = _graph_ms if q_len == 1 and on_gpu else time_ms
+        row: dict[str, Any] = {"case": name, "ours_ms": timer(ours, device),
+                               "ours_no_split_ms": timer(lambda: ours(1), device),
+                               "sdpa_ms": timer(sdpa, device)}
         row["ours_GB_s"] = kv_bytes / row["ours_ms"] / 1e6
         row["ours_TFLOP_s"] = flops / row["ours_ms"] / 1e9
         row["sdpa_over_ours"] = row["sdpa_ms"] / row["ours_ms"]
-        if q_len > 1 and torch.device(device).type == "cuda":
+        if q_len > 1 and on_gpu:
             row["tiles_ms"] = {str(t): _tiles_ms(functools.partial(ours, tiles=t), device)
                                for t in PREFILL_TILES}
+        if q_len == 1 and on_gpu:
+            row["splits_ms"] = {n: _graph_ms(functools.partial(ours, n), device)
+                                for n in DECODE_SPLITS}
         rows.append(row)
     return rows
+
+
+def _graph_ms(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """ms per call of `fn` replayed 32 times in one CUDA graph (a decode step's layers)."""
+    return graph_us_per_call([fn] * 32, device) / 1e3
 
 
 def _tiles_ms(fn: Callable[[], Any], device: torch.device | str) -> float:
