@@ -36,7 +36,7 @@ GPU_CASES = (("qkv", 6144, 4096, "norm"), ("gate_up", 28672, 4096, "norm"),
              ("down", 4096, 14336, "silu_mul"), ("o_proj", 4096, 4096, ""),
              ("down", 4096, 14336, ""))
 CPU_CASES = (("tiny", 48, 64, "norm"), ("tiny", 40, 96, "silu_mul"), ("tiny", 40, 96, ""))
-# (block_n, block_k, num_warps): the tuner's candidates, each timed in a whole graph here
+# (block_n, block_k, num_warps[, split_k]): the tuner's candidates, each timed in a whole graph here
 GPU_CONFIGS = GEMV_TILES
 CPU_CONFIGS = ((16, 32, 4),)
 
@@ -44,7 +44,7 @@ CPU_CONFIGS = ((16, 32, 4),)
 def bench_norm_gemv(
     device: torch.device | str,
     cases: tuple[tuple[str, int, int, str], ...] = GPU_CASES,
-    configs: tuple[tuple[int, int, int], ...] = GPU_CONFIGS,
+    configs: tuple[tuple[int, ...], ...] = GPU_CONFIGS,
     num_layers: int = 32,
 ) -> list[dict[str, Any]]:
     """One row per case: baseline µs per layer, the best fused config's, their ratio."""
@@ -57,7 +57,7 @@ def bench_norm_gemv(
 
 
 def _bench_case(name: str, n: int, k: int, prologue: str,
-                configs: tuple[tuple[int, int, int], ...], num_layers: int,
+                configs: tuple[tuple[int, ...], ...], num_layers: int,
                 device: torch.device | str, gen: torch.Generator) -> dict[str, Any]:
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device) * scale).bfloat16()
@@ -73,7 +73,7 @@ def _bench_case(name: str, n: int, k: int, prologue: str,
             return F.linear(rms_norm(x, norm_weight, 1e-5, residual)[0], w)
         return F.linear(silu_mul(x) if prologue == "silu_mul" else x, w)
 
-    def fused(w: torch.Tensor, tiles: tuple[int, int, int]) -> torch.Tensor:
+    def fused(w: torch.Tensor, tiles: tuple[int, ...]) -> torch.Tensor:
         if prologue == "silu_mul":
             return silu_mul_gemv(x, w, tiles=tiles)
         norm = prologue == "norm"
@@ -84,7 +84,7 @@ def _bench_case(name: str, n: int, k: int, prologue: str,
     label = {"norm": "norm+gemv", "silu_mul": "silu_mul+gemv", "": "gemv"}[prologue]
     row: dict[str, Any] = {"case": f"{label} {name} {n}x{k}",
                            "baseline_us": _layers_us(baseline, weights, device)}
-    best: tuple[float, tuple[int, int, int]] | None = None
+    best: tuple[float, tuple[int, ...]] | None = None
     for config in configs:
         if rel_err(fused(weights[0], config), expected) > 2e-2:
             row.setdefault("wrong_configs", []).append(config)

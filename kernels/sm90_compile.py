@@ -44,7 +44,7 @@ class Variant:
 def variants() -> list[Variant]:
     """The launch variants used at Llama-3-8B shapes (bf16), plus fp32 and SmolLM2 heads."""
     from tokenfleet.kernels.kv_store import _store_kv_kernel
-    from tokenfleet.kernels.norm_gemv import _norm_gemv_kernel
+    from tokenfleet.kernels.norm_gemv import _norm_gemv_kernel, _sum_parts_kernel
     from tokenfleet.kernels.paged_attention import choose_tiles
     from tokenfleet.kernels.paged_attention_kernels import (
         paged_attention_kernel,
@@ -81,12 +81,13 @@ def variants() -> list[Variant]:
         return Variant(name, _rotary_store_kv_kernel, types, consts, num_warps=4)
 
     def norm_gemv(name: str, block_n: int, block_k: int, num_warps: int,
-                  norm: bool = True, silu_mul: bool = False) -> Variant:
+                  norm: bool = True, silu_mul: bool = False, split_k: int = 1) -> Variant:
         types = {"out_ptr": "*bf16", "new_residual_ptr": "*bf16", "x_ptr": "*bf16",
                  "residual_ptr": "*bf16", "norm_weight_ptr": "*bf16", "weight_ptr": "*bf16",
                  "bias_ptr": "*bf16", "eps": "fp32"}
         consts = dict(K=4096 if norm else 14336, BLOCK_N=block_n, BLOCK_K=block_k,
-                      APPLY_NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False, SILU_MUL=silu_mul)
+                      SPLIT_K=split_k, APPLY_NORM=norm, HAS_RESIDUAL=norm, HAS_BIAS=False,
+                      SILU_MUL=silu_mul)
         return Variant(name, _norm_gemv_kernel, types, consts, num_warps=num_warps)
 
     return [
@@ -121,6 +122,12 @@ def variants() -> list[Variant]:
         norm_gemv("norm + gemv 64x512", 64, 512, 8),
         norm_gemv("gemv 32x512 (down)", 32, 512, 4, norm=False),
         norm_gemv("silu_mul + gemv 32x512 (down)", 32, 512, 4, norm=False, silu_mul=True),
+        norm_gemv("norm + gemv 16x512 split4", 16, 512, 4, split_k=4),
+        norm_gemv("silu_mul + gemv 8x512 split4", 8, 512, 4, norm=False, silu_mul=True,
+                  split_k=4),
+        Variant("gemv split-K sum", _sum_parts_kernel,
+                {"out_ptr": "*bf16", "parts_ptr": "*fp32", "bias_ptr": "*bf16"},
+                dict(SPLIT_K=4, BLOCK=1024, HAS_BIAS=False), num_warps=4),
         Variant("row stats chunks (Llama 3 vocab, bf16)", _row_chunk_kernel,
                 {"scores_ptr": "*bf16", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
                  "part_arg_ptr": "*i32", "part_nan_ptr": "*i32"},

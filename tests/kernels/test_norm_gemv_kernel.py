@@ -39,9 +39,10 @@ def _args(num_rows: int, k: int, n: int, dtype: torch.dtype, seed: int = 0,
      (2, 200, 70, True, True)],
     ids=["one-row", "three-rows-bias", "residual-and-bias"],
 )
-@pytest.mark.parametrize("tiles", [(16, 32, 4), UNFUSED], ids=["fused", "unfused"])
+@pytest.mark.parametrize("tiles", [(16, 32, 4), (16, 32, 4, 2), (8, 32, 4, 4), UNFUSED],
+                         ids=["fused", "split-k-2", "split-k-4", "unfused"])
 def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, residual: bool,
-                           bias: bool, tiles: tuple[int, int, int]) -> None:
+                           bias: bool, tiles: tuple[int, ...]) -> None:
     """Fused, and the tuner's other candidate: our RMSNorm kernel, then a linear layer."""
     args = _args(num_rows, k, n, dtype, residual=residual, bias=bias)
     x_before = args["x"].clone()  # type: ignore[union-attr]
@@ -57,9 +58,10 @@ def test_matches_reference(dtype: torch.dtype, num_rows: int, k: int, n: int, re
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tiles", [(16, 64, 4), UNFUSED], ids=["fused", "unfused"])
+@pytest.mark.parametrize("tiles", [(16, 64, 4), (16, 32, 4, 4), UNFUSED],
+                         ids=["fused", "split-k", "unfused"])
 def test_without_a_norm_it_is_a_plain_gemv(dtype: torch.dtype,
-                                           tiles: tuple[int, int, int]) -> None:
+                                           tiles: tuple[int, ...]) -> None:
     args = _args(2, 160, 72, dtype, seed=7, residual=False, bias=True)
     args["norm_weight"] = None
     out, new_res = norm_gemv(**args, eps=1e-5, tiles=tiles)  # type: ignore[arg-type]
@@ -86,8 +88,10 @@ def test_equals_rms_norm_then_linear() -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [({"weight": "transposed"}, "weight"), ({"norm_weight": "short"}, "norm_weight"),
-     ({"tiles": (24, 32, 4)}, "block_n"), ({"eps": 0.0}, "eps")],
-    ids=["weight-shape", "norm-weight-shape", "block-not-power-of-two", "eps"],
+     ({"tiles": (24, 32, 4)}, "block_n"), ({"tiles": (16, 32, 4, 3)}, "split_k"),
+     ({"tiles": (16, 32)}, "tiles must be"), ({"eps": 0.0}, "eps")],
+    ids=["weight-shape", "norm-weight-shape", "block-not-power-of-two", "split-k-3",
+         "short-tiles", "eps"],
 )
 def test_bad_arguments_are_rejected(change: dict[str, object], match: str) -> None:
     args: dict[str, object] = {**_args(1, 64, 32, torch.float32), "eps": 1e-5}
@@ -104,9 +108,10 @@ def test_bad_arguments_are_rejected(change: dict[str, object], match: str) -> No
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("tiles", [(16, 32, 4), UNFUSED], ids=["fused", "unfused"])
+@pytest.mark.parametrize("tiles", [(16, 32, 4), (8, 32, 4, 2), UNFUSED],
+                         ids=["fused", "split-k", "unfused"])
 def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool,
-                                   tiles: tuple[int, int, int]) -> None:
+                                   tiles: tuple[int, ...]) -> None:
     """silu_mul_gemv = linear(silu_mul(gate_up)): against the reference, and against our
     silu_mul kernel followed by a float32 product (the same rounded activations)."""
     gen = torch.Generator().manual_seed(11)
@@ -123,3 +128,15 @@ def test_silu_mul_in_the_down_gemv(dtype: torch.dtype, bias: bool,
     assert rel_err(out, two.to(dtype)) < (1e-6 if dtype == torch.float32 else 1e-2)
     with pytest.raises(KernelArgumentError, match="even"):
         silu_mul_gemv(gate_up[:, 1:], weight)
+
+
+def test_split_k_equals_one_pass_over_k() -> None:
+    """Split-K sums the same float32 products in parts, in split order: within rounding of
+    the one-pass kernel, and the same bits on every run (no atomics)."""
+    args = _args(2, 256, 40, torch.float32, seed=5, bias=True)
+    one, one_res = norm_gemv(**args, eps=1e-5, tiles=(8, 32, 4))  # type: ignore[arg-type]
+    split, split_res = norm_gemv(**args, eps=1e-5, tiles=(8, 32, 4, 4))  # type: ignore[arg-type]
+    again, _ = norm_gemv(**args, eps=1e-5, tiles=(8, 32, 4, 4))  # type: ignore[arg-type]
+    assert torch.equal(split_res, one_res)  # every part of the residual written once
+    assert rel_err(split, one) < 1e-6
+    assert torch.equal(split, again)

@@ -80,3 +80,20 @@ def test_nothing_is_timed_off_the_gpu_or_during_a_capture(
     assert clock.ran == [] and tuner.report() == {}  # and the default is not remembered
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert tuner.choose("k", CUDA, lambda c: c) == (16, 4)  # tuned at the first free call
+
+
+def test_candidates_are_timed_eagerly_when_no_graph_can_be_captured(on_gpu: None) -> None:
+    """The graph timer failing for every candidate (a device where capture is refused) must
+    not leave the shape on the default tiles: the eager timer then times them all."""
+    def no_graph(fn: Callable[[], Any]) -> float:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager = FakeClock(COSTS)
+    tuner = TileTuner(list(COSTS), default=(8, 4), time_ms=no_graph, fallback_time_ms=eager)
+    assert tuner.choose("k", CUDA, lambda c: c) == (16, 4)
+    assert sorted(eager.ran) == sorted(COSTS)
+    primary = FakeClock(COSTS)
+    unused = FakeClock(COSTS)
+    tuner = TileTuner(list(COSTS), default=(8, 4), time_ms=primary, fallback_time_ms=unused)
+    assert tuner.choose("k", CUDA, lambda c: c) == (16, 4)
+    assert unused.ran == []  # the graph timer worked: no eager timing
