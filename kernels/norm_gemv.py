@@ -21,8 +21,8 @@ reached 1.7-2.8 TB/s, against cuBLAS's 2.0-2.9 TB/s. Per layer against RMSNorm +
 candidate. The split-K candidates came after that run and have not met a GPU yet: compiled
 for sm_90, the one-pass down GEMV (32x512) holds 204 registers a thread, so about two
 programs fit an SM; an 8x512 split-K program holds 56, so several times more loads can be in
-flight, which is what a 4,096-row GEMV lacks. `kernels/norm_gemv_bench.py` times it on the GPU check, and
-`benchmarks/gpu_bench.py` runs batch-1 decode with and without it.
+flight, which is what a 4,096-row GEMV lacks. `kernels/norm_gemv_bench.py` times it on the
+GPU check, and `benchmarks/gpu_bench.py` runs batch-1 decode with and without it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Final
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenfleet.producer.backoff import Backoff
@@ -31,9 +31,14 @@ _TRANSIENT_REPLIES: Final = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "C
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for errors that mean "Redis is not answering normally right now"."""
-    # redis-py strips the "READONLY" of a demoted node's reply into its own class.
-    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | ReadOnlyError):
+    """True for errors that mean "Redis is not answering normally right now".
+
+    A server at `maxmemory` (noeviction, as deployments must run it) refuses every write that
+    needs memory (OOM) until keys expire or are trimmed: waited out like an outage, so no job
+    fails for it and none is acked without its stored result."""
+    # redis-py strips the "READONLY" / "OOM" of such replies into classes of their own.
+    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | ReadOnlyError
+                  | OutOfMemoryError):
         return True
     return isinstance(error, ResponseError) and str(error).startswith(_TRANSIENT_REPLIES)
 

@@ -116,3 +116,30 @@ async def test_an_idle_worker_survives_a_demotion(own_fleet, server_process):
             assert worker.exit_code == 0  # not stopped by the intake dying
     finally:
         await admin.aclose()
+
+
+async def test_a_full_redis_is_waited_out(own_fleet, server_process, keys):
+    """Redis reaches `maxmemory` (noeviction) for a while: every write that needs memory is
+    refused with OOM (XADD, SET) while acks and PUBLISH still pass. Workers wait it out as
+    an outage: no job is acked without its stored result, no replay stream loses an event,
+    and every stream ends as an undisturbed run's would."""
+    async def fill_up() -> None:
+        admin = Redis.from_url(server_process.url)
+        try:
+            await admin.config_set("maxmemory", 1)  # below what is used: every write refused
+            await asyncio.sleep(1.5)
+            await admin.config_set("maxmemory", 0)
+        finally:
+            await admin.aclose()
+
+    results = await _run_with_fault(own_fleet, keys, fill_up)
+    redis = Redis.from_url(own_fleet.url)
+    try:
+        for request_id, events in results.items():
+            final = check_stream(events)
+            stored = await redis.get(keys.result(request_id))
+            assert stored is not None, f"{request_id}: acked without its result"
+            replay = await redis.xrange(keys.events(request_id))
+            assert len(replay) == final.details.generated_tokens, request_id
+    finally:
+        await redis.aclose()

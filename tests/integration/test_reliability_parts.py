@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from structlog.testing import capture_logs
 
 from tokenfleet.producer.backoff import Backoff
@@ -63,6 +63,7 @@ async def test_waiting_loops_wake_when_redis_is_back():
 def test_transient_errors():
     assert is_transient(RedisConnectionError("x")) and is_transient(OSError())
     assert is_transient(ResponseError("READONLY You can't write against a read only replica"))
+    assert is_transient(OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))
     assert is_transient(ResponseError("LOADING Redis is loading the dataset in memory"))
     assert not is_transient(ResponseError("WRONGTYPE Operation against a key"))
     assert not is_transient(ValueError("bug"))

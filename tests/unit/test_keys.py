@@ -90,3 +90,7 @@ def test_the_keda_trigger_watches_the_default_queue_of_the_default_prefix():
     assert [t["metadata"]["stream"] for t in triggers] == \
         [Keys().jobs("default", lane) for lane in LANES]
     assert {t["metadata"]["consumerGroup"] for t in triggers} == {CONSUMER_GROUP}
+    # Scaled on the sum of the lanes' lags (the HPA alone would take the largest lane).
+    modifiers = yaml.safe_load(manifest.read_text())["spec"]["advanced"]["scalingModifiers"]
+    assert [t["name"] for t in triggers] == list(LANES)
+    assert modifiers["formula"] == " + ".join(LANES)
