@@ -80,6 +80,18 @@ class BlockManager:
         seq.block_table.append(self._take_free_block())
         return True
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make sure `seq` has blocks for its first `num_tokens` tokens (its newest plus draft
+        tokens); False, and nothing taken, when not enough are free."""
+        num_more = seq.num_blocks_needed(self.block_size, num_tokens) - len(seq.block_table)
+        if num_more <= 0:
+            return True
+        if num_more > len(self._free):
+            return False
+        for _ in range(num_more):
+            seq.block_table.append(self._take_free_block())
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody uses go back to the free list (still cached)."""
         for block_id in reversed(seq.block_table):

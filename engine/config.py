@@ -11,9 +11,10 @@ import torch
 from tokenfleet.engine.errors import UnsupportedModelError, ValidationError
 from tokenfleet.engine.hub import DEFAULT_CACHE_DIR
 
-__all__ = ["ATTENTION_BACKENDS", "EngineConfig", "ModelConfig"]
+__all__ = ["ATTENTION_BACKENDS", "MAX_SPECULATE", "EngineConfig", "ModelConfig"]
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+MAX_SPECULATE = 16  # draft tokens a step; beyond it a verify step costs more than it saves
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -148,6 +149,12 @@ class EngineConfig:
     # shared between them on CPU): heads and the MLP split Megatron-style, two all-reduces
     # a layer (engine/tensor_parallel.py); every rank replays the same CUDA graphs.
     tensor_parallel_size: int = 1
+    # Speculative decoding (TGI's --speculate): up to this many draft tokens a step for each
+    # decoding sequence, found by n-gram lookup in its own context (engine/ngram_proposer.py)
+    # and verified in one forward; the output is the same tokens as without it. 0 = off.
+    # Sequences with a grammar or a penalty are not speculated; with it on, decode steps are
+    # not queued ahead (async_decode), since the drafts follow the last token.
+    speculate: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -157,9 +164,7 @@ class EngineConfig:
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) <= 0:
-                raise ValidationError(f"{name} must be positive")
+        self._check_counts()
         if self.quantize not in (None, "int8", "int4"):
             raise ValidationError(
                 f"quantize must be None, 'int8' or 'int4', got {self.quantize!r}")
@@ -172,14 +177,22 @@ class EngineConfig:
             raise ValidationError(
                 "cpu_compile applies to device='cpu' with the torch attention backend "
                 "(CUDA decode replays CUDA graphs instead)")
-        if self.tensor_parallel_size < 1:
-            raise ValidationError("tensor_parallel_size must be >= 1")
         if self.tensor_parallel_size > 1 and self.cpu_compile:
             raise ValidationError("cpu_compile does not support tensor_parallel_size > 1")
+
+    def _check_counts(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValidationError(f"{name} must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValidationError("tensor_parallel_size must be >= 1")
         if self.cuda_graph_max_batch < 0:
             raise ValidationError("cuda_graph_max_batch must be >= 0 (0 = no CUDA graphs)")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValidationError("num_kv_blocks must be positive")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ValidationError(f"speculate must be in [0, {MAX_SPECULATE}], "
+                                  f"got {self.speculate}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

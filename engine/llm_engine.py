@@ -28,6 +28,7 @@ from tokenfleet.engine.sampling_batch import reads_tokens_on_host
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
 from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence
+from tokenfleet.engine.speculator import Speculator
 from tokenfleet.engine.stop_matcher import StopMatcher
 from tokenfleet.engine.tensor_parallel import shard_model_config
 from tokenfleet.engine.tensor_parallel_rank import rank_threads
@@ -58,6 +59,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.postprocessor = Postprocessor(self.tokenizer, self.scheduler, config.max_model_len)
+        self.speculator = (Speculator(config.speculate, config.max_model_len)
+                           if config.speculate else None)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # finished outside a step (aborts)
         # Asynchronous decode: the step queued on the device, its tokens not read back yet.
@@ -188,6 +191,8 @@ class LLMEngine:
         try:
             if self._in_flight is not None and self._advance_in_flight(outputs):
                 return self._forget_finished(outputs)
+            if self.speculator is not None:
+                self.speculator.propose(self.scheduler.running)
             batch = self.scheduler.schedule()
             if batch:
                 self._run(batch, outputs)
@@ -199,9 +204,10 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> None:
         """Run `batch`: queued without waiting when it may be (its outputs come with the next
         step), else run and postprocessed now, appending to `outputs`."""
-        self.num_prefilled_tokens += sum(  # everything but the one-token decodes
+        self.num_prefilled_tokens += sum(  # everything but the decodes (and their drafts)
             n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if not (n == 1 and s.num_computed_tokens >= s.num_prompt_tokens))
+            if not (n == 1 + len(s.draft_token_ids)
+                    and s.num_computed_tokens >= s.num_prompt_tokens))
         if self._async_decode_ok(batch):
             self._in_flight = self._launch(batch.seqs, None)
             return
@@ -230,8 +236,10 @@ class LLMEngine:
     # ---- asynchronous decode ---------------------------------------------------------------
     def _async_decode_ok(self, batch: ScheduledBatch) -> bool:
         """Decode-only, replayable, and no row needs the previous token on the host (a
-        penalty reads the history; a grammar's mask follows each token)."""
-        return (self.config.async_decode and self.runner.replayable(batch)
+        penalty reads the history; a grammar's mask follows each token; speculation's drafts
+        follow it too)."""
+        return (self.config.async_decode and self.speculator is None
+                and self.runner.replayable(batch)
                 and not reads_tokens_on_host(batch.seqs))
 
     def _launch(self, seqs: list[Sequence], prev: LaunchedDecode | None) -> LaunchedDecode:
@@ -322,4 +330,6 @@ class LLMEngine:
             "num_prefix_hit_blocks": bm.num_prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_prefilled_tokens": self.num_prefilled_tokens,
+            "num_draft_tokens": self.speculator.num_proposed if self.speculator else 0,
+            "num_accepted_draft_tokens": self.postprocessor.num_accepted_drafts,
         }

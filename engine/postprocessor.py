@@ -20,11 +20,13 @@ class Postprocessor:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.max_model_len = max_model_len
+        self.num_accepted_drafts = 0  # speculative decoding: drafts verified, since start
 
     def process(self, batch: ScheduledBatch, run: RunOutput) -> list[StepOutput]:
         bm = self.scheduler.block_manager
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
+            # A draft's KV counts once the draft is accepted (`_emit_verified`).
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)
             bm.register_computed(seq)
             for pos, logprob in run.prompt_logprobs.get(id(seq), []):
                 seq.prompt_logprob_by_pos[pos] = logprob
@@ -45,8 +47,16 @@ class Postprocessor:
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         outputs = []
-        for i, seq in enumerate(seqs):
+        end = 0
+        while end < len(seqs):
+            seq, i = seqs[end], end
+            end += 1 + (0 if resolve else len(seq.draft_token_ids))  # its rows: i .. end - 1
             if seq.is_finished:
+                continue
+            if end - i > 1:
+                outputs.append(self._emit_verified(
+                    seq, token_ids[i:end], logprobs[i:end],
+                    top_ids[i:end] if top_ids else None, top_lps[i:end] if top_lps else None))
                 continue
             if resolve:
                 index = seq.num_output_tokens - seq.num_pending_tokens
@@ -61,6 +71,32 @@ class Postprocessor:
                     else ())
             outputs.append(self._emit(seq, index, token_ids[i], logprobs[i], tops))
         return outputs
+
+    def _emit_verified(self, seq: Sequence, token_ids: list[int], logprobs: list[float],
+                       top_ids: list[list[int]] | None, top_lps: list[list[float]] | None
+                       ) -> StepOutput:
+        """A step that ran `seq`'s last token and its drafts d1..dk: row j's token t_j is what
+        a plain decode samples after the drafts before it, so t_0 is emitted, and each d_j
+        that equals t_(j-1) is accepted (its KV is valid) and t_j emitted after it, until a
+        draft differs or the request finishes. One output with every emitted token."""
+        drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        tokens: list[TokenOutput] = []
+        for j, token_id in enumerate(token_ids):
+            if j:
+                if drafts[j - 1] != token_ids[j - 1]:
+                    break
+                seq.num_computed_tokens += 1  # draft j - 1's position: computed from a match
+                self.num_accepted_drafts += 1
+            seq.output_token_ids.append(token_id)
+            tops = (self._top_tokens(seq, top_ids[j], top_lps[j]) if top_ids and top_lps
+                    else ())
+            out = self._emit(seq, seq.num_output_tokens - 1, token_id, logprobs[j], tops)
+            tokens += out.tokens
+            if out.finished:
+                out.tokens = tokens
+                return out
+        self.scheduler.block_manager.register_computed(seq)
+        return StepOutput(request_id=seq.request_id, tokens=tokens)
 
     def _emit(self, seq: Sequence, index: int, token_id: int, logprob: float,
               tops: tuple[TopToken, ...]) -> StepOutput:

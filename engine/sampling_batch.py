@@ -76,14 +76,18 @@ class SamplingBatch:
     @classmethod
     def for_sequences(cls, seqs: Sequence[Seq], vocab_size: int, device: torch.device
                       ) -> SamplingBatch:
-        """The batch for sampling the next token of each of `seqs` (one row each)."""
+        """The batch for sampling the next token of each of `seqs` (one row each). A
+        sequence listed r times in a row (verifying r - 1 draft tokens) samples its next r
+        tokens: its rows take the indices of the tokens they would be, as decode steps
+        would, so each row's draw is the one a plain decode makes at that index."""
+        offsets = _run_offsets(seqs)
         return cls.build(
             params=[s.params for s in seqs],
             seeds=[s.seed for s in seqs],
-            indices=[s.num_output_tokens for s in seqs],
+            indices=[s.num_output_tokens + k for s, k in zip(seqs, offsets, strict=True)],
             token_histories=[s.token_ids for s in seqs] if needs_history(seqs) else None,
             prompt_lens=[s.num_prompt_tokens for s in seqs],
-            banned_token_ids=[_eos_banned(s) for s in seqs],
+            banned_token_ids=[_eos_banned(s, k) for s, k in zip(seqs, offsets, strict=True)],
             grammar=grammar_masks([s.grammar_matcher for s in seqs], vocab_size, device),
             vocab_size=vocab_size,
             device=device,
@@ -146,11 +150,20 @@ def reads_tokens_on_host(seqs: Sequence[Seq]) -> bool:
     return needs_history(seqs) or any(s.grammar_matcher is not None for s in seqs)
 
 
-def _eos_banned(seq: Seq) -> list[int]:
+def _run_offsets(seqs: Sequence[Seq]) -> list[int]:
+    """0 for a sequence's first row, 1, 2, ... for the rows that follow it consecutively."""
+    offsets: list[int] = []
+    for i, seq in enumerate(seqs):
+        offsets.append(offsets[-1] + 1 if i and seqs[i - 1] is seq else 0)
+    return offsets
+
+
+def _eos_banned(seq: Seq, offset: int = 0) -> list[int]:
     """EOS may not be sampled before min_new_tokens (ignore_eos is handled at finish). With a
     grammar too: its mask never allows EOS alone here (a complete grammar ends the request
-    when it completes), so some other token is always left."""
-    if seq.num_output_tokens < seq.params.min_new_tokens:
+    when it completes), so some other token is always left. `offset`: a row sampling
+    `offset` tokens ahead (a draft's verification)."""
+    if seq.num_output_tokens + offset < seq.params.min_new_tokens:
         return list(seq.eos_token_ids)
     return []
 

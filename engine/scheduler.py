@@ -75,11 +75,23 @@ class Scheduler:
                 if victim is seq:
                     return budget
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if seq.draft_token_ids:
+                num_new = self._with_drafts(seq, budget)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
         return budget
+
+    def _with_drafts(self, seq: Sequence, budget: int) -> int:
+        """A decode with draft tokens to verify: 1 + the drafts that fit the budget and the
+        free blocks (drafts never preempt anyone: without room they are dropped)."""
+        drafts = seq.draft_token_ids[:budget - 1]
+        if seq.num_uncomputed_tokens != 1 or (
+                drafts and not self.block_manager.reserve(seq, seq.num_tokens + len(drafts))):
+            drafts = []
+        seq.draft_token_ids = drafts
+        return min(seq.num_uncomputed_tokens, budget) + len(drafts)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -98,6 +110,7 @@ class Scheduler:
         """Recompute-style preemption: drop the KV, keep the tokens, requeue at the front."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -53,6 +53,9 @@ class Sequence:
     grammar_matcher: Any = None  # llguidance LLMatcher: follows the output when a grammar is set
     output_text: str = ""  # released text so far (never contains a stop sequence)
     prompt_logprob_by_pos: dict[int, float] = field(default_factory=dict)
+    # Speculative decoding: tokens proposed to follow the last one, verified by the step
+    # that is scheduled with them (1 + len(draft_token_ids) new tokens); [] otherwise.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:

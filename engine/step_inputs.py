@@ -38,7 +38,10 @@ class StepInputs:
     @classmethod
     def from_batch(cls, batch: ScheduledBatch, block_size: int
                    ) -> tuple[StepInputs, list[Sequence]]:
-        """The step's inputs, and the sequences that sample a token (in sample_rows order)."""
+        """The step's inputs, and the sequences that sample a token (in sample_rows order).
+
+        A sequence verifying draft tokens (speculative decoding) runs its last token and the
+        drafts, and samples at each of them: it is listed once per row, consecutively."""
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -48,9 +51,13 @@ class StepInputs:
         sampled: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            if n == 1 and end == seq.num_tokens:  # decode: avoid copying the whole history
+            num_drafts = len(seq.draft_token_ids)
+            if n == 1 + num_drafts and end - num_drafts == seq.num_tokens:
+                # decode (avoid copying the whole history), with any drafts after it
                 ids.append(seq.last_token_id)
+                ids.extend(seq.draft_token_ids)
             else:
+                assert not num_drafts, "drafts are scheduled only with their decode"
                 ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
             table = seq.block_table
@@ -58,9 +65,9 @@ class StepInputs:
                          for p in range(start, end))
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            if end == seq.num_tokens:
-                sample_rows.append(qsl[-1] - 1)
-                sampled.append(seq)
+            if end - num_drafts == seq.num_tokens:
+                sample_rows.extend(range(qsl[-1] - 1 - num_drafts, qsl[-1]))
+                sampled.extend([seq] * (1 + num_drafts))
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
         inputs = cls(ids, pos, slots, qsl, seq_lens, tables, max(batch.num_new_tokens),

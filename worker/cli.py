@@ -36,7 +36,7 @@ _ENGINE_OPTIONS = ("engine", "model", "cache_dir", "device", "dtype", "max_num_s
                    "cpu_sampler_kernel", "cpu_gemm_kernel",
                    "attention_backend",
                    "gpu_memory_utilization", "cuda_graph_max_batch", "async_decode",
-                   "tensor_parallel_size",
+                   "speculate", "tensor_parallel_size",
                    "sim_step_ms", "sim_vocab_size", "sim_max_model_len")
 _CLIENT_OPTIONS = ("redis_url", "cache_dir", "queue", "key_prefix")
 _GATEWAY_OPTIONS = (*_CLIENT_OPTIONS, "gateway_host", "gateway_port", "gateway_api_key",

@@ -41,6 +41,7 @@ def build_engine(settings: WorkerSettings) -> EngineLike:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cuda_graph_max_batch=settings.cuda_graph_max_batch,
         async_decode=settings.async_decode,
+        speculate=settings.speculate,
         tensor_parallel_size=settings.tensor_parallel_size,
         cpu_compile=settings.cpu_compile and device == "cpu",
         cpu_attention_kernel=settings.cpu_attention_kernel,

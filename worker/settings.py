@@ -91,6 +91,11 @@ class WorkerSettings:
     async_decode: bool = _setting(True, "CUDA graphs: queue the next decode step before "
                                   "reading this one's tokens, overlapping host work with the "
                                   "GPU")
+    speculate: int = _setting(0, "speculative decoding (TGI's --speculate): up to this many "
+                              "draft tokens a step per decoding sequence, from n-gram lookup "
+                              "in its own prompt and output, verified in one forward; the same "
+                              "tokens as without it, in fewer steps where the answer repeats "
+                              "its context; 0 = off (at most 16)")
     gc_freeze: bool = _setting(True, "`tokenfleet worker`: once the engine is built and "
                                "warm, move the heap made so far out of Python's garbage "
                                "collector (gc.freeze), so that its oldest-generation passes "
@@ -164,7 +169,7 @@ class WorkerSettings:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise SettingsError(f"{_describe('gpu_memory_utilization')} must be in (0, 1]")
         for name in ("drain_timeout_s", "max_queue_len", "sim_step_ms", "cuda_graph_max_batch",
-                     "lane_max_wait_s", "owner_ttl_s"):
+                     "lane_max_wait_s", "owner_ttl_s", "speculate"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_describe(name)} must be >= 0, got {getattr(self, name)}")
         if 0 < self.owner_ttl_s < 1:
@@ -183,6 +188,8 @@ class WorkerSettings:
             raise SettingsError(f"{_describe('gateway_timeout_s')} must be > 0")
         if self.gateway_max_best_of > 64:
             raise SettingsError(f"{_describe('gateway_max_best_of')} must be <= 64")
+        if self.speculate > 16:  # engine.config.MAX_SPECULATE (no torch import here)
+            raise SettingsError(f"{_describe('speculate')} must be <= 16")
 
     # -- derived --------------------------------------------------------------------------
     @property

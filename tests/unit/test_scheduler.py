@@ -75,3 +75,28 @@ def test_waiting_head_is_never_skipped() -> None:
     batch = sched.schedule()
     # small would fit, but big is first in line: FIFO keeps big from starving.
     assert [s.request_id for s in batch.seqs] == ["running"]
+
+
+def test_drafts_take_budget_and_blocks_but_never_preempt() -> None:
+    """A decode with draft tokens runs 1 + drafts tokens; the budget trims the drafts, and
+    without free blocks for them they are dropped rather than preempting anyone."""
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=6)
+    seq = _seq(3, "a")
+    sched.add(seq)
+    _finish_step(sched.schedule())  # 3-token prefill + a first token: 4 tokens, one block
+    seq.draft_token_ids = [9] * 7
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [6] and seq.draft_token_ids == [9] * 5  # budget 6 = 1 + 5
+    assert len(seq.block_table) == 3  # positions 3..8 -> blocks 0..2
+
+    bm = BlockManager(3, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32)
+    first, second = _seq(3, "a"), _seq(3, "b")
+    sched.add(first)
+    sched.add(second)
+    _finish_step(sched.schedule())  # two prefills: 4 tokens each, a block each
+    first.draft_token_ids = [9] * 20  # would need 6 blocks: 1 is free
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1, 1] and first.draft_token_ids == []
+    assert batch.num_preempted == 0 and len(first.block_table) == 1
