@@ -42,6 +42,7 @@ class EventPump:
         self.num_finished = 0
         self.num_tokens = 0
         self.engine_stats: dict[str, Any] = {}  # of the latest engine step
+        self._engine_totals: dict[str, int] = {}  # engine counters already in the metrics
         self._log = structlog.get_logger("tokenfleet.worker").bind(worker_id=worker_id)
 
     async def run(self, closing: asyncio.Event) -> None:
@@ -111,6 +112,11 @@ class EventPump:
         num_tokens = sum(len(out.tokens) for out in result.outputs)
         self.num_tokens += num_tokens
         m.generated_tokens.inc(num_tokens)
+        for name, counter in (("num_draft_tokens", m.draft_tokens),
+                              ("num_accepted_draft_tokens", m.accepted_draft_tokens)):
+            total = int(stats.get(name, 0))  # the engine's count since start
+            counter.inc(max(0, total - self._engine_totals.get(name, 0)))
+            self._engine_totals[name] = total
 
     async def _on_failure(self, event: Rejected | EngineFailure) -> None:
         if isinstance(event, Rejected):

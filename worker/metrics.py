@@ -54,6 +54,11 @@ class WorkerMetrics:
                              registry=r)
         self.kv_usage = Gauge("tokenfleet_kv_cache_usage_ratio", "Fraction of KV blocks in use",
                               registry=r)
+        # Speculative decoding (vLLM's spec_decode counters): acceptance = accepted / drafted.
+        self.draft_tokens = Counter("tokenfleet_spec_draft_tokens", "Draft tokens verified "
+                                    "(speculative decoding)", registry=r)
+        self.accepted_draft_tokens = Counter("tokenfleet_spec_accepted_tokens",
+                                             "Draft tokens accepted", registry=r)
         self._server: Any = None
 
     def observe_final(self, final: FinalEvent) -> None:

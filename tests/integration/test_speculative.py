@@ -128,3 +128,28 @@ def test_speculate_is_validated() -> None:
         EngineConfig(model="x", speculate=17)
     with pytest.raises(ValidationError, match="speculate"):
         EngineConfig(model="x", speculate=-1)
+
+
+async def test_a_speculating_worker_streams_the_same_tokens(fleet, tiny_llama_dir: Path) -> None:
+    """Through the fleet (TOKENFLEET_SPECULATE): several tokens a step still reach the client
+    as one event per token, in order, equal to the offline plain run; the worker counts the
+    drafts it verified and accepted in its metrics."""
+    from tokenfleet.engine.tokenizer import Tokenizer
+
+    prompt = "The cat sat on the mat. " * 6  # this random model's answer repeats itself
+    prompt_ids = Tokenizer.from_dir(tiny_llama_dir).encode(prompt)
+    params = SamplingParams(max_new_tokens=45, ignore_eos=True)
+    plain, _, _ = _run(tiny_llama_dir, [prompt_ids], [params])
+    async with fleet.worker(engine="llm", model=str(tiny_llama_dir), dtype="float32",
+                            device="cpu", num_threads=1, speculate=5) as worker, \
+            fleet.client() as client:
+        events = [e async for e in client.generate_stream(prompt, max_new_tokens=45,
+                                                          ignore_eos=True)]
+        registry = worker.metrics.registry
+        accepted = registry.get_sample_value("tokenfleet_spec_accepted_tokens_total")
+        drafted = registry.get_sample_value("tokenfleet_spec_draft_tokens_total")
+    *tokens, final = events
+    ids = [t.token.id for t in tokens] + [final.token.id]
+    assert [t.index for t in tokens] == list(range(44))
+    assert ids == plain["r0"][0]
+    assert 0 < accepted <= drafted
