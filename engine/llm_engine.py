@@ -330,6 +330,6 @@ class LLMEngine:
             "num_prefix_hit_blocks": bm.num_prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_prefilled_tokens": self.num_prefilled_tokens,
-            "num_draft_tokens": self.speculator.num_proposed if self.speculator else 0,
+            "num_draft_tokens": self.postprocessor.num_verified_drafts,
             "num_accepted_draft_tokens": self.postprocessor.num_accepted_drafts,
         }

@@ -20,7 +20,8 @@ class Postprocessor:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.max_model_len = max_model_len
-        self.num_accepted_drafts = 0  # speculative decoding: drafts verified, since start
+        self.num_verified_drafts = 0  # speculative decoding, since start: drafts run
+        self.num_accepted_drafts = 0  # ... and those that matched the sampled token
 
     def process(self, batch: ScheduledBatch, run: RunOutput) -> list[StepOutput]:
         bm = self.scheduler.block_manager
@@ -80,6 +81,7 @@ class Postprocessor:
         that equals t_(j-1) is accepted (its KV is valid) and t_j emitted after it, until a
         draft differs or the request finishes. One output with every emitted token."""
         drafts, seq.draft_token_ids = seq.draft_token_ids, []
+        self.num_verified_drafts += len(drafts)
         tokens: list[TokenOutput] = []
         for j, token_id in enumerate(token_ids):
             if j:

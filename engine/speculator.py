@@ -30,14 +30,12 @@ class Speculator:
         self.num_draft = num_draft
         self.max_model_len = max_model_len
         self.proposer = proposer if proposer is not None else NgramProposer()
-        self.num_proposed = 0  # draft tokens proposed since start (scheduled or not)
 
     def propose(self, running: Iterable[Sequence]) -> None:
         """Set (or clear) each running sequence's drafts for the coming step."""
         for seq in running:
             num = self._num_draft(seq)
             seq.draft_token_ids = self.proposer.propose(seq.token_ids, num) if num else []
-            self.num_proposed += len(seq.draft_token_ids)
 
     def _num_draft(self, seq: Sequence) -> int:
         if (seq.num_uncomputed_tokens != 1 or seq.num_pending_tokens
