@@ -64,15 +64,26 @@ class Grammar:
         return value
 
     def text(self) -> str:
-        """The pattern, or the schema as compact JSON with sorted keys (what the size limit
-        counts, and the compiled-grammar cache's key)."""
+        """The pattern, or the schema as compact JSON (what the size limit counts, and the
+        compiled-grammar cache's key). Keys keep their order: the answer lists an object's
+        properties in the order its schema does, so reordered schemas are other grammars."""
         return self._text
 
     @functools.cached_property
     def _text(self) -> str:  # computed once: a large schema takes ~0.3 ms to serialise
         if self.type == "regex":
             return str(self.value)
-        return json.dumps(self.schema(), separators=(",", ":"), sort_keys=True)
+        return json.dumps(self.schema(), separators=(",", ":"))
+
+    def attach(self, compiled: Any) -> None:
+        """Keep `compiled` (the GrammarCompiler's template) with this grammar, so the engine
+        finds what the worker's intake prepared even after the cache let it go."""
+        self.__dict__["_compiled"] = compiled  # frozen: not a field, like `_text`
+
+    @property
+    def compiled(self) -> Any:
+        """What `attach` kept, or None."""
+        return self.__dict__.get("_compiled")
 
 
 def _invalid(what: str) -> ValidationError:

@@ -96,15 +96,20 @@ class GrammarCompiler:
         return self._ll_tokenizer
 
     def prepare(self, grammar: Grammar) -> None:
-        """Compile `grammar` into the cache now, so that `matcher()` on the engine thread only
-        copies it. The worker's intake calls this in a thread pool (llguidance releases the
-        GIL while it compiles). Raises ValidationError when the grammar does not compile."""
-        self._template(grammar)
+        """Compile `grammar` now (or find it in the cache) and attach the result to it, so
+        that `matcher()` on the engine thread only copies it, even if many other grammars
+        pass through the cache meanwhile. The worker's intake calls this in a thread pool
+        (llguidance releases the GIL while it compiles). Raises ValidationError when the
+        grammar does not compile."""
+        grammar.attach(self._template(grammar))
 
     def matcher(self, grammar: Grammar, token_ids: Sequence[int] = ()) -> Any:
         """A fresh matcher for `grammar` that has consumed `token_ids` (a resumed request's
         earlier output). Raises ValidationError when the grammar does not compile."""
-        matcher = self._template(grammar).deep_copy()
+        template = grammar.compiled
+        if template is None:
+            template = self._template(grammar)
+        matcher = template.deep_copy()
         if token_ids and not matcher.consume_tokens(list(token_ids)):
             raise ValidationError("Input validation error: the request's earlier output does "
                                   "not match its `grammar`")
@@ -113,7 +118,7 @@ class GrammarCompiler:
     def _template(self, grammar: Grammar) -> Any:
         """The cached compiled matcher of `grammar` (never advanced: only copied)."""
         grammar.validate()
-        key = (grammar.type == "regex", grammar.text())  # text(): canonical JSON of a schema
+        key = (grammar.type == "regex", grammar.text())
         with self._compiled_lock:
             template = self._cached(key)
             if template is not None:

@@ -204,8 +204,9 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch, outputs: list[StepOutput]) -> None:
         """Run `batch`: queued without waiting when it may be (its outputs come with the next
         step), else run and postprocessed now, appending to `outputs`."""
-        self.num_prefilled_tokens += sum(  # everything but the decodes (and their drafts)
-            n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+        self.num_prefilled_tokens += sum(  # everything but the decodes (drafts never count)
+            n - len(s.draft_token_ids) for s, n in zip(batch.seqs, batch.num_new_tokens,
+                                                       strict=True)
             if not (n == 1 + len(s.draft_token_ids)
                     and s.num_computed_tokens >= s.num_prompt_tokens))
         if self._async_decode_ok(batch):

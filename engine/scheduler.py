@@ -7,6 +7,8 @@ Policy (like vLLM's v1 scheduler):
   queue and is recomputed later, keeping every token it generated).
 - Then waiting sequences are admitted in arrival order while sequence slots, blocks for their
   whole context and token budget remain. The head of the queue is never skipped (no starvation).
+- Last, speculative decoding's draft tokens ride on the scheduled decodes, from whatever budget
+  and free blocks are left (they never delay, preempt or block plain work).
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class Scheduler:
         batch = ScheduledBatch([], [])
         budget = self.max_num_batched_tokens
         budget = self._schedule_running(batch, budget)
-        self._schedule_waiting(batch, budget)
+        budget = self._schedule_waiting(batch, budget)
+        self._schedule_drafts(batch, budget)
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
@@ -75,25 +78,13 @@ class Scheduler:
                 if victim is seq:
                     return budget
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if seq.draft_token_ids:
-                num_new = self._with_drafts(seq, budget)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
         return budget
 
-    def _with_drafts(self, seq: Sequence, budget: int) -> int:
-        """A decode with draft tokens to verify: 1 + the drafts that fit the budget and the
-        free blocks (drafts never preempt anyone: without room they are dropped)."""
-        drafts = seq.draft_token_ids[:budget - 1]
-        if seq.num_uncomputed_tokens != 1 or (
-                drafts and not self.block_manager.reserve(seq, seq.num_tokens + len(drafts))):
-            drafts = []
-        seq.draft_token_ids = drafts
-        return min(seq.num_uncomputed_tokens, budget) + len(drafts)
-
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.allocate(seq):
@@ -105,6 +96,32 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+        return budget
+
+    def _schedule_drafts(self, batch: ScheduledBatch, budget: int) -> None:
+        """Speculative decoding: the scheduled decodes' draft tokens, from what every decode,
+        prefill and admission left of the budget and the free blocks (drafts never take a
+        slot, a token or a block that plain work would use). Drafts that do not fit are cut;
+        those of sequences not scheduled are dropped."""
+        scheduled = {id(seq) for seq in batch.seqs}
+        for seq in self.running:
+            if seq.draft_token_ids and id(seq) not in scheduled:
+                seq.draft_token_ids = []
+        bm = self.block_manager
+        for i, seq in enumerate(batch.seqs):
+            if not seq.draft_token_ids:
+                continue
+            if batch.num_new_tokens[i] != 1 or seq.num_uncomputed_tokens != 1:
+                seq.draft_token_ids = []
+                continue
+            room = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size - seq.num_tokens
+            drafts = seq.draft_token_ids[:max(0, min(budget, room))]
+            if drafts:
+                reserved = bm.reserve(seq, seq.num_tokens + len(drafts))
+                assert reserved, "room was counted from the free blocks"
+            seq.draft_token_ids = drafts
+            batch.num_new_tokens[i] += len(drafts)
+            budget -= len(drafts)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, requeue at the front."""

@@ -62,8 +62,8 @@ def graph_time_ms(fn: Callable[[], Any], num_calls: int = 5, num_replays: int = 
     with torch.cuda.graph(alone):
         for _ in range(num_calls):
             evict.sum()
-    spent = _replay_ms(with_fn, num_replays) - _replay_ms(alone, num_replays)
-    return max(spent, 0.0) / num_calls
+    # Not clamped at 0: near-zero noise still ranks the candidates as measured.
+    return (_replay_ms(with_fn, num_replays) - _replay_ms(alone, num_replays)) / num_calls
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph, num_replays: int) -> float:
@@ -110,8 +110,13 @@ class TileTuner(Generic[Config]):
 
     def _tune(self, key: Hashable, run: Callable[[Config], Any]) -> Config:
         timings = self._time_all(run, self._time_ms)
-        if not timings:  # e.g. a graph could not be captured here: time them eagerly
-            timings = self._time_all(run, self._fallback_time_ms)
+        if len(timings) < len(self.candidates):
+            # Some could not be timed in a graph (a capture refused, or a tile the card
+            # cannot run): when eager timing reaches more of them, rank them all by it, so
+            # that no candidate (cuBLAS's among them) is left out and no two timers mix.
+            eager = self._time_all(run, self._fallback_time_ms)
+            if len(eager) > len(timings):
+                timings = eager
         self._timings[key] = timings
         return min(timings, key=timings.__getitem__) if timings else self.default
 

@@ -57,6 +57,9 @@ class Connectivity:
         self._back_at = 0.0  # monotonic time the last outage ended
         self._back = asyncio.Event()
         self.num_outages = 0
+        # Redis at maxmemory answers reads and refuses writes (OOM): not over until a write
+        # gets through, and the intake takes no job it could not start meanwhile.
+        self.writes_refused = False
         self._log = structlog.get_logger("tokenfleet.redis")
 
     @property
@@ -86,16 +89,25 @@ class Connectivity:
                 self._log.warning("redis_unavailable", where=where, error=str(error) or
                                   type(error).__name__)
             self._back.clear()
+        if isinstance(error, OutOfMemoryError):
+            # Redis answers, memory is short: other loops' reads getting through say nothing
+            # about it, so wait the whole delay instead of waking with them.
+            self.writes_refused = True
+            await asyncio.sleep(backoff.next_delay_s())
+            return
         with contextlib.suppress(TimeoutError):
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
             async with asyncio.timeout(backoff.next_delay_s()):
                 await self._back.wait()
 
-    def succeeded(self, backoff: Backoff | None = None) -> None:
-        """Record a call that got through; ends the outage if there was one."""
+    def succeeded(self, backoff: Backoff | None = None, *, wrote: bool = False) -> None:
+        """Record a call that got through; ends the outage if there was one (one that
+        refused writes only when this call `wrote`: stored something new)."""
         if backoff is not None:
             backoff.reset()
-        if self._down_since is None:
+        if wrote:
+            self.writes_refused = False
+        if self._down_since is None or self.writes_refused:
             return
         now = time.monotonic()
         if self._back_at < self._down_since:  # not a relapse: this outage was never ended

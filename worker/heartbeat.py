@@ -91,7 +91,7 @@ class Heartbeat:
                 self._owner_missing.clear()  # what we could not see is not a miss
                 await self._connectivity.failed(e, "heartbeat", backoff)
                 continue
-            self._connectivity.succeeded(backoff)
+            self._connectivity.succeeded(backoff, wrote=True)  # the registry entry: a SET
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval_s):
                     await closing.wait()

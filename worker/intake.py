@@ -105,6 +105,11 @@ class Intake:
                     async with asyncio.timeout(_IDLE_RECHECK_S):
                         await self.wakeup.wait()
                 continue
+            if self._connectivity.writes_refused:
+                # Redis is full: a job read now could not be started (its state is written
+                # first), and would wait in our pending list. Leave it in the stream.
+                await asyncio.sleep(backoff.next_delay_s())
+                continue
             try:
                 entries, missing_group = await self._reader.read(num_free)
                 self._connectivity.succeeded(backoff)

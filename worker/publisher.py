@@ -170,7 +170,7 @@ class Publisher:
             if refused is not None:  # e.g. READONLY during a failover: retry it all
                 await self._connectivity.failed(refused, "publish", backoff)
                 continue
-            self._connectivity.succeeded(backoff)
+            self._connectivity.succeeded(backoff, wrote=True)
             for (name, args, _), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
                     self._log.error("publish_command_failed", command=name, key=str(args[0]),

@@ -270,20 +270,25 @@ def test_the_gpu_unpacking_agrees_with_the_cpu_one(tiny_llama_dir: Path) -> None
 
 def test_a_repeated_grammar_is_compiled_once_and_each_request_gets_its_own_copy(
         tiny_llama_dir: Path) -> None:
-    """The same schema spelled three ways (object, JSON string with its keys in another order,
-    TGI 3's json_schema) compiles once; the sampled requests sharing it each keep their own
-    parser state, so every answer still fits the schema."""
+    """The same schema spelled three ways (object, JSON string, TGI 3's json_schema) compiles
+    once; the sampled requests sharing it each keep their own parser state, so every answer
+    still fits. The same properties in another order are another grammar: the answer lists
+    them in its schema's order."""
     engine = _engine(tiny_llama_dir)
-    reordered = json.dumps(dict(reversed(list(SCHEMA.items()))))
-    spellings = [{"type": "json", "value": SCHEMA}, {"type": "json", "value": reordered},
+    spellings = [{"type": "json", "value": SCHEMA}, {"type": "json", "value": json.dumps(SCHEMA)},
                  {"type": "json_schema", "value": {"name": "person", "schema": SCHEMA}}]
     for i, prompt in enumerate(_prompts(6)):
         engine.add_request(f"r{i}", prompt, SamplingParams(
             max_new_tokens=60, temperature=1.0, seed=i, grammar=spellings[i % 3]))
+    reordered = {**SCHEMA, "properties": dict(reversed(list(SCHEMA["properties"].items())))}
+    engine.add_request("reordered", [5, 6, 7], SamplingParams(
+        max_new_tokens=60, grammar={"type": "json", "value": reordered}))
     finals = _run(engine)
-    assert engine.grammars.num_compiled == 1
-    for out, _ids in finals.values():
+    assert engine.grammars.num_compiled == 2
+    for rid, (out, _ids) in finals.items():
         _fits_schema(out.generated_text)
+        order = reordered if rid == "reordered" else SCHEMA
+        assert list(json.loads(out.generated_text)) == list(order["properties"])
     assert len({out.generated_text for out, _ in finals.values()}) > 1  # sampled apart
 
 
@@ -305,6 +310,13 @@ def test_compiled_grammars_are_bounded_least_recently_used_first(
     with pytest.raises(ValidationError, match="regex"):
         grammars.prepare(Grammar("regex", "[a-"))
     assert grammars.num_compiled == 4  # a failed compile is not kept
+    prepared = Grammar("regex", "d+")
+    grammars.prepare(prepared)  # the intake's compile, attached to the request's grammar
+    for g in (a, b, c):  # pushes it out of the cache before the engine thread gets to it
+        grammars.matcher(g)
+    compiled = grammars.num_compiled
+    assert not grammars.matcher(prepared).is_error()
+    assert grammars.num_compiled == compiled  # not compiled again
 
 
 def test_concurrent_requests_for_a_new_grammar_wait_for_one_compile(tiny_llama_dir: Path

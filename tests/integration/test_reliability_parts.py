@@ -60,6 +60,23 @@ async def test_waiting_loops_wake_when_redis_is_back():
     await asyncio.wait_for(waiting, 1.0)  # not after its 15-30 s backoff
 
 
+async def test_a_full_redis_ends_only_when_a_write_gets_through():
+    """At maxmemory reads still pass: a loop refused with OOM waits its whole backoff
+    (not woken by another loop's read), the intake is told to take no jobs, and only a
+    successful write ends the outage."""
+    conn = Connectivity(base_s=0.2, cap_s=0.4)
+    oom = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    waiting = asyncio.create_task(conn.failed(oom, "publish", conn.backoff()))
+    await asyncio.sleep(0.01)
+    assert conn.writes_refused and not conn.available
+    conn.succeeded()  # a read got through
+    await asyncio.sleep(0.02)
+    assert not waiting.done() and not conn.available and conn.writes_refused
+    await asyncio.wait_for(waiting, 1.0)  # after its own delay (0.1-0.2 s)
+    conn.succeeded(wrote=True)
+    assert conn.available and not conn.writes_refused
+
+
 def test_transient_errors():
     assert is_transient(RedisConnectionError("x")) and is_transient(OSError())
     assert is_transient(ResponseError("READONLY You can't write against a read only replica"))

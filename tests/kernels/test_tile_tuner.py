@@ -97,3 +97,18 @@ def test_candidates_are_timed_eagerly_when_no_graph_can_be_captured(on_gpu: None
     tuner = TileTuner(list(COSTS), default=(8, 4), time_ms=primary, fallback_time_ms=unused)
     assert tuner.choose("k", CUDA, lambda c: c) == (16, 4)
     assert unused.ran == []  # the graph timer worked: no eager timing
+
+
+def test_a_candidate_only_the_eager_timer_can_time_is_not_left_out(on_gpu: None) -> None:
+    """One candidate cannot be captured in a graph (say cuBLAS's path on some setup): every
+    candidate is then ranked by the eager timer, not the others by one timer and it by none."""
+    def graph_timer(fn: Callable[[], Any]) -> float:
+        config = fn()
+        if config == (8, 4):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return COSTS[config]
+
+    eager = FakeClock({(8, 4): 0.5, (16, 4): 1.0, (32, 8): 2.0})
+    tuner = TileTuner(list(COSTS), default=(32, 8), time_ms=graph_timer, fallback_time_ms=eager)
+    assert tuner.choose("k", CUDA, lambda c: c) == (8, 4)
+    assert sorted(eager.ran) == sorted(COSTS)

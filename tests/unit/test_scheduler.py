@@ -77,26 +77,30 @@ def test_waiting_head_is_never_skipped() -> None:
     assert [s.request_id for s in batch.seqs] == ["running"]
 
 
-def test_drafts_take_budget_and_blocks_but_never_preempt() -> None:
-    """A decode with draft tokens runs 1 + drafts tokens; the budget trims the drafts, and
-    without free blocks for them they are dropped rather than preempting anyone."""
+def test_drafts_take_only_the_budget_and_blocks_plain_work_left() -> None:
+    """A decode with draft tokens runs 1 + drafts tokens. Drafts come after every decode,
+    prefill and admission: the budget and the free blocks left cut them, and they never
+    take a block a later decode needs (which would preempt it)."""
     bm = BlockManager(16, 4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=6)
     seq = _seq(3, "a")
     sched.add(seq)
     _finish_step(sched.schedule())  # 3-token prefill + a first token: 4 tokens, one block
     seq.draft_token_ids = [9] * 7
+    waiting = _seq(2, "w")
+    sched.add(waiting)
     batch = sched.schedule()
-    assert batch.num_new_tokens == [6] and seq.draft_token_ids == [9] * 5  # budget 6 = 1 + 5
-    assert len(seq.block_table) == 3  # positions 3..8 -> blocks 0..2
+    # budget 6: a's decode 1, w's prefill 2, then 3 drafts
+    assert batch.num_new_tokens == [4, 2] and seq.draft_token_ids == [9] * 3
+    assert len(seq.block_table) == 2  # positions 3..6 -> blocks 0, 1
 
     bm = BlockManager(3, 4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=32)
-    first, second = _seq(3, "a"), _seq(3, "b")
+    first, second = _seq(3, "a"), _seq(4, "b")
     sched.add(first)
     sched.add(second)
-    _finish_step(sched.schedule())  # two prefills: 4 tokens each, a block each
-    first.draft_token_ids = [9] * 20  # would need 6 blocks: 1 is free
-    batch = sched.schedule()
+    _finish_step(sched.schedule())  # a: 4 tokens in one block; b: 5 tokens, one block so far
+    first.draft_token_ids = [9] * 20
+    batch = sched.schedule()  # b's decode takes the last free block; a's drafts get none
     assert batch.num_new_tokens == [1, 1] and first.draft_token_ids == []
-    assert batch.num_preempted == 0 and len(first.block_table) == 1
+    assert batch.num_preempted == 0 and bm.num_free_blocks == 0
