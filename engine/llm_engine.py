@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tokenfleet.engine.async_decode import AsyncDecode
 from tokenfleet.engine.block_manager import BlockManager
 from tokenfleet.engine.config import EngineConfig, ModelConfig
 from tokenfleet.engine.detokenizer import IncrementalDetokenizer
@@ -21,13 +22,13 @@ from tokenfleet.engine.errors import ValidationError
 from tokenfleet.engine.grammar_compiler import GrammarCompiler
 from tokenfleet.engine.hub import resolve_model
 from tokenfleet.engine.loader import load_engine_model, load_model_config
-from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner
+from tokenfleet.engine.model_runner import ModelRunner
 from tokenfleet.engine.outputs import Capacity, FinishReason, StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
 from tokenfleet.engine.sampling_batch import reads_tokens_on_host
 from tokenfleet.engine.sampling_params import SamplingParams
 from tokenfleet.engine.scheduler import ScheduledBatch, Scheduler
-from tokenfleet.engine.sequence import PENDING_TOKEN, Sequence
+from tokenfleet.engine.sequence import Sequence
 from tokenfleet.engine.speculator import Speculator
 from tokenfleet.engine.stop_matcher import StopMatcher
 from tokenfleet.engine.tensor_parallel import shard_model_config
@@ -63,8 +64,8 @@ class LLMEngine:
                            if config.speculate else None)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # finished outside a step (aborts)
-        # Asynchronous decode: the step queued on the device, its tokens not read back yet.
-        self._in_flight: LaunchedDecode | None = None
+        self.async_decode = AsyncDecode(self.runner, self.scheduler, self.block_manager,
+                                        self.postprocessor, config.max_model_len)
         self.num_prefilled_tokens = 0  # tokens run through the model as prefill, since start
 
     def _start_runner(self, config: EngineConfig, mc: ModelConfig) -> ModelRunner:
@@ -90,8 +91,7 @@ class LLMEngine:
         """Stop the tensor-parallel ranks (nothing to do without tensor parallelism), after
         the decode step still queued on the device, if any."""
         if self.runner.tp is not None:
-            if self._in_flight is not None:
-                self._in_flight.wait()
+            self.async_decode.wait()
             self.runner.tp.close()
 
     @classmethod
@@ -189,7 +189,7 @@ class LLMEngine:
     def _step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
         try:
-            if self._in_flight is not None and self._advance_in_flight(outputs):
+            if self.async_decode.in_flight is not None and self.async_decode.advance(outputs):
                 return self._forget_finished(outputs)
             if self.speculator is not None:
                 self.speculator.propose(self.scheduler.running)
@@ -210,23 +210,10 @@ class LLMEngine:
             if not (n == 1 + len(s.draft_token_ids)
                     and s.num_computed_tokens >= s.num_prompt_tokens))
         if self._async_decode_ok(batch):
-            self._in_flight = self._launch(batch.seqs, None)
+            self.async_decode.start(batch.seqs)
             return
         run = self.runner.run(batch)
         outputs += self.postprocessor.process(batch, run)
-
-    def _advance_in_flight(self, outputs: list[StepOutput]) -> bool:
-        """Queue the step after the one in flight (when nothing else wants the step), then read
-        the one in flight and append its outputs. True when a step is in flight again."""
-        launched, self._in_flight = self._in_flight, None
-        assert launched is not None
-        try:
-            self._in_flight = self._queue_next_decode(launched)
-        except BaseException:
-            self._roll_back(launched)
-            raise
-        outputs += self.postprocessor.resolve(launched.seqs, launched.wait())
-        return self._in_flight is not None
 
     def _forget_finished(self, outputs: list[StepOutput]) -> list[StepOutput]:
         for out in outputs:
@@ -234,7 +221,6 @@ class LLMEngine:
                 self._seqs.pop(out.request_id, None)
         return outputs
 
-    # ---- asynchronous decode ---------------------------------------------------------------
     def _async_decode_ok(self, batch: ScheduledBatch) -> bool:
         """Decode-only, replayable, and no row needs the previous token on the host (a
         penalty reads the history; a grammar's mask follows each token; speculation's drafts
@@ -243,47 +229,9 @@ class LLMEngine:
                 and self.runner.replayable(batch)
                 and not reads_tokens_on_host(batch.seqs))
 
-    def _launch(self, seqs: list[Sequence], prev: LaunchedDecode | None) -> LaunchedDecode:
-        launched = self.runner.launch_decode(seqs, prev)
-        for seq in seqs:
-            seq.num_computed_tokens += 1
-            seq.output_token_ids.append(PENDING_TOKEN)
-            seq.num_pending_tokens += 1
-        return launched
-
-    def _roll_back(self, launched: LaunchedDecode) -> None:
-        """Undo a step whose tokens will never be read (queuing the next one failed): its
-        sequences are left as if it had not run, and recompute that position next time."""
-        for seq in launched.seqs:
-            if not seq.is_finished and seq.num_pending_tokens:
-                seq.num_computed_tokens -= seq.num_pending_tokens
-                seq.drop_pending()
-
-    def _queue_next_decode(self, prev: LaunchedDecode) -> LaunchedDecode | None:
-        """Queue the decode step after `prev` for the same sequences, before prev's tokens are
-        known, when nothing else wants the step: no request waiting for a free slot, every
-        running sequence was in prev, and a KV slot is free for each. Sequences that end at
-        prev by length are left out; those that end by EOS or a stop are found out when prev
-        is resolved, and their extra token is dropped then."""
-        sched = self.scheduler
-        if sched.waiting and len(sched.running) < sched.max_num_seqs:
-            return None  # admit the waiting requests in a normal step
-        in_prev = {id(s) for s in prev.seqs}
-        if any(id(s) not in in_prev for s in sched.running):
-            return None
-        max_len = self.config.max_model_len
-        assert max_len is not None
-        seqs = [s for s in sched.running
-                if s.num_output_tokens < s.params.max_new_tokens and s.num_tokens < max_len]
-        if not seqs or not self.runner.can_replay(len(seqs)) or reads_tokens_on_host(seqs):
-            return None
-        if not all(self.block_manager.append_slot(s) for s in seqs):
-            return None  # out of blocks: the scheduler preempts in a normal step
-        return self._launch(seqs, prev)
-
     def has_unfinished(self) -> bool:
         return (self.scheduler.has_unfinished() or bool(self._pending)
-                or self._in_flight is not None)
+                or self.async_decode.in_flight is not None)
 
     def score(self, prompt_token_ids: Seq[int]) -> torch.Tensor:
         """Next-token logits [vocab] (float32) after `prompt_token_ids`; for verification."""
