@@ -115,3 +115,30 @@ def test_replay_with_a_final_or_error_is_finished():
 def test_next_stream_id():
     assert _next_id(b"1700000000000-0") == b"1700000000000-1"
     assert _next_id(b"5-41") == b"5-42"
+
+
+async def test_a_finish_refused_for_memory_acks_nothing(redis, keys):
+    """At maxmemory the result SET is refused (OOM) while XACK/XDEL would pass: the finish
+    runs as one MULTI/EXEC, so the job stays pending (a worker killed now leaves it to be
+    reclaimed, not acked without its result) until memory frees up and the whole finish
+    goes through."""
+    from tokenfleet.worker.publisher import Publisher
+
+    jobs, group = keys.jobs("q"), keys.group("q")
+    await redis.xgroup_create(jobs, group, id="0", mkstream=True)
+    entry = await redis.xadd(jobs, {b"job": b"x"})
+    await redis.xreadgroup(group, "w", {jobs: ">"})
+    publisher = Publisher(redis, keys, "q", worker_id="w", result_ttl_s=60, events_ttl_s=60,
+                          events_maxlen=100, connectivity=Connectivity(base_s=0.05, cap_s=0.1))
+    await redis.config_set("maxmemory", 1)  # below what is used: every write refused
+    try:
+        finishing = asyncio.create_task(publisher.fail(entry, "req-1", "boom", "generation"))
+        await asyncio.sleep(0.4)  # several refused attempts
+        assert not finishing.done()
+        assert (await redis.xpending(jobs, group))["pending"] == 1  # not acked
+        assert await redis.xlen(jobs) == 1 and await redis.get(keys.result("req-1")) is None
+    finally:
+        await redis.config_set("maxmemory", 0)
+    await asyncio.wait_for(finishing, 5)
+    assert await redis.get(keys.result("req-1")) is not None
+    assert (await redis.xpending(jobs, group))["pending"] == 0 and await redis.xlen(jobs) == 0
