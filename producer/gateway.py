@@ -215,8 +215,9 @@ class Gateway:
                     shown = renderer.headline(finals, tokens)
                 return json_response(body, headers=response_headers(shown))
             finally:
-                if any(not f.finished and f.cancel_on_abandon for f in fleets):
-                    outcome()["abandoned"] = True  # FleetRequest's exit cancels them
+                # FleetRequest's exit cancels them; counted per job, as drain counts them
+                outcome()["abandoned"] = sum(not f.finished and f.cancel_on_abandon
+                                             for f in fleets)
                 self._in_flight.difference_update(fleets)
                 if not self._in_flight:
                     self._idle.set()

@@ -30,8 +30,9 @@ class GatewayMetrics:
         self.in_flight = Gauge("tokenfleet_gateway_requests_in_flight",
                                "Requests being answered", registry=r)
         self.abandoned = Counter("tokenfleet_gateway_abandoned",
-                                 "Requests cancelled in the fleet because their HTTP client "
-                                 "went away, timed out, or the gateway stopped", registry=r)
+                                 "Jobs cancelled in the fleet because their HTTP client went "
+                                 "away, timed out, or the gateway stopped (an n > 1 request "
+                                 "counts each of its jobs)", registry=r)
 
     def observe(self, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

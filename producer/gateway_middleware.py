@@ -95,7 +95,7 @@ class GatewayMiddleware:
         finally:
             self._metrics.in_flight.dec()
             if record.get("abandoned"):
-                self._metrics.abandoned.inc()
+                self._metrics.abandoned.inc(record["abandoned"])  # jobs (n > 1: several)
             if request.path not in _OPEN_PATHS:
                 resource = request.match_info.route.resource
                 route = resource.canonical if resource is not None else "unmatched"

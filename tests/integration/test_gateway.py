@@ -190,6 +190,32 @@ async def test_disconnect_cancels_the_request_in_the_fleet(fleet):
     assert final.details.generated_tokens < 200  # stopped within a few steps, not at 2000
 
 
+async def test_an_abandoned_request_of_n_answers_counts_each_cancelled_job(fleet):
+    """OpenAI's n = 2 runs two jobs: a client that goes away cancels both, and the metric
+    counts two, as a gateway drain counts the jobs it cancels."""
+    async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
+            running_gateway(client) as url:
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "sim", "messages": [{"role": "user", "content": "long"}],
+                      "max_tokens": 2000, "n": 2, "stream": True}) as resp:
+            assert resp.status == 200
+            seen = 0
+            async for line in resp.content:
+                seen += line.startswith(b"data:")
+                if seen == 4:
+                    break
+        metrics = ""
+        async with aiohttp.ClientSession() as http:
+            for _ in range(40):  # the handler may still be finishing its stream
+                async with http.get(f"{url}/metrics") as resp:
+                    metrics = await resp.text()
+                if "tokenfleet_gateway_abandoned_total 2.0" in metrics:
+                    break
+                await asyncio.sleep(0.05)
+    assert "tokenfleet_gateway_abandoned_total 2.0" in metrics
+
+
 async def test_a_whole_response_abandoned_by_its_client_is_cancelled(fleet):
     async with fleet.worker(sim_step_ms=20.0), fleet.client() as client, \
             running_gateway(client) as url:
