@@ -174,14 +174,7 @@ async def test_disconnect_cancels_the_request_in_the_fleet(fleet):
             request_id = await _read_then_disconnect(http, url, {
                 "inputs": "long", "parameters": {"max_new_tokens": 2000}}, num_events=3)
         final = await client.result(request_id, timeout_s=10)
-        metrics = ""
-        async with aiohttp.ClientSession() as http:
-            for _ in range(40):  # the handler may still be finishing its stream
-                async with http.get(f"{url}/metrics") as resp:
-                    metrics = await resp.text()
-                if "tokenfleet_gateway_abandoned_total 1.0" in metrics:
-                    break
-                await asyncio.sleep(0.05)
+        metrics = await _metrics_once_they_show(url, "tokenfleet_gateway_abandoned_total 1.0")
     assert "tokenfleet_gateway_abandoned_total 1.0" in metrics
     # 499 when the disconnect cancelled the handler, 200 when a write found it first.
     assert re.search(r'tokenfleet_gateway_requests_total\{route="/generate_stream",'
@@ -205,15 +198,22 @@ async def test_an_abandoned_request_of_n_answers_counts_each_cancelled_job(fleet
                 seen += line.startswith(b"data:")
                 if seen == 4:
                     break
-        metrics = ""
-        async with aiohttp.ClientSession() as http:
-            for _ in range(40):  # the handler may still be finishing its stream
-                async with http.get(f"{url}/metrics") as resp:
-                    metrics = await resp.text()
-                if "tokenfleet_gateway_abandoned_total 2.0" in metrics:
-                    break
-                await asyncio.sleep(0.05)
+        metrics = await _metrics_once_they_show(url, "tokenfleet_gateway_abandoned_total 2.0")
     assert "tokenfleet_gateway_abandoned_total 2.0" in metrics
+
+
+async def _metrics_once_they_show(url: str, line: str) -> str:
+    """The gateway's /metrics text once it contains `line` (the handler of an abandoned
+    request may still be finishing its stream), or after ~2 s."""
+    metrics = ""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(40):
+            async with http.get(f"{url}/metrics") as resp:
+                metrics = await resp.text()
+            if line in metrics:
+                break
+            await asyncio.sleep(0.05)
+    return metrics
 
 
 async def test_a_whole_response_abandoned_by_its_client_is_cancelled(fleet):
