@@ -15,7 +15,6 @@ speculates (drafts follow the last token).
 
 from __future__ import annotations
 
-from tokenfleet.engine.block_manager import BlockManager
 from tokenfleet.engine.model_runner import LaunchedDecode, ModelRunner
 from tokenfleet.engine.outputs import StepOutput
 from tokenfleet.engine.postprocessor import Postprocessor
@@ -27,11 +26,10 @@ __all__ = ["AsyncDecode"]
 
 
 class AsyncDecode:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, block_manager: BlockManager,
-                 postprocessor: Postprocessor, max_model_len: int):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, postprocessor: Postprocessor,
+                 max_model_len: int):
         self.runner = runner
         self.scheduler = scheduler
-        self.block_manager = block_manager
         self.postprocessor = postprocessor
         self.max_model_len = max_model_len
         self.in_flight: LaunchedDecode | None = None  # queued, its tokens not read back yet
@@ -91,6 +89,6 @@ class AsyncDecode:
                 and s.num_tokens < self.max_model_len]
         if not seqs or not self.runner.can_replay(len(seqs)) or reads_tokens_on_host(seqs):
             return None
-        if not all(self.block_manager.append_slot(s) for s in seqs):
+        if not all(sched.block_manager.append_slot(s) for s in seqs):
             return None  # out of blocks: the scheduler preempts in a normal step
         return self._launch(seqs, prev)

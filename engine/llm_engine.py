@@ -64,8 +64,8 @@ class LLMEngine:
                            if config.speculate else None)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[StepOutput] = []  # finished outside a step (aborts)
-        self.async_decode = AsyncDecode(self.runner, self.scheduler, self.block_manager,
-                                        self.postprocessor, config.max_model_len)
+        self.async_decode = AsyncDecode(self.runner, self.scheduler, self.postprocessor,
+                                        config.max_model_len)
         self.num_prefilled_tokens = 0  # tokens run through the model as prefill, since start
 
     def _start_runner(self, config: EngineConfig, mc: ModelConfig) -> ModelRunner:

@@ -101,12 +101,9 @@ class Scheduler:
     def _schedule_drafts(self, batch: ScheduledBatch, budget: int) -> None:
         """Speculative decoding: the scheduled decodes' draft tokens, from what every decode,
         prefill and admission left of the budget and the free blocks (drafts never take a
-        slot, a token or a block that plain work would use). Drafts that do not fit are cut;
-        those of sequences not scheduled are dropped."""
-        scheduled = {id(seq) for seq in batch.seqs}
-        for seq in self.running:
-            if seq.draft_token_ids and id(seq) not in scheduled:
-                seq.draft_token_ids = []
+        slot, a token or a block that plain work would use). Drafts that do not fit are cut.
+        (A running sequence left out of the step keeps its drafts unread: nothing reads the
+        drafts of a sequence outside the batch, and the next proposal replaces them.)"""
         bm = self.block_manager
         for i, seq in enumerate(batch.seqs):
             if not seq.draft_token_ids:

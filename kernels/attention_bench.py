@@ -34,6 +34,7 @@ from tokenfleet.kernels.reference import store_kv_ref
 from tokenfleet.kernels.rope_cache import build_cos_sin_cache
 from tokenfleet.kernels.rotary import rotary
 from tokenfleet.kernels.rotary_store_kv import rotary_store_kv
+from tokenfleet.kernels.tile_tuner import capture_graph
 
 __all__ = [
     "GPU_CASES",
@@ -162,16 +163,7 @@ def graph_us_per_call(calls: list[Callable[[], Any]], device: torch.device | str
     captured decode step has its layers' kernels (on the CPU: the first call, timed once)."""
     if torch.device(device).type != "cuda":
         return time_ms(calls[0], device) * 1e3
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        calls[0]()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return time_ms(graph.replay, device) * 1e3 / len(calls)
+    return time_ms(capture_graph(calls).replay, device) * 1e3 / len(calls)
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ import torch
 
 from tokenfleet.kernels.launch_checks import is_interpreted
 
-__all__ = ["TileTuner", "graph_time_ms"]
+__all__ = ["TileTuner", "capture_graph", "graph_time_ms"]
 
 Config = TypeVar("Config", bound=Hashable)
 
@@ -43,25 +43,34 @@ def _do_bench_ms(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
+def capture_graph(calls: Sequence[Callable[[], Any]]) -> torch.cuda.CUDAGraph:
+    """`calls`, in order, captured in one CUDA graph on the current device. The first runs
+    once on a side stream before: Triton compiles and cuBLAS makes its workspaces outside
+    the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        calls[0]()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return graph
+
+
 def graph_time_ms(fn: Callable[[], Any], num_calls: int = 5, num_replays: int = 10) -> float:
     """Median ms of one `fn` from memory, captured in a CUDA graph (see the module doc)."""
     device = torch.device("cuda", torch.cuda.current_device())
     l2_bytes = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
     evict = torch.ones(max(2 * l2_bytes, 8 << 20) // 4, dtype=torch.float32, device=device)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # compiled and its workspaces made outside the capture
+
+    def evict_then_fn() -> None:
         evict.sum()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    with_fn, alone = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-    with torch.cuda.graph(with_fn):
-        for _ in range(num_calls):
-            evict.sum()
-            fn()
-    with torch.cuda.graph(alone):
-        for _ in range(num_calls):
-            evict.sum()
+        fn()
+
+    with_fn = capture_graph([evict_then_fn] * num_calls)
+    alone = capture_graph([evict.sum] * num_calls)
     # Not clamped at 0: near-zero noise still ranks the candidates as measured.
     return (_replay_ms(with_fn, num_replays) - _replay_ms(alone, num_replays)) / num_calls
 

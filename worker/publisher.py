@@ -185,9 +185,7 @@ class Publisher:
             self._connectivity.succeeded(backoff, wrote=True)
             for (name, args, _), reply in zip(batch, replies, strict=True):
                 # EXEC's reply lists its commands' own (run-time) errors
-                failures = [r for r in reply if isinstance(r, Exception)] \
-                    if isinstance(reply, list) else [reply]
-                for failure in failures:
+                for failure in reply if isinstance(reply, list) else [reply]:
                     if isinstance(failure, Exception):
                         self._log.error("publish_command_failed", command=name,
                                         key=str(args[0]), error=str(failure))
